@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Installs every Debian 12 package perfusion-serve needs to build, test and run. Idempotent:
+# packages already present are left alone. Needs root (or sudo).
+#
+#   scripts/install-deps.sh            # build + test dependencies
+#   scripts/install-deps.sh --runtime  # only what the server and worker binaries need at run time
+set -euo pipefail
+
+BUILD_PKGS=(
+  build-essential cmake ninja-build ccache pkg-config git
+  libtorch-dev libopenblas0-openmp           # LibTorch 1.13 (CPU); OpenBLAS makes matmul ~12x faster
+  libgrpc++-dev protobuf-compiler-grpc protobuf-compiler libprotobuf-dev grpc-proto
+  libabsl-dev libssl-dev zlib1g-dev
+  libsqlite3-dev libpng-dev nlohmann-json3-dev
+  libgtest-dev libgmock-dev libbenchmark-dev
+)
+RUNTIME_PKGS=(
+  libtorch1.13 libopenblas0-openmp libgrpc++1.51 libprotobuf32 libsqlite3-0 libpng16-16 ca-certificates
+)
+
+pkgs=("${BUILD_PKGS[@]}")
+if [[ "${1:-}" == "--runtime" ]]; then
+  pkgs=("${RUNTIME_PKGS[@]}")
+elif ! command -v npm >/dev/null 2>&1; then
+  pkgs+=(nodejs npm)  # the independent gRPC reflection client the service tests use
+fi
+
+SUDO=""
+if [[ $(id -u) -ne 0 ]]; then SUDO="sudo"; fi
+
+missing=()
+for p in "${pkgs[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+    missing+=("$p")
+  fi
+done
+if [[ ${#missing[@]} -eq 0 ]]; then
+  echo "install-deps: all ${#pkgs[@]} packages already installed"
+  exit 0
+fi
+echo "install-deps: installing ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
