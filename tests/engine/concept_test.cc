@@ -1,0 +1,94 @@
+#include "perfusion/concept.h"
+
+#include <ATen/Functions.h>
+#include <c10/util/Exception.h>
+#include <gtest/gtest.h>
+
+#include "tests/engine/test_util.h"
+
+namespace perfusion {
+namespace {
+
+// A concept shaped like an SD 1.5 one: 16 layers, sum O = 12,480, d = D = 768.
+Concept Sd15ShapedConcept() {
+  Concept c;
+  c.name = "rex";
+  c.superclass = "dog";
+  c.superclass_token_id = 1929;
+  c.base_model_id = "sd15-test";
+  const int64_t widths[16] = {320, 320, 640, 640, 1280, 1280, 1280, 1280, 1280, 1280, 640, 640, 640, 320, 320, 320};
+  for (int l = 0; l < 16; ++l) c.layers.push_back({"layer" + std::to_string(l) + ".attn2", widths[l]});
+  c.embedding = at::randn({768});
+  c.i_star = at::randn({768}) * 20;
+  c.i_sup = at::randn({768}) * 20;
+  c.v_targets = at::randn({c.total_out_dim()});
+  c.info["steps"] = "400";
+  return c;
+}
+
+class ConceptTest : public testing::SeededTest {
+ protected:
+  Concept c = Sd15ShapedConcept();
+};
+
+TEST_F(ConceptTest, Sd15ConceptIsAbout32KilobytesInFp16) {
+  EXPECT_EQ(c.total_out_dim(), 12480);
+  std::string blob = EncodeConcept(c);
+  EXPECT_LT(blob.size(), 34000u);
+  EXPECT_GT(blob.size(), 32000u);  // 768*4*2 + (768 + 12480)*2 = 32,640 payload bytes + header
+}
+
+TEST_F(ConceptTest, RoundTripIsExactInFloat32AndFp16RoundedOtherwise) {
+  Concept back = DecodeConcept(EncodeConcept(c, {at::kFloat}), "sd15-test");
+  EXPECT_EQ(back.name, "rex");
+  EXPECT_EQ(back.superclass_token_id, 1929);
+  EXPECT_EQ(back.layers.size(), 16u);
+  EXPECT_EQ(back.info["steps"], "400");
+  EXPECT_TRUE(at::equal(back.v_targets, c.v_targets));
+  EXPECT_TRUE(at::equal(back.i_star, c.i_star));
+  Concept half = DecodeConcept(EncodeConcept(c));
+  EXPECT_TRUE(at::equal(half.i_star, c.i_star)) << "i* is always stored in float32";
+  EXPECT_TRUE(at::equal(half.v_targets, c.v_targets.to(at::kHalf).to(at::kFloat)));
+  EXPECT_TRUE(at::equal(half.v_target(2), half.v_targets.narrow(0, 640, 640)));
+  // Deterministic bytes.
+  EXPECT_EQ(EncodeConcept(c), EncodeConcept(c));
+}
+
+std::string ErrorOf(const std::string& blob, const std::string& base = "") {
+  try {
+    DecodeConcept(blob, base);
+  } catch (const c10::ValueError& e) {
+    return e.what_without_backtrace();
+  }
+  return "";
+}
+
+TEST_F(ConceptTest, CorruptTruncatedOrForeignBlobsAreRejected) {
+  const std::string blob = EncodeConcept(c);
+  EXPECT_NE(ErrorOf(blob.substr(0, blob.size() / 2)).find("concept blob: "), std::string::npos);
+  EXPECT_NE(ErrorOf("").find("too short"), std::string::npos);
+  EXPECT_NE(ErrorOf("PNG\x0d not a concept at all").find("magic"), std::string::npos);
+  std::string flipped = blob;
+  flipped[blob.size() / 2] ^= 0x40;
+  EXPECT_NE(ErrorOf(flipped).find("checksum"), std::string::npos);
+  EXPECT_NE(ErrorOf(blob, "another-model").find("another-model"), std::string::npos);
+  EXPECT_EQ(ErrorOf(blob, "sd15-test"), "");
+  // Every single-byte truncation point fails cleanly (never a crash).
+  for (size_t n = 0; n < blob.size(); n += 97) EXPECT_NE(ErrorOf(blob.substr(0, n)), "") << n;
+}
+
+TEST_F(ConceptTest, EncodeRefusesInconsistentConcepts) {
+  Concept bad = c;
+  bad.v_targets = at::randn({100});
+  EXPECT_THROW(EncodeConcept(bad), c10::ValueError);
+  bad = c;
+  bad.name = "";
+  EXPECT_THROW(EncodeConcept(bad), c10::ValueError);
+}
+
+TEST(Crc32cTest, MatchesTheStandardCheckValue) {
+  EXPECT_EQ(Crc32c("123456789", 9), 0xE3069283u);
+}
+
+}  // namespace
+}  // namespace perfusion
