@@ -1,0 +1,25 @@
+// Structured logs: one line per event on stderr, `key=value` pairs after a UTC timestamp and the
+// event name, values quoted when they contain spaces, quotes or '='.
+//
+//   LogEvent("job_submitted", {{"job", id}, {"tenant", tenant}, {"priority", "5"}});
+//   -> ts=2024-05-01T12:00:00.123Z event=job_submitted job=job_1a2b tenant=acme priority=5
+//
+// Thread safety: lines from different threads never interleave.
+#ifndef PERFUSION_SERVER_LOG_H_
+#define PERFUSION_SERVER_LOG_H_
+
+#include <initializer_list>
+#include <string>
+#include "absl/strings/string_view.h"
+#include <utility>
+
+namespace perfusion::server {
+
+void LogEvent(absl::string_view event,
+              std::initializer_list<std::pair<absl::string_view, std::string>> fields);
+// Turns logging off (tests) or on. On by default.
+void SetLogEnabled(bool enabled);
+
+}  // namespace perfusion::server
+
+#endif  // PERFUSION_SERVER_LOG_H_

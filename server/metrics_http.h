@@ -1,0 +1,48 @@
+// A minimal HTTP/1.1 endpoint for Prometheus: GET /metrics (the registry in text format 0.0.4)
+// and GET /healthz ("ok", or 503 "draining" once SetDraining(true)). One accept thread answers
+// one request per connection (Connection: close); scrapes are rare and small, so there is no
+// pool. It is served on its own port so /metrics never shows through the gRPC ingress.
+//
+// Thread safety: Start/Stop from one thread; SetDraining from any.
+#ifndef PERFUSION_SERVER_METRICS_HTTP_H_
+#define PERFUSION_SERVER_METRICS_HTTP_H_
+
+#include <atomic>
+#include <string>
+#include <thread>
+
+#include "absl/status/statusor.h"
+#include "server/metrics.h"
+
+namespace perfusion::server {
+
+class MetricsHttpServer {
+ public:
+  // `registry` must outlive the server.
+  explicit MetricsHttpServer(const metrics::Registry* registry) : registry_(registry) {}
+  ~MetricsHttpServer() { Stop(); }
+  MetricsHttpServer(const MetricsHttpServer&) = delete;
+  MetricsHttpServer& operator=(const MetricsHttpServer&) = delete;
+
+  // Binds `address` ("host:port"; host an IPv4 address such as 127.0.0.1 or 0.0.0.0, or
+  // "localhost"; port 0 picks a free one) and starts serving. Returns the bound port.
+  // INVALID_ARGUMENT for a malformed address, UNAVAILABLE when the bind fails.
+  absl::StatusOr<int> Start(const std::string& address);
+  // Stops accepting and joins the thread. Idempotent.
+  void Stop();
+  void SetDraining(bool draining) { draining_.store(draining); }
+
+ private:
+  void Serve();
+  void Handle(int fd);
+
+  const metrics::Registry* registry_;
+  int listen_fd_ = -1;
+  int wake_pipe_[2] = {-1, -1};
+  std::thread thread_;
+  std::atomic<bool> draining_{false};
+};
+
+}  // namespace perfusion::server
+
+#endif  // PERFUSION_SERVER_METRICS_HTTP_H_

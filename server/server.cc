@@ -1,0 +1,202 @@
+#include "server/server.h"
+
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/health_check_service_interface.h>
+
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "server/log.h"
+#include "server/rpc_metrics.h"
+#include "server/status_util.h"
+
+namespace perfusion::server {
+namespace {
+
+constexpr const char* kServices[] = {"perfusion.v1.TrainingService",
+                                     "perfusion.v1.ConceptService"};
+constexpr const char* kGenerationService = "perfusion.v1.GenerationService";
+
+absl::StatusOr<std::string> ReadFile(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return absl::NotFoundError(absl::StrCat("cannot read ", path));
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<PerfusionServer>> PerfusionServer::Start(ServerOptions options) {
+  std::unique_ptr<PerfusionServer> s(new PerfusionServer());
+  s->options_ = std::move(options);
+  const ServerOptions& o = s->options_;
+  const Clock* clock = o.clock ? o.clock : RealClock::Get();
+
+  // Store.
+  std::string db = ":memory:";
+  if (!o.data_dir.empty()) {
+    std::error_code ec;
+    std::filesystem::create_directories(o.data_dir, ec);
+    if (ec) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("data_dir: cannot create ", o.data_dir, ": ", ec.message()));
+    }
+    db = (std::filesystem::path(o.data_dir) / "perfusion.db").string();
+  }
+  ASSIGN_OR_RETURN(s->store_, SqliteStore::Open(db));
+
+  // Auth.
+  if (o.tokens_file.empty() && !o.allow_unauthenticated) {
+    return absl::InvalidArgumentError(
+        "tokens_file: required (or allow_unauthenticated for development)");
+  }
+  ASSIGN_OR_RETURN(Authenticator auth, Authenticator::Load(o.tokens_file, o.worker_tokens_file));
+  if (o.tokens_file.empty()) auth.AllowAll("default");
+  s->auth_ = std::make_unique<Authenticator>(std::move(auth));
+
+  if (!o.vocab.empty()) {
+    ASSIGN_OR_RETURN(Vocab v, Vocab::Load(o.vocab));
+    s->vocab_ = std::make_unique<Vocab>(std::move(v));
+  }
+
+  // Metrics, scheduler, registry.
+  s->metrics_ = ServerMetrics::Create(s->registry_);
+  s->scheduler_ =
+      std::make_unique<Scheduler>(s->store_.get(), clock, o.scheduler, s->metrics_.get());
+  RETURN_IF_ERROR(s->scheduler_->Load());
+  ConceptRegistryOptions ro;
+  ro.base_model_id = o.scheduler.base_model_id;
+  ro.tenant_max_concepts = o.scheduler.tenant_max_concepts;
+  ro.max_blob_bytes = o.max_concept_bytes;
+  s->concepts_ = std::make_unique<ConceptRegistry>(s->store_.get(), clock, ro);
+  {
+    Store* store = s->store_.get();
+    ServerMetrics* m = s->metrics_.get();
+    s->registry_.AddCollectHook([store, m] {
+      if (auto counts = store->CountJobsByState(); counts.ok()) {
+        for (const auto& [state, n] : *counts) {
+          m->training_jobs->WithLabels({JobStateName(state)}).Set(static_cast<double>(n));
+        }
+      }
+      if (auto totals = store->ConceptTotals(); totals.ok()) {
+        m->concepts_stored->Set(static_cast<double>(totals->concepts));
+        m->concept_bytes_stored->Set(static_cast<double>(totals->concept_bytes));
+      }
+    });
+  }
+
+  // Services.
+  s->context_ = std::make_unique<ServiceContext>();
+  s->context_->scheduler = s->scheduler_.get();
+  s->context_->registry = s->concepts_.get();
+  s->context_->auth = s->auth_.get();
+  s->context_->limits = o.limits;
+  s->context_->vocab = s->vocab_.get();
+  s->context_->max_upload_bytes_in_flight = o.max_upload_bytes_in_flight;
+  s->training_service_ = std::make_unique<TrainingServiceImpl>(s->context_.get());
+  s->concept_service_ = std::make_unique<ConceptServiceImpl>(s->context_.get());
+  s->generation_service_ = std::make_unique<GenerationServiceImpl>(s->context_.get());
+  s->worker_service_ = std::make_unique<WorkerServiceImpl>(s->context_.get());
+
+  std::shared_ptr<grpc::ServerCredentials> creds;
+  if (o.tls_cert.empty() != o.tls_key.empty()) {
+    return absl::InvalidArgumentError("tls_cert, tls_key: give both or neither");
+  }
+  if (!o.tls_cert.empty()) {
+    ASSIGN_OR_RETURN(std::string cert, ReadFile(o.tls_cert));
+    ASSIGN_OR_RETURN(std::string key, ReadFile(o.tls_key));
+    grpc::SslServerCredentialsOptions ssl;
+    ssl.pem_key_cert_pairs.push_back({key, cert});
+    creds = grpc::SslServerCredentials(ssl);
+  } else {
+    creds = grpc::InsecureServerCredentials();
+  }
+
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort(o.listen, creds, &s->port_);
+  builder.SetMaxReceiveMessageSize(o.max_message_bytes);
+  builder.SetMaxSendMessageSize(o.max_message_bytes);
+  builder.RegisterService(s->training_service_.get());
+  builder.RegisterService(s->concept_service_.get());
+  builder.RegisterService(s->generation_service_.get());
+  builder.RegisterService(s->worker_service_.get());
+  std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> creators;
+  creators.push_back(std::make_unique<RpcMetricsInterceptorFactory>(s->metrics_.get()));
+  builder.experimental().SetInterceptorCreators(std::move(creators));
+  s->server_ = builder.BuildAndStart();
+  if (!s->server_ || s->port_ == 0) {
+    return absl::UnavailableError(absl::StrCat("listen: cannot serve gRPC on ", o.listen));
+  }
+
+  if (!o.metrics_listen.empty()) {
+    s->metrics_http_ = std::make_unique<MetricsHttpServer>(&s->registry_);
+    ASSIGN_OR_RETURN(s->metrics_port_, s->metrics_http_->Start(o.metrics_listen));
+  }
+
+  auto* health = s->server_->GetHealthCheckService();
+  health->SetServingStatus("", true);
+  for (const char* name : kServices) health->SetServingStatus(name, true);
+  health->SetServingStatus(kGenerationService, false);
+  s->UpdateHealth();
+
+  s->ticker_ = std::thread([p = s.get()] { p->TickLoop(); });
+  LogEvent("server_started", {{"port", std::to_string(s->port_)},
+                              {"metrics_port", std::to_string(s->metrics_port_)},
+                              {"data_dir", o.data_dir.empty() ? ":memory:" : o.data_dir},
+                              {"base_model_id", o.scheduler.base_model_id},
+                              {"tls", o.tls_cert.empty() ? "false" : "true"},
+                              {"tenant_tokens", std::to_string(s->auth_->tenant_tokens())},
+                              {"worker_tokens", std::to_string(s->auth_->worker_tokens())}});
+  return s;
+}
+
+PerfusionServer::~PerfusionServer() { Shutdown(); }
+
+void PerfusionServer::UpdateHealth() {
+  bool serving = scheduler_->GenerationWorkersConnected() > 0 && !scheduler_->draining();
+  if (serving == generation_serving_) return;
+  generation_serving_ = serving;
+  server_->GetHealthCheckService()->SetServingStatus(kGenerationService, serving);
+}
+
+void PerfusionServer::TickLoop() {
+  while (!stop_ticker_.WaitForNotificationWithTimeout(options_.tick_interval)) {
+    scheduler_->Tick();
+    UpdateHealth();
+  }
+}
+
+void PerfusionServer::Shutdown() {
+  if (shutdown_started_) return;
+  shutdown_started_ = true;
+  if (!server_) {
+    shut_down_.Notify();
+    return;
+  }
+  LogEvent("shutdown_started", {{"generations_in_flight",
+                                 std::to_string(scheduler_->GenerationsInFlight())}});
+  server_->GetHealthCheckService()->SetServingStatus(false);
+  if (metrics_http_) metrics_http_->SetDraining(true);
+  scheduler_->StartDrain();
+  const absl::Time deadline = absl::Now() + options_.drain_timeout;
+  while (scheduler_->GenerationsInFlight() > 0 && absl::Now() < deadline) {
+    absl::SleepFor(absl::Milliseconds(50));
+  }
+  scheduler_->Shutdown();
+  server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  stop_ticker_.Notify();
+  if (ticker_.joinable()) ticker_.join();
+  if (metrics_http_) metrics_http_->Stop();
+  LogEvent("shutdown_done", {});
+  shut_down_.Notify();
+}
+
+void PerfusionServer::Wait() { shut_down_.WaitForNotification(); }
+
+}  // namespace perfusion::server

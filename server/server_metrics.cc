@@ -1,0 +1,76 @@
+#include "server/server_metrics.h"
+
+namespace perfusion::server {
+
+std::unique_ptr<ServerMetrics> ServerMetrics::Create(metrics::Registry& r) {
+  auto m = std::make_unique<ServerMetrics>();
+  m->rpc_started = &r.AddCounter("grpc_server_started_total", "RPCs started on the server.",
+                                 {"grpc_service", "grpc_method", "grpc_type"});
+  m->rpc_handled = &r.AddCounter("grpc_server_handled_total",
+                                 "RPCs completed on the server, by status code.",
+                                 {"grpc_service", "grpc_method", "grpc_type", "grpc_code"});
+  m->rpc_seconds = &r.AddHistogram("grpc_server_handling_seconds",
+                                   "Time from an RPC's start to its status, in seconds.",
+                                   {"grpc_service", "grpc_method", "grpc_type"},
+                                   metrics::RpcLatencyBuckets());
+
+  m->training_queue_depth =
+      &r.AddGauge("perfusion_training_queue_depth", "Training jobs waiting for a worker.")
+           .WithLabels({});
+  m->training_jobs = &r.AddGauge("perfusion_training_jobs",
+                                 "Training jobs in the store, by state.", {"state"});
+  m->training_jobs_total = &r.AddCounter("perfusion_training_jobs_total",
+                                         "Training jobs that ended, by outcome.", {"outcome"});
+  m->training_duration =
+      &r.AddHistogram("perfusion_training_job_duration_seconds",
+                      "Training time of succeeded jobs (first lease to completion), in seconds.",
+                      {}, {1, 5, 15, 30, 60, 120, 240, 480, 900, 1800, 3600, 7200})
+           .WithLabels({});
+  m->training_queue_wait =
+      &r.AddHistogram("perfusion_training_queue_wait_seconds",
+                      "Time from submission to the first lease, in seconds.", {},
+                      {1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200})
+           .WithLabels({});
+  m->lease_expirations = &r.AddCounter("perfusion_training_lease_expirations_total",
+                                       "Training leases that expired (worker lost).")
+                              .WithLabels({});
+
+  m->generate_queue_depth =
+      &r.AddGauge("perfusion_generate_queue_depth", "Generation requests waiting for a worker.")
+           .WithLabels({});
+  m->generate_requests_total = &r.AddCounter("perfusion_generate_requests_total",
+                                             "Generation requests that ended, by outcome.",
+                                             {"outcome"});
+  const std::vector<double> gen_buckets = {0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128};
+  m->generate_queue_seconds =
+      &r.AddHistogram("perfusion_generate_queue_duration_seconds",
+                      "Time a generation request waited for a worker, in seconds.", {},
+                      gen_buckets)
+           .WithLabels({});
+  m->generate_compute_seconds =
+      &r.AddHistogram("perfusion_generate_compute_duration_seconds",
+                      "Worker compute time of a generation request, in seconds.", {}, gen_buckets)
+           .WithLabels({});
+  m->generate_seconds =
+      &r.AddHistogram("perfusion_generate_duration_seconds",
+                      "Submission to result of a generation request, in seconds.", {},
+                      gen_buckets)
+           .WithLabels({});
+  m->generate_concepts = &r.AddHistogram("perfusion_generate_concepts_per_request",
+                                         "Concepts referenced per generation request.", {},
+                                         {0, 1, 2, 3, 4, 6, 8})
+                              .WithLabels({});
+
+  m->workers_connected =
+      &r.AddGauge("perfusion_workers_connected", "Workers seen within the worker timeout.")
+           .WithLabels({});
+  m->concepts_stored =
+      &r.AddGauge("perfusion_concepts_stored", "Concepts in the store, all tenants.")
+           .WithLabels({});
+  m->concept_bytes_stored =
+      &r.AddGauge("perfusion_concept_bytes_stored", "Bytes of concept blobs in the store.")
+           .WithLabels({});
+  return m;
+}
+
+}  // namespace perfusion::server

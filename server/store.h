@@ -1,0 +1,92 @@
+// The control plane's durable state: training jobs (with their images until they end) and
+// concepts (with their blobs). Abstract so that a PostgreSQL store can be added beside the
+// embedded SQLite one (sqlite_store.h) without touching the scheduler or the services.
+//
+// Every method is atomic (one transaction). Errors: NOT_FOUND for an unknown id or an id of
+// another tenant (callers pass the tenant; no cross-tenant read exists except the worker's
+// GetBlobByDigest), ALREADY_EXISTS on a unique-key clash, INVALID_ARGUMENT for a malformed
+// page token, INTERNAL / DATA_LOSS for storage failures.
+//
+// Thread safety: implementations are safe to call from any thread.
+#ifndef PERFUSION_SERVER_STORE_H_
+#define PERFUSION_SERVER_STORE_H_
+
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "server/types.h"
+
+namespace perfusion::server {
+
+class Store {
+ public:
+  virtual ~Store() = default;
+
+  // ---- training jobs ----
+  // Inserts a new job (job.seq is assigned) with its images. ALREADY_EXISTS when the id or the
+  // (tenant, request_id) pair exists.
+  virtual absl::StatusOr<JobRecord> InsertJob(const JobRecord& job,
+                                              const std::vector<std::string>& images) = 0;
+  // The job of `tenant` with this request_id, if any.
+  virtual absl::StatusOr<std::optional<JobRecord>> FindJobByRequestId(
+      const std::string& tenant, const std::string& request_id) = 0;
+  // Any tenant's job (the scheduler's view); the services check the tenant.
+  virtual absl::StatusOr<JobRecord> GetJob(const std::string& id) = 0;
+  // Overwrites the mutable fields (state, attempts, progress, error, concept, lease, times).
+  // Deletes the job's images once the state is final.
+  virtual absl::Status UpdateJob(const JobRecord& job) = 0;
+  // `tenant`'s jobs, newest first; `state` filters when set. page_size >= 1.
+  virtual absl::StatusOr<Page<JobRecord>> ListJobs(const std::string& tenant,
+                                                   std::optional<JobState> state, int page_size,
+                                                   const std::string& page_token) = 0;
+  // Every QUEUED, RUNNING and CANCELLING job, oldest first (the scheduler's startup load).
+  virtual absl::StatusOr<std::vector<JobRecord>> ListActiveJobs() = 0;
+  // The job's images in order. NOT_FOUND once they were deleted.
+  virtual absl::StatusOr<std::vector<std::string>> GetJobImages(const std::string& id) = 0;
+  virtual absl::StatusOr<std::map<JobState, int64_t>> CountJobsByState() = 0;
+
+  // ---- concepts ----
+  // Inserts a concept as the next version of (tenant, name) (concept.version and seq are
+  // assigned) with its blob.
+  virtual absl::StatusOr<ConceptRecord> InsertConcept(const ConceptRecord& concept,
+                                                      const std::string& blob) = 0;
+  // Atomically inserts the concept (as InsertConcept) and writes `job` (SUCCEEDED, with
+  // job.concept_id set to the new concept's id by this call).
+  virtual absl::StatusOr<ConceptRecord> CompleteJobWithConcept(JobRecord job,
+                                                               const ConceptRecord& concept,
+                                                               const std::string& blob) = 0;
+  virtual absl::StatusOr<ConceptRecord> GetConcept(const std::string& tenant,
+                                                   const std::string& id) = 0;
+  // version 0: the newest.
+  virtual absl::StatusOr<ConceptRecord> GetConceptByName(const std::string& tenant,
+                                                         const std::string& name, int version) = 0;
+  // The tenant's concept with this name and blob digest, if any (idempotent import).
+  virtual absl::StatusOr<std::optional<ConceptRecord>> FindConceptByDigest(
+      const std::string& tenant, const std::string& name, const std::string& digest) = 0;
+  // Newest first; `name` filters when not empty.
+  virtual absl::StatusOr<Page<ConceptRecord>> ListConcepts(const std::string& tenant,
+                                                           const std::string& name, int page_size,
+                                                           const std::string& page_token) = 0;
+  virtual absl::Status SetConceptLabels(const std::string& tenant, const std::string& id,
+                                        const Labels& labels) = 0;
+  virtual absl::Status DeleteConcept(const std::string& tenant, const std::string& id) = 0;
+  virtual absl::StatusOr<std::string> GetConceptBlob(const std::string& tenant,
+                                                     const std::string& id) = 0;
+  // Any tenant's blob with this digest (for workers, which are trusted).
+  virtual absl::StatusOr<std::string> GetBlobByDigest(const std::string& digest) = 0;
+  virtual absl::StatusOr<int64_t> CountConcepts(const std::string& tenant) = 0;
+
+  struct Totals {
+    int64_t concepts = 0;
+    int64_t concept_bytes = 0;
+  };
+  virtual absl::StatusOr<Totals> ConceptTotals() = 0;
+};
+
+}  // namespace perfusion::server
+
+#endif  // PERFUSION_SERVER_STORE_H_

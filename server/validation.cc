@@ -1,0 +1,406 @@
+#include "server/validation.h"
+
+#include <zlib.h>
+
+#include <cmath>
+#include <fstream>
+#include <sstream>
+
+#include <nlohmann/json.hpp>
+
+#include "absl/strings/string_view.h"
+#include "absl/strings/ascii.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+
+namespace perfusion::server {
+namespace {
+
+absl::Status Invalid(absl::string_view field, absl::string_view what) {
+  return absl::InvalidArgumentError(absl::StrCat(field, ": ", what));
+}
+
+uint32_t Be32(const unsigned char* p) {
+  return (uint32_t{p[0]} << 24) | (uint32_t{p[1]} << 16) | (uint32_t{p[2]} << 8) | p[3];
+}
+uint16_t Be16(const unsigned char* p) { return static_cast<uint16_t>((p[0] << 8) | p[1]); }
+
+absl::StatusOr<ImageInfo> InspectPng(absl::string_view bytes, absl::string_view field) {
+  const auto* d = reinterpret_cast<const unsigned char*>(bytes.data());
+  const size_t n = bytes.size();
+  size_t pos = 8;
+  ImageInfo info{ImageInfo::kPng, 0, 0};
+  bool seen_ihdr = false, seen_idat = false, seen_iend = false;
+  while (pos < n) {
+    if (n - pos < 12) return Invalid(field, absl::StrCat("PNG truncated at byte ", pos));
+    uint32_t len = Be32(d + pos);
+    if (len > n - pos - 12) {
+      return Invalid(field, absl::StrCat("PNG chunk at byte ", pos, " runs past the end"));
+    }
+    std::string type(reinterpret_cast<const char*>(d + pos + 4), 4);
+    uint32_t crc = static_cast<uint32_t>(crc32(0L, d + pos + 4, len + 4));
+    if (crc != Be32(d + pos + 8 + len)) {
+      return Invalid(field, absl::StrCat("PNG chunk ", type, " at byte ", pos, " has a bad CRC"));
+    }
+    if (!seen_ihdr) {
+      if (type != "IHDR" || len != 13) return Invalid(field, "PNG does not start with IHDR");
+      seen_ihdr = true;
+      uint32_t w = Be32(d + pos + 8), h = Be32(d + pos + 12);
+      if (w == 0 || h == 0 || w > (1u << 24) || h > (1u << 24)) {
+        return Invalid(field, absl::StrCat("PNG size ", w, "x", h, " is invalid"));
+      }
+      info.width = static_cast<int>(w);
+      info.height = static_cast<int>(h);
+    } else if (type == "IDAT") {
+      seen_idat = true;
+    } else if (type == "IEND") {
+      seen_iend = true;
+      pos += 12 + len;
+      break;
+    }
+    pos += 12 + len;
+  }
+  if (!seen_ihdr) return Invalid(field, "PNG has no IHDR");
+  if (!seen_idat) return Invalid(field, "PNG has no image data (IDAT)");
+  if (!seen_iend) return Invalid(field, "PNG truncated (no IEND)");
+  return info;
+}
+
+bool IsSof(unsigned char m) {
+  return m >= 0xC0 && m <= 0xCF && m != 0xC4 && m != 0xC8 && m != 0xCC;
+}
+
+absl::StatusOr<ImageInfo> InspectJpeg(absl::string_view bytes, absl::string_view field) {
+  const auto* d = reinterpret_cast<const unsigned char*>(bytes.data());
+  const size_t n = bytes.size();
+  size_t pos = 2;
+  ImageInfo info{ImageInfo::kJpeg, 0, 0};
+  bool seen_sof = false;
+  for (;;) {
+    if (pos >= n || d[pos] != 0xFF) {
+      return Invalid(field, absl::StrCat("JPEG marker expected at byte ", pos));
+    }
+    while (pos < n && d[pos] == 0xFF) ++pos;  // fill bytes
+    if (pos >= n) return Invalid(field, "JPEG truncated");
+    unsigned char m = d[pos++];
+    if (m == 0x01 || (m >= 0xD0 && m <= 0xD7)) continue;  // standalone markers
+    if (m == 0xD9) return Invalid(field, "JPEG ends before any scan");
+    if (n - pos < 2) return Invalid(field, "JPEG truncated");
+    uint16_t len = Be16(d + pos);
+    if (len < 2 || len > n - pos) {
+      return Invalid(field, absl::StrCat("JPEG segment at byte ", pos, " runs past the end"));
+    }
+    if (IsSof(m)) {
+      if (len < 8) return Invalid(field, "JPEG frame header too short");
+      info.height = Be16(d + pos + 3);
+      info.width = Be16(d + pos + 5);
+      if (info.width == 0 || info.height == 0) {
+        return Invalid(field, "JPEG frame header has a zero dimension");
+      }
+      seen_sof = true;
+    }
+    pos += len;
+    if (m == 0xDA) break;  // start of scan: entropy-coded data follows
+  }
+  if (!seen_sof) return Invalid(field, "JPEG has no frame header (SOF) before its scan");
+  size_t end = n;
+  while (end > pos && d[end - 1] == 0x00) --end;  // tolerate zero padding
+  if (end < pos + 2 || d[end - 2] != 0xFF || d[end - 1] != 0xD9) {
+    return Invalid(field, "JPEG truncated (no end-of-image marker)");
+  }
+  return info;
+}
+
+bool IsNameChar(char c, bool first) {
+  bool alnum = (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9');
+  return first ? alnum : (alnum || c == '_' || c == '-');
+}
+
+bool ValidName(absl::string_view name) {
+  if (name.empty() || name.size() > 63) return false;
+  for (size_t i = 0; i < name.size(); ++i) {
+    if (!IsNameChar(name[i], i == 0)) return false;
+  }
+  return true;
+}
+
+bool Printable(absl::string_view s) {
+  for (unsigned char c : s) {
+    if (c < 0x20 || c == 0x7F) return false;
+  }
+  return true;
+}
+
+size_t Utf8Chars(absl::string_view s) {
+  size_t n = 0;
+  for (unsigned char c : s) n += (c & 0xC0) != 0x80;
+  return n;
+}
+
+absl::Status CheckRange(absl::string_view field, double v, double lo, double hi, bool lo_open) {
+  if (!std::isfinite(v) || v > hi || (lo_open ? v <= lo : v < lo)) {
+    return Invalid(field, absl::StrCat(v, " is outside ", lo_open ? "(" : "[", lo, ", ", hi, "]"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckSide(absl::string_view field, int v, const ValidationLimits& limits) {
+  if (v < 8 || v > limits.max_image_side) {
+    return Invalid(field, absl::StrCat(v, " is outside 8..", limits.max_image_side));
+  }
+  if (v % 8 != 0) return Invalid(field, absl::StrCat(v, " is not a multiple of 8"));
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<ImageInfo> InspectImage(absl::string_view bytes, const ValidationLimits& limits,
+                                       absl::string_view field) {
+  if (bytes.empty()) return Invalid(field, "empty");
+  if (static_cast<int64_t>(bytes.size()) > limits.max_image_bytes) {
+    return Invalid(field, absl::StrCat(bytes.size(), " bytes exceeds the limit of ",
+                                       limits.max_image_bytes, " bytes"));
+  }
+  static constexpr unsigned char kPngSig[8] = {0x89, 'P', 'N', 'G', 0x0D, 0x0A, 0x1A, 0x0A};
+  absl::StatusOr<ImageInfo> info;
+  if (bytes.size() >= 8 && memcmp(bytes.data(), kPngSig, 8) == 0) {
+    info = InspectPng(bytes, field);
+  } else if (bytes.size() >= 3 && static_cast<unsigned char>(bytes[0]) == 0xFF &&
+             static_cast<unsigned char>(bytes[1]) == 0xD8 &&
+             static_cast<unsigned char>(bytes[2]) == 0xFF) {
+    info = InspectJpeg(bytes, field);
+  } else {
+    return Invalid(field, "not a PNG or JPEG file");
+  }
+  if (!info.ok()) return info.status();
+  int64_t pixels = int64_t{info->width} * info->height;
+  if (pixels > limits.max_image_pixels) {
+    return Invalid(field, absl::StrCat(info->width, "x", info->height, " = ", pixels,
+                                       " pixels exceeds the limit of ", limits.max_image_pixels));
+  }
+  return info;
+}
+
+absl::StatusOr<Vocab> Vocab::Load(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return absl::NotFoundError(absl::StrCat("vocab: cannot open ", path));
+  std::stringstream ss;
+  ss << in.rdbuf();
+  nlohmann::json j = nlohmann::json::parse(ss.str(), nullptr, /*allow_exceptions=*/false);
+  if (!j.is_object() || j.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat("vocab: ", path, " is not a JSON object"));
+  }
+  Vocab v;
+  v.entries_.reserve(j.size());
+  for (auto it = j.begin(); it != j.end(); ++it) v.entries_.insert(it.key());
+  return v;
+}
+
+bool Vocab::IsSingleToken(absl::string_view word) const {
+  return entries_.count(absl::StrCat(word, "</w>")) > 0;
+}
+
+absl::Status ValidateConceptName(absl::string_view name, absl::string_view field) {
+  if (name.empty()) return Invalid(field, "empty");
+  if (!ValidName(name)) {
+    return Invalid(field, absl::StrCat("\"", name,
+                                       "\" must match [a-z0-9][a-z0-9_-]{0,62} (lowercase)"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ValidateSuperclass(absl::string_view word, const Vocab* vocab) {
+  if (word.empty()) return Invalid("superclass", "empty");
+  if (word.size() > 32) return Invalid("superclass", "longer than 32 characters");
+  for (char c : word) {
+    if (c < 'a' || c > 'z') {
+      return Invalid("superclass", absl::StrCat("\"", word,
+                                                "\" must be one lowercase word (letters a-z)"));
+    }
+  }
+  if (vocab != nullptr && !vocab->IsSingleToken(word)) {
+    return Invalid("superclass", absl::StrCat("\"", word,
+                                              "\" is not a single CLIP token; use a common word"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ValidateLabels(const Labels& labels, absl::string_view field) {
+  if (labels.size() > 32) return Invalid(field, absl::StrCat(labels.size(), " labels (max 32)"));
+  for (const auto& [k, v] : labels) {
+    bool ok = !k.empty() && k.size() <= 63 && IsNameChar(k[0], true);
+    for (char c : k) ok = ok && (IsNameChar(c, false) || c == '.' || c == '/');
+    if (!ok) {
+      return Invalid(field, absl::StrCat("key \"", k, "\" must match [a-z0-9][a-z0-9_./-]{0,62}"));
+    }
+    if (v.size() > 256 || !Printable(v)) {
+      return Invalid(absl::StrCat(field, "[", k, "]"),
+                     "value must be up to 256 printable characters");
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ValidateRequestId(absl::string_view request_id) {
+  if (request_id.size() > 128) return Invalid("request_id", "longer than 128 characters");
+  for (unsigned char c : request_id) {
+    if (c < 0x21 || c > 0x7E) return Invalid("request_id", "must be printable ASCII, no spaces");
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ValidateImageCount(int count, const ValidationLimits& limits,
+                                absl::string_view field) {
+  if (count == 0) {
+    return Invalid(field, absl::StrCat("no images (need ", limits.min_images, " to ",
+                                       limits.max_images, ")"));
+  }
+  if (count < limits.min_images || count > limits.max_images) {
+    return Invalid(field, absl::StrCat(count, " images; need ", limits.min_images, " to ",
+                                       limits.max_images));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ValidateTrainingRequest(TrainingRequest& r, const ValidationLimits& limits,
+                                     const Vocab* vocab, bool check_image_count) {
+  if (check_image_count) {
+    auto s = ValidateImageCount(static_cast<int>(r.images.size()), limits, "images");
+    if (!s.ok()) return s;
+  }
+  if (auto s = ValidateConceptName(r.concept_name, "concept_name"); !s.ok()) return s;
+  if (auto s = ValidateSuperclass(r.superclass, vocab); !s.ok()) return s;
+  if (auto s = ValidateRequestId(r.request_id); !s.ok()) return s;
+  if (auto s = ValidateLabels(r.labels, "labels"); !s.ok()) return s;
+  if (r.priority < 0 || r.priority > 9) {
+    return Invalid("priority", absl::StrCat(r.priority, " is outside 0..9"));
+  }
+  TrainingOptions& o = r.options;
+  if (!o.steps) o.steps = limits.default_train_steps;
+  if (*o.steps < 1 || *o.steps > limits.max_train_steps) {
+    return Invalid("options.steps",
+                   absl::StrCat(*o.steps, " is outside 1..", limits.max_train_steps));
+  }
+  if (auto s = CheckRange("options.learning_rate", o.learning_rate, 0, 1, false); !s.ok()) return s;
+  if (auto s = CheckRange("options.embedding_learning_rate", o.embedding_learning_rate, 0, 1, false);
+      !s.ok()) {
+    return s;
+  }
+  if (o.batch_size < 0 || o.batch_size > 64) {
+    return Invalid("options.batch_size", absl::StrCat(o.batch_size, " is outside 0..64"));
+  }
+  if (o.resolution != 0) {
+    if (auto s = CheckSide("options.resolution", o.resolution, limits); !s.ok()) return s;
+  }
+  if (auto s = CheckRange("options.train_beta", o.train_beta, 0, 1, false); !s.ok()) return s;
+  if (auto s = CheckRange("options.train_temperature", o.train_temperature, 0, 1, false); !s.ok()) {
+    return s;
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<ConceptRef>> ParsePromptReferences(absl::string_view prompt,
+                                                              absl::string_view field) {
+  std::vector<ConceptRef> refs;
+  for (size_t i = 0; i < prompt.size(); ++i) {
+    if (prompt[i] != '<') continue;
+    size_t close = prompt.find('>', i + 1);
+    auto malformed = [&](absl::string_view why) {
+      return Invalid(field, absl::StrCat("malformed concept reference at offset ", i, " (", why,
+                                         "); write <name> or <name@version>"));
+    };
+    if (close == absl::string_view::npos) return malformed("no closing '>'");
+    absl::string_view inner = prompt.substr(i + 1, close - i - 1);
+    ConceptRef ref;
+    ref.reference = std::string(inner);
+    size_t at = inner.find('@');
+    ref.name = std::string(inner.substr(0, at));
+    if (!ValidName(ref.name)) return malformed("bad concept name");
+    if (at != absl::string_view::npos) {
+      absl::string_view ver = inner.substr(at + 1);
+      if (ver.empty() || ver.size() > 9 || !absl::SimpleAtoi(ver, &ref.version) ||
+          ref.version < 1 || !absl::ascii_isdigit(static_cast<unsigned char>(ver[0]))) {
+        return malformed("bad version");
+      }
+    }
+    bool seen = false;
+    for (const auto& r : refs) seen = seen || r.reference == ref.reference;
+    if (!seen) refs.push_back(std::move(ref));
+    i = close;
+  }
+  return refs;
+}
+
+absl::StatusOr<std::vector<ConceptRef>> ValidateGenerationRequest(GenerationRequest& r,
+                                                                  const ValidationLimits& limits) {
+  if (r.prompt.empty()) return Invalid("prompt", "empty");
+  size_t chars = Utf8Chars(r.prompt);
+  if (chars > static_cast<size_t>(limits.max_prompt_chars)) {
+    return Invalid("prompt", absl::StrCat(chars, " characters exceeds the limit of ",
+                                          limits.max_prompt_chars));
+  }
+  auto refs = ParsePromptReferences(r.prompt, "prompt");
+  if (!refs.ok()) return refs.status();
+  if (refs->size() > static_cast<size_t>(limits.max_concepts_per_prompt)) {
+    return Invalid("prompt", absl::StrCat(refs->size(), " concepts referenced (max ",
+                                          limits.max_concepts_per_prompt, ")"));
+  }
+  if (Utf8Chars(r.negative_prompt) > static_cast<size_t>(limits.max_prompt_chars)) {
+    return Invalid("negative_prompt",
+                   absl::StrCat("exceeds the limit of ", limits.max_prompt_chars, " characters"));
+  }
+  if (r.negative_prompt.find('<') != std::string::npos) {
+    return Invalid("negative_prompt", "concept references are not supported");
+  }
+  if (!r.steps) r.steps = limits.default_generation_steps;
+  if (*r.steps < 1 || *r.steps > limits.max_generation_steps) {
+    return Invalid("steps",
+                   absl::StrCat(*r.steps, " is outside 1..", limits.max_generation_steps));
+  }
+  if (!r.width) r.width = limits.default_image_side;
+  if (!r.height) r.height = limits.default_image_side;
+  if (auto s = CheckSide("width", *r.width, limits); !s.ok()) return s;
+  if (auto s = CheckSide("height", *r.height, limits); !s.ok()) return s;
+  if (!r.num_images) r.num_images = 1;
+  if (*r.num_images < 1 || *r.num_images > limits.max_num_images) {
+    return Invalid("num_images",
+                   absl::StrCat(*r.num_images, " is outside 1..", limits.max_num_images));
+  }
+  if (!r.guidance_scale) r.guidance_scale = limits.default_guidance;
+  if (auto s = CheckRange("guidance_scale", *r.guidance_scale, 0, 30, false); !s.ok()) return s;
+  if (!r.sampler.empty() && r.sampler != "ddim" && r.sampler != "euler") {
+    return Invalid("sampler", absl::StrCat("\"", r.sampler, "\" is not one of ddim, euler"));
+  }
+  if (!r.beta) r.beta = limits.default_beta;
+  if (!r.tau) r.tau = limits.default_tau;
+  if (auto s = CheckRange("beta", *r.beta, 0, 1, false); !s.ok()) return s;
+  if (auto s = CheckRange("tau", *r.tau, 0, 1, true); !s.ok()) return s;
+  if (r.key_lock == KeyLock::kUnspecified) r.key_lock = KeyLock::kLocal;
+  for (size_t i = 0; i < r.concepts.size(); ++i) {
+    const ConceptStrength& c = r.concepts[i];
+    std::string field = absl::StrCat("concepts[", i, "]");
+    bool referenced = false;
+    for (const auto& ref : *refs) referenced = referenced || ref.reference == c.name;
+    if (!referenced) {
+      return Invalid(absl::StrCat(field, ".name"),
+                     absl::StrCat("\"", c.name, "\" is not referenced in the prompt as <", c.name,
+                                  ">"));
+    }
+    for (size_t j = 0; j < i; ++j) {
+      if (r.concepts[j].name == c.name) {
+        return Invalid(absl::StrCat(field, ".name"), absl::StrCat("\"", c.name, "\" repeated"));
+      }
+    }
+    if (c.beta) {
+      if (auto s = CheckRange(absl::StrCat(field, ".beta"), *c.beta, 0, 1, false); !s.ok()) {
+        return s;
+      }
+    }
+    if (c.tau) {
+      if (auto s = CheckRange(absl::StrCat(field, ".tau"), *c.tau, 0, 1, true); !s.ok()) return s;
+    }
+  }
+  return refs;
+}
+
+}  // namespace perfusion::server

@@ -1,0 +1,137 @@
+// server/metrics.{h,cc} and server/metrics_http.{h,cc}: the Prometheus text format and the
+// /metrics endpoint.
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include "server/metrics.h"
+#include "server/metrics_http.h"
+#include "tests/server/status_matchers.h"
+
+namespace perfusion::server {
+namespace {
+
+using ::testing::HasSubstr;
+using testing::IsOk;
+
+// A GET over a plain socket; returns the whole response (headers and body).
+std::string HttpGet(int port, const std::string& path, const std::string& method = "GET") {
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  inet_pton(AF_INET, "127.0.0.1", &addr.sin_addr);
+  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
+    close(fd);
+    return "";
+  }
+  std::string req = method + " " + path + " HTTP/1.1\r\nHost: localhost\r\n\r\n";
+  send(fd, req.data(), req.size(), 0);
+  std::string out;
+  char buf[4096];
+  ssize_t n;
+  while ((n = recv(fd, buf, sizeof buf, 0)) > 0) out.append(buf, static_cast<size_t>(n));
+  close(fd);
+  return out;
+}
+
+TEST(MetricsTest, CounterRendersHelpTypeAndLabelledSamples) {
+  metrics::Registry r;
+  auto& c = r.AddCounter("requests_total", "Requests.", {"method", "code"});
+  c.WithLabels({"Get", "OK"}).Inc();
+  c.WithLabels({"Get", "OK"}).Inc(2);
+  c.WithLabels({"Put", "NotFound"}).Inc();
+  EXPECT_EQ(r.Render(),
+            "# HELP requests_total Requests.\n"
+            "# TYPE requests_total counter\n"
+            "requests_total{method=\"Get\",code=\"OK\"} 3\n"
+            "requests_total{method=\"Put\",code=\"NotFound\"} 1\n");
+}
+
+TEST(MetricsTest, CounterIgnoresNegativeIncrements) {
+  metrics::Registry r;
+  auto& c = r.AddCounter("x_total", "X.").WithLabels({});
+  c.Inc(5);
+  c.Inc(-3);
+  EXPECT_EQ(c.Value(), 5);
+}
+
+TEST(MetricsTest, GaugeGoesUpAndDown) {
+  metrics::Registry r;
+  auto& g = r.AddGauge("queue_depth", "Depth.").WithLabels({});
+  g.Set(4);
+  g.Inc();
+  g.Dec(2);
+  EXPECT_EQ(r.Render(), "# HELP queue_depth Depth.\n# TYPE queue_depth gauge\nqueue_depth 3\n");
+}
+
+TEST(MetricsTest, HistogramBucketsAreCumulativeAndBoundaryInclusive) {
+  metrics::Registry r;
+  auto& h = r.AddHistogram("latency_seconds", "Latency.", {}, {0.1, 1}).WithLabels({});
+  h.Observe(0.1);  // equal to a bound: lands in that bucket
+  h.Observe(0.5);
+  h.Observe(7);
+  EXPECT_EQ(r.Render(),
+            "# HELP latency_seconds Latency.\n"
+            "# TYPE latency_seconds histogram\n"
+            "latency_seconds_bucket{le=\"0.1\"} 1\n"
+            "latency_seconds_bucket{le=\"1\"} 2\n"
+            "latency_seconds_bucket{le=\"+Inf\"} 3\n"
+            "latency_seconds_sum 7.6\n"
+            "latency_seconds_count 3\n");
+}
+
+TEST(MetricsTest, LabelValuesAreEscaped) {
+  metrics::Registry r;
+  r.AddGauge("g", "G.", {"l"}).WithLabels({"a\"b\\c\nd"}).Set(1);
+  EXPECT_THAT(r.Render(), HasSubstr("g{l=\"a\\\"b\\\\c\\nd\"} 1\n"));
+}
+
+TEST(MetricsTest, ValuesUseShortestRoundTripForm) {
+  EXPECT_EQ(metrics::FormatValue(0.1), "0.1");
+  EXPECT_EQ(metrics::FormatValue(1234567), "1234567");
+  EXPECT_EQ(metrics::FormatValue(1.0 / 3), "0.3333333333333333");
+  EXPECT_EQ(metrics::FormatValue(1.0 / 0.0), "+Inf");
+}
+
+TEST(MetricsTest, CollectHooksRunBeforeRendering) {
+  metrics::Registry r;
+  auto& g = r.AddGauge("stored", "Stored.").WithLabels({});
+  int calls = 0;
+  r.AddCollectHook([&] { g.Set(++calls * 10); });
+  EXPECT_THAT(r.Render(), HasSubstr("stored 10\n"));
+  EXPECT_THAT(r.Render(), HasSubstr("stored 20\n"));
+}
+
+TEST(MetricsHttpTest, ServesMetricsAndHealthzOnItsOwnPort) {
+  metrics::Registry r;
+  r.AddCounter("hits_total", "Hits.").WithLabels({}).Inc();
+  MetricsHttpServer http(&r);
+  auto port = http.Start("127.0.0.1:0");
+  ASSERT_THAT(port, IsOk());
+  std::string resp = HttpGet(*port, "/metrics");
+  EXPECT_THAT(resp, HasSubstr("HTTP/1.1 200 OK"));
+  EXPECT_THAT(resp, HasSubstr("Content-Type: text/plain; version=0.0.4"));
+  EXPECT_THAT(resp, HasSubstr("\r\n\r\n# HELP hits_total Hits."));
+  EXPECT_THAT(HttpGet(*port, "/healthz"), HasSubstr("200 OK"));
+  EXPECT_THAT(HttpGet(*port, "/nope"), HasSubstr("404 Not Found"));
+  EXPECT_THAT(HttpGet(*port, "/metrics", "POST"), HasSubstr("405"));
+  http.SetDraining(true);
+  EXPECT_THAT(HttpGet(*port, "/healthz"), HasSubstr("503"));
+  http.Stop();
+  EXPECT_EQ(HttpGet(*port, "/metrics"), "");  // nothing listens any more
+}
+
+TEST(MetricsHttpTest, RejectsMalformedAddress) {
+  metrics::Registry r;
+  MetricsHttpServer http(&r);
+  EXPECT_THAT(http.Start("no-port"), testing::StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(http.Start("example.com:80"), testing::StatusIs(absl::StatusCode::kInvalidArgument));
+}
+
+}  // namespace
+}  // namespace perfusion::server

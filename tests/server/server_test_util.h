@@ -1,0 +1,30 @@
+// Helpers for tests/server: real image files and concept blobs made on the fly, temp folders,
+// the shared reference-data folder.
+#ifndef PERFUSION_TESTS_SERVER_SERVER_TEST_UTIL_H_
+#define PERFUSION_TESTS_SERVER_SERVER_TEST_UTIL_H_
+
+#include <string>
+
+namespace perfusion::server::testing {
+
+// A valid 8-bit RGB PNG (zlib-compressed rows, correct CRCs) of a gradient.
+std::string MakePng(int width, int height);
+// A structurally valid baseline JPEG (SOI, APP0, SOF0, SOS, scan bytes, EOI). Its scan data is
+// filler: it passes the server's structural check but is not a decodable picture.
+std::string MakeJpeg(int width, int height);
+// A concept blob in the engine's framing: "PFCN", LE uint32 header length, JSON header,
+// `payload_bytes` filler bytes (standing in for tensors), LE uint32 CRC-32C of all before it.
+std::string MakeConceptBlob(const std::string& base_model_id, const std::string& name,
+                            const std::string& superclass, size_t payload_bytes = 2048);
+// A fresh empty folder (removed by nobody: under the system temp folder).
+std::string MakeTempDir();
+// Writes `contents` to dir/name and returns the path.
+std::string WriteFile(const std::string& dir, const std::string& name,
+                      const std::string& contents);
+// ../shared (reference data), as configured by CMake.
+std::string SharedDir();
+bool FileExists(const std::string& path);
+
+}  // namespace perfusion::server::testing
+
+#endif  // PERFUSION_TESTS_SERVER_SERVER_TEST_UTIL_H_

@@ -1,0 +1,253 @@
+// server/validation.{h,cc}, server/concept_blob.{h,cc}, server/auth.{h,cc}: untrusted input.
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include "server/auth.h"
+#include "server/concept_blob.h"
+#include "server/validation.h"
+#include "tests/server/server_test_util.h"
+#include "tests/server/status_matchers.h"
+
+namespace perfusion::server {
+namespace {
+
+using ::testing::HasSubstr;
+using testing::IsOk;
+using testing::MakeJpeg;
+using testing::MakePng;
+using testing::StatusIs;
+constexpr auto kInvalid = absl::StatusCode::kInvalidArgument;
+
+TEST(InspectImageTest, ReadsPngAndJpegSizesFromHeaders) {
+  ValidationLimits limits;
+  auto png = InspectImage(MakePng(33, 17), limits, "images[0]");
+  ASSERT_THAT(png, IsOk());
+  EXPECT_EQ(png->format, ImageInfo::kPng);
+  EXPECT_EQ(png->width, 33);
+  EXPECT_EQ(png->height, 17);
+  auto jpg = InspectImage(MakeJpeg(640, 480), limits, "images[1]");
+  ASSERT_THAT(jpg, IsOk());
+  EXPECT_EQ(jpg->format, ImageInfo::kJpeg);
+  EXPECT_EQ(jpg->width, 640);
+  EXPECT_EQ(jpg->height, 480);
+}
+
+TEST(InspectImageTest, RejectsNonImagesNamingTheField) {
+  ValidationLimits limits;
+  EXPECT_THAT(InspectImage("GIF89a....", limits, "images[4]"),
+              StatusIs(kInvalid, HasSubstr("images[4]: not a PNG or JPEG")));
+  EXPECT_THAT(InspectImage("", limits, "images[0]"),
+              StatusIs(kInvalid, HasSubstr("images[0]: empty")));
+}
+
+TEST(InspectImageTest, RejectsTruncatedOrCorruptedPng) {
+  ValidationLimits limits;
+  std::string png = MakePng(16, 16);
+  EXPECT_THAT(InspectImage(png.substr(0, png.size() - 12), limits, "images[2]"),
+              StatusIs(kInvalid, HasSubstr("images[2]: PNG truncated")));
+  std::string flipped = png;
+  flipped[45] ^= 0x40;  // inside IDAT: the chunk CRC no longer matches
+  EXPECT_THAT(InspectImage(flipped, limits, "images[2]"),
+              StatusIs(kInvalid, HasSubstr("bad CRC")));
+}
+
+TEST(InspectImageTest, RejectsTruncatedJpeg) {
+  ValidationLimits limits;
+  std::string jpg = MakeJpeg(64, 64);
+  EXPECT_THAT(InspectImage(jpg.substr(0, jpg.size() - 2), limits, "images[1]"),
+              StatusIs(kInvalid, HasSubstr("images[1]: JPEG truncated")));
+  EXPECT_THAT(InspectImage(jpg.substr(0, 30), limits, "images[1]"),
+              StatusIs(kInvalid, HasSubstr("images[1]")));
+}
+
+TEST(InspectImageTest, EnforcesByteAndPixelLimits) {
+  ValidationLimits limits;
+  limits.max_image_bytes = 1000;
+  EXPECT_THAT(InspectImage(MakePng(64, 64), limits, "images[3]"),
+              StatusIs(kInvalid, HasSubstr("images[3]: ")));
+  limits.max_image_bytes = 1 << 20;
+  limits.max_image_pixels = 100 * 100;
+  EXPECT_THAT(InspectImage(MakeJpeg(101, 100), limits, "images[0]"),
+              StatusIs(kInvalid, HasSubstr("pixels exceeds the limit")));
+  EXPECT_THAT(InspectImage(MakeJpeg(100, 100), limits, "images[0]"), IsOk());
+}
+
+TEST(ValidateTest, ConceptNamesAreLowercaseSlugs) {
+  EXPECT_THAT(ValidateConceptName("teddy-2_b", "concept_name"), IsOk());
+  EXPECT_THAT(ValidateConceptName("Teddy", "concept_name"),
+              StatusIs(kInvalid, HasSubstr("concept_name")));
+  EXPECT_THAT(ValidateConceptName("-x", "concept_name"), StatusIs(kInvalid));
+  EXPECT_THAT(ValidateConceptName(std::string(64, 'a'), "concept_name"), StatusIs(kInvalid));
+  EXPECT_THAT(ValidateConceptName("", "concept_name"), StatusIs(kInvalid, HasSubstr("empty")));
+}
+
+TEST(ValidateTest, SuperclassMustBeOneWord) {
+  EXPECT_THAT(ValidateSuperclass("dog", nullptr), IsOk());
+  EXPECT_THAT(ValidateSuperclass("teddy bear", nullptr),
+              StatusIs(kInvalid, HasSubstr("superclass: \"teddy bear\" must be one lowercase word")));
+  EXPECT_THAT(ValidateSuperclass("", nullptr), StatusIs(kInvalid, HasSubstr("superclass")));
+}
+
+TEST(ValidateTest, SuperclassMustBeOneClipTokenWithVocab) {
+  const std::string path = testing::SharedDir() + "/data/clip/vocab.json";
+  if (!testing::FileExists(path)) GTEST_SKIP() << "no " << path;
+  auto vocab = Vocab::Load(path);
+  ASSERT_THAT(vocab, IsOk());
+  EXPECT_GT(vocab->size(), 40000u);
+  EXPECT_THAT(ValidateSuperclass("teapot", &*vocab), IsOk());
+  EXPECT_THAT(ValidateSuperclass("plushie", &*vocab),
+              StatusIs(kInvalid, HasSubstr("superclass: \"plushie\" is not a single CLIP token")));
+}
+
+TEST(ValidateTest, TrainingRequestChecksCountOptionsAndFillsDefaults) {
+  ValidationLimits limits;
+  TrainingRequest r;
+  r.concept_name = "teddy";
+  r.superclass = "toy";
+  EXPECT_THAT(ValidateTrainingRequest(r, limits, nullptr, true),
+              StatusIs(kInvalid, HasSubstr("images: no images")));
+  r.images.assign(21, MakePng(8, 8));
+  EXPECT_THAT(ValidateTrainingRequest(r, limits, nullptr, true),
+              StatusIs(kInvalid, HasSubstr("images: 21 images; need 3 to 20")));
+  r.images.resize(3);
+  ASSERT_THAT(ValidateTrainingRequest(r, limits, nullptr, true), IsOk());
+  EXPECT_EQ(r.options.steps, limits.default_train_steps);
+  r.options.steps = 0;
+  EXPECT_THAT(ValidateTrainingRequest(r, limits, nullptr, true),
+              StatusIs(kInvalid, HasSubstr("options.steps: 0 is outside 1..5000")));
+  r.options.steps = 100;
+  r.priority = 10;
+  EXPECT_THAT(ValidateTrainingRequest(r, limits, nullptr, true),
+              StatusIs(kInvalid, HasSubstr("priority")));
+  r.priority = 0;
+  r.request_id = "has space";
+  EXPECT_THAT(ValidateTrainingRequest(r, limits, nullptr, true),
+              StatusIs(kInvalid, HasSubstr("request_id")));
+}
+
+TEST(PromptTest, ParsesDistinctConceptReferencesInOrder) {
+  auto refs = ParsePromptReferences("<teddy> and <bike@2> with <teddy> on a beach", "prompt");
+  ASSERT_THAT(refs, IsOk());
+  ASSERT_EQ(refs->size(), 2u);
+  EXPECT_EQ((*refs)[0].name, "teddy");
+  EXPECT_EQ((*refs)[0].version, 0);
+  EXPECT_EQ((*refs)[1].reference, "bike@2");
+  EXPECT_EQ((*refs)[1].name, "bike");
+  EXPECT_EQ((*refs)[1].version, 2);
+}
+
+TEST(PromptTest, RejectsMalformedReferencesWithOffset) {
+  EXPECT_THAT(ParsePromptReferences("a <Teddy> toy", "prompt"),
+              StatusIs(kInvalid, HasSubstr("prompt: malformed concept reference at offset 2")));
+  EXPECT_THAT(ParsePromptReferences("a <teddy toy", "prompt"),
+              StatusIs(kInvalid, HasSubstr("no closing")));
+  EXPECT_THAT(ParsePromptReferences("a <teddy@0>", "prompt"), StatusIs(kInvalid));
+  EXPECT_THAT(ParsePromptReferences("a <teddy@x>", "prompt"), StatusIs(kInvalid));
+}
+
+TEST(GenerationValidationTest, FillsDefaultsAndChecksRanges) {
+  ValidationLimits limits;
+  GenerationRequest r;
+  r.prompt = "a photo of <teddy>";
+  auto refs = ValidateGenerationRequest(r, limits);
+  ASSERT_THAT(refs, IsOk());
+  EXPECT_EQ(r.steps, 30);
+  EXPECT_EQ(r.width, 512);
+  EXPECT_EQ(r.num_images, 1);
+  EXPECT_FLOAT_EQ(*r.guidance_scale, 7.5f);
+  EXPECT_EQ(r.key_lock, KeyLock::kLocal);
+
+  auto check = [&](auto mutate, const std::string& field) {
+    GenerationRequest g;
+    g.prompt = "a photo of <teddy>";
+    mutate(g);
+    EXPECT_THAT(ValidateGenerationRequest(g, limits),
+                StatusIs(kInvalid, HasSubstr(field + ": ")))
+        << field;
+  };
+  check([](GenerationRequest& g) { g.steps = 0; }, "steps");
+  check([](GenerationRequest& g) { g.steps = 151; }, "steps");
+  check([](GenerationRequest& g) { g.width = 0; }, "width");
+  check([](GenerationRequest& g) { g.height = 2048; }, "height");
+  check([](GenerationRequest& g) { g.width = 500; }, "width");
+  check([](GenerationRequest& g) { g.num_images = 9; }, "num_images");
+  check([](GenerationRequest& g) { g.guidance_scale = 31; }, "guidance_scale");
+  check([](GenerationRequest& g) { g.tau = 0; }, "tau");
+  check([](GenerationRequest& g) { g.beta = 1.5f; }, "beta");
+  check([](GenerationRequest& g) { g.sampler = "plms"; }, "sampler");
+  check([](GenerationRequest& g) { g.prompt = std::string(1001, 'a'); }, "prompt");
+  check([](GenerationRequest& g) { g.prompt = ""; }, "prompt");
+  check([](GenerationRequest& g) { g.negative_prompt = "<teddy>"; }, "negative_prompt");
+  check([](GenerationRequest& g) { g.concepts.push_back({"bike", 0.5f, {}, KeyLock::kGlobal}); },
+        "concepts[0].name");
+  check([](GenerationRequest& g) { g.concepts.push_back({"teddy", {}, 2.0f, KeyLock::kGlobal}); },
+        "concepts[0].tau");
+}
+
+TEST(ConceptBlobTest, ParsesHeaderOfAValidBlob) {
+  std::string blob = testing::MakeConceptBlob("tiny", "teddy", "toy");
+  auto h = ParseConceptBlob(blob);
+  ASSERT_THAT(h, IsOk());
+  EXPECT_EQ(h->base_model_id, "tiny");
+  EXPECT_EQ(h->name, "teddy");
+  EXPECT_EQ(h->superclass, "toy");
+  EXPECT_EQ(h->dtype, "float16");
+  EXPECT_EQ(h->format_version, 1);
+}
+
+TEST(ConceptBlobTest, RejectsCorruptedBlobs) {
+  std::string blob = testing::MakeConceptBlob("tiny", "teddy", "toy");
+  EXPECT_THAT(ParseConceptBlob("PFCX" + blob.substr(4)), StatusIs(kInvalid, HasSubstr("blob: ")));
+  std::string bad_len = blob;
+  bad_len[7] = '\x7f';  // header length beyond the blob
+  EXPECT_THAT(ParseConceptBlob(bad_len), StatusIs(kInvalid, HasSubstr("header length")));
+  std::string bad_json = blob;
+  bad_json[8] = '[';
+  EXPECT_THAT(ParseConceptBlob(bad_json), StatusIs(kInvalid, HasSubstr("blob: ")));
+  EXPECT_THAT(ParseConceptBlob(blob.substr(0, 20)), StatusIs(kInvalid));
+}
+
+TEST(ConceptBlobTest, DetectsCorruptionInTheOpaqueTensorBytes) {
+  std::string blob = testing::MakeConceptBlob("tiny", "teddy", "toy");
+  blob[blob.size() - 100] ^= 0x01;  // a tensor byte: only the CRC-32C trailer can tell
+  EXPECT_THAT(ParseConceptBlob(blob), StatusIs(kInvalid, HasSubstr("blob: checksum mismatch")));
+  blob = testing::MakeConceptBlob("tiny", "teddy", "toy");
+  EXPECT_THAT(ParseConceptBlob(blob.substr(0, blob.size() - 1)), StatusIs(kInvalid));
+}
+
+TEST(ConceptBlobTest, Crc32cMatchesTheCastagnoliCheckValue) {
+  EXPECT_EQ(Crc32c("123456789"), 0xE3069283u);
+}
+
+TEST(ConceptBlobTest, Sha256MatchesKnownVector) {
+  EXPECT_EQ(Sha256Hex("abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+}
+
+TEST(AuthTest, TokensMapToTenantsAndWorkersAreSeparate) {
+  std::string dir = testing::MakeTempDir();
+  auto tokens = testing::WriteFile(dir, "tokens", "# comment\nsecret-a acme\n\nsecret-b globex\n");
+  auto workers = testing::WriteFile(dir, "workers", "worker-secret\n");
+  auto auth = Authenticator::Load(tokens, workers);
+  ASSERT_THAT(auth, IsOk());
+  EXPECT_EQ(*auth->Tenant("Bearer secret-a"), "acme");
+  EXPECT_EQ(*auth->Tenant("bearer  secret-b "), "globex");
+  EXPECT_THAT(auth->Tenant(std::nullopt), StatusIs(absl::StatusCode::kUnauthenticated));
+  EXPECT_THAT(auth->Tenant("Bearer nope"), StatusIs(absl::StatusCode::kUnauthenticated));
+  EXPECT_THAT(auth->Tenant("Basic secret-a"), StatusIs(absl::StatusCode::kUnauthenticated));
+  EXPECT_THAT(auth->Tenant("Bearer worker-secret"),
+              StatusIs(absl::StatusCode::kPermissionDenied));
+  EXPECT_THAT(auth->Worker("Bearer worker-secret"), IsOk());
+  EXPECT_THAT(auth->Worker("Bearer secret-a"), StatusIs(absl::StatusCode::kPermissionDenied));
+}
+
+TEST(AuthTest, MalformedTokenFileNamesTheLine) {
+  std::string dir = testing::MakeTempDir();
+  auto tokens = testing::WriteFile(dir, "tokens", "ok acme\nlonely\n");
+  EXPECT_THAT(Authenticator::Load(tokens, ""),
+              StatusIs(kInvalid, HasSubstr("tokens:2")));
+  EXPECT_THAT(Authenticator::Load(dir + "/missing", ""),
+              StatusIs(absl::StatusCode::kNotFound));
+}
+
+}  // namespace
+}  // namespace perfusion::server
