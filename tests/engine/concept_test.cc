@@ -77,6 +77,16 @@ TEST_F(ConceptTest, CorruptTruncatedOrForeignBlobsAreRejected) {
   for (size_t n = 0; n < blob.size(); n += 97) EXPECT_NE(ErrorOf(blob.substr(0, n)), "") << n;
 }
 
+TEST_F(ConceptTest, TrainedKeyTargetsRoundTripWhenPresent) {
+  EXPECT_FALSE(DecodeConcept(EncodeConcept(c)).k_targets.defined());
+  Concept trained_k = c;
+  trained_k.k_targets = at::randn({c.total_out_dim()});
+  Concept back = DecodeConcept(EncodeConcept(trained_k, {at::kFloat}));
+  ASSERT_TRUE(back.k_targets.defined());
+  EXPECT_TRUE(at::equal(back.k_target(3), trained_k.k_targets.narrow(0, 1280, 640)));
+  EXPECT_THROW(c.k_target(0), c10::ValueError);
+}
+
 TEST_F(ConceptTest, EncodeRefusesInconsistentConcepts) {
   Concept bad = c;
   bad.v_targets = at::randn({100});

@@ -59,11 +59,19 @@ uint32_t Crc32c(const void* data, size_t size, uint32_t crc) {
   return ~crc;
 }
 
-at::Tensor Concept::v_target(size_t l) const {
-  TORCH_CHECK_INDEX(l < layers.size(), "concept '", name, "': layer ", l, " out of range (", layers.size(), " layers)");
+namespace {
+at::Tensor LayerSlice(const Concept& c, const at::Tensor& all, size_t l) {
+  TORCH_CHECK_INDEX(l < c.layers.size(), "concept '", c.name, "': layer ", l, " out of range (", c.layers.size(), " layers)");
   int64_t offset = 0;
-  for (size_t i = 0; i < l; ++i) offset += layers[i].out_dim;
-  return v_targets.narrow(0, offset, layers[l].out_dim);
+  for (size_t i = 0; i < l; ++i) offset += c.layers[i].out_dim;
+  return all.narrow(0, offset, c.layers[l].out_dim);
+}
+}  // namespace
+
+at::Tensor Concept::v_target(size_t l) const { return LayerSlice(*this, v_targets, l); }
+at::Tensor Concept::k_target(size_t l) const {
+  TORCH_CHECK_VALUE(k_targets.defined(), "concept '", name, "' is key-locked: it has no learned K targets");
+  return LayerSlice(*this, k_targets, l);
 }
 
 int64_t Concept::total_out_dim() const {
@@ -83,14 +91,17 @@ std::string EncodeConcept(const Concept& c, const ConceptEncodeOptions& options)
   TORCH_CHECK_VALUE(c.v_targets.defined() && c.v_targets.dim() == 1 && c.v_targets.size(0) == c.total_out_dim(),
                     "EncodeConcept: v_targets must be [", c.total_out_dim(), "] (the sum of the layers' widths), got ",
                     c.v_targets.defined() ? c.v_targets.sizes() : c10::IntArrayRef{});
+  TORCH_CHECK_VALUE(!c.k_targets.defined() || c.k_targets.sizes() == c.v_targets.sizes(),
+                    "EncodeConcept: k_targets must be shaped like v_targets");
   struct Item {
     const char* name;
     at::Tensor t;
   };
-  const Item items[] = {{"i_star", c.i_star.detach().to(at::kCPU, at::kFloat).contiguous()},
-                        {"i_sup", c.i_sup.detach().to(at::kCPU, at::kFloat).contiguous()},
-                        {"embedding", c.embedding.detach().to(at::kCPU, options.dtype).contiguous()},
-                        {"v_targets", c.v_targets.detach().to(at::kCPU, options.dtype).contiguous()}};
+  std::vector<Item> items = {{"i_star", c.i_star.detach().to(at::kCPU, at::kFloat).contiguous()},
+                             {"i_sup", c.i_sup.detach().to(at::kCPU, at::kFloat).contiguous()},
+                             {"embedding", c.embedding.detach().to(at::kCPU, options.dtype).contiguous()},
+                             {"v_targets", c.v_targets.detach().to(at::kCPU, options.dtype).contiguous()}};
+  if (c.k_targets.defined()) items.push_back({"k_targets", c.k_targets.detach().to(at::kCPU, options.dtype).contiguous()});
   nlohmann::ordered_json h;
   h["format"] = "perfusion-concept";
   h["format_version"] = kConceptFormatVersion;
@@ -179,6 +190,10 @@ Concept DecodeConcept(const std::string& bytes, const std::string& expected_base
     c.i_sup = read("i_sup");
     c.embedding = read("embedding");
     c.v_targets = read("v_targets");
+    if (h["tensors"].contains("k_targets")) {
+      c.k_targets = read("k_targets");
+      BLOB_CHECK(c.k_targets.sizes() == c.v_targets.sizes(), "k_targets and v_targets differ in size");
+    }
     BLOB_CHECK(c.i_sup.size(0) == c.i_star.size(0) && c.i_star.size(0) == h.at("encoder_dim").get<int64_t>(),
                "i_star/i_sup do not match encoder_dim");
     BLOB_CHECK(c.embedding.size(0) == h.at("embedding_dim").get<int64_t>(), "embedding does not match embedding_dim");

@@ -49,11 +49,16 @@ struct Concept {
   at::Tensor i_star;     // [D] float32
   at::Tensor i_sup;      // [D] float32
   at::Tensor v_targets;  // [sum out_dim] float32, layers concatenated in order
+  // Only for concepts trained WITHOUT key-locking (the paper's "trained K" ablation): learned K
+  // targets, like v_targets. Undefined (the normal case): K targets are W_k i_sup.
+  at::Tensor k_targets;
   GateParams default_gate;
   std::map<std::string, std::string> info;  // training facts: steps, seed, final loss, created, ...
 
   // V target of layer l ([out_dim]), a view into v_targets.
   at::Tensor v_target(size_t l) const;
+  // Learned K target of layer l (REQUIRES: k_targets defined).
+  at::Tensor k_target(size_t l) const;
   int64_t total_out_dim() const;
 };
 

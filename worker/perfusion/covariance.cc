@@ -36,10 +36,13 @@ void CovarianceAccumulator::Merge(const CovarianceAccumulator& other) {
   count_ += other.count_;
 }
 
-at::Tensor CovarianceAccumulator::Covariance() const {
+at::Tensor CovarianceAccumulator::Covariance(double ridge) const {
   TORCH_CHECK_VALUE(count_ > 0, "covariance: no vectors accumulated");
+  TORCH_CHECK_VALUE(ridge >= 0, "covariance: ridge must be >= 0, got ", ridge);
   at::Tensor c = sum_ / static_cast<double>(count_);
-  return (c + c.t()) * 0.5;  // exactly symmetric
+  c = (c + c.t()) * 0.5;  // exactly symmetric
+  if (ridge > 0) c = c + at::eye(dim_, c.options()) * (ridge * c.diagonal().mean().item<double>());
+  return c;
 }
 
 void SaveCovariance(const std::string& path, const at::Tensor& C, std::map<std::string, std::string> metadata) {

@@ -35,7 +35,10 @@ class CovarianceAccumulator {
   int64_t dim() const { return dim_; }
   int64_t count() const { return count_; }
   // C = sum x x^T / count, float64 [D, D]. REQUIRES: count() > 0.
-  at::Tensor Covariance() const;
+  // ridge > 0 adds ridge * mean(diag C) * I. A real CLIP encoder needs none (SD 1.5's C is well
+  // conditioned); a small or young encoder whose final LayerNorm has near-default gain and bias
+  // emits vectors close to a hyperplane (LayerNorm removes the mean), so its C is near singular.
+  at::Tensor Covariance(double ridge = 0) const;
 
  private:
   int64_t dim_;

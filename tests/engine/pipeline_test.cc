@@ -1,0 +1,179 @@
+// Perfusion training and generation on the shipped tiny model (models/tiny; PERFUSION_TINY_MODEL
+// overrides): the fast checks of the training issue.
+#include "perfusion/pipeline.h"
+
+#include <ATen/Functions.h>
+#include <c10/util/Exception.h>
+#include <gtest/gtest.h>
+
+#include "perfusion/concept.h"
+#include "perfusion/image_io.h"
+#include "perfusion/shapes_world.h"
+#include "perfusion/trainer.h"
+#include "tests/engine/test_util.h"
+
+namespace perfusion {
+namespace {
+
+using testing::AllClose;
+
+std::string TinyModelDir() { return testing::EnvOr("PERFUSION_TINY_MODEL", testing::SourceDir() + "/models/tiny"); }
+
+class PipelineTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    if (!testing::FileExists(TinyModelDir() + "/model_index.json")) return;
+    ModelDirOptions opts;
+    opts.tokenizer_dir = testing::SharedDir() + "/data/clip";
+    model_ = LoadModelDir(TinyModelDir(), opts);
+    // One concept, trained briefly, shared by the tests.
+    TrainOptions t;
+    t.name = "checker";
+    t.superclass = FindConcept("checker_star").superclass;
+    t.steps = 30;
+    t.seed = 3;
+    concept_ = std::make_shared<Concept>(TrainConcept(*model_, ConceptImages("checker_star", 6), t));
+  }
+  static void TearDownTestSuite() {
+    model_.reset();
+    concept_.reset();
+  }
+  void SetUp() override {
+    if (!model_) GTEST_SKIP() << "no tiny model at " << TinyModelDir();
+  }
+  static std::vector<at::Tensor> ConceptImages(const std::string& name, int n) {
+    std::vector<at::Tensor> out;
+    for (const auto& s : RenderConcept(FindConcept(name), n, /*seed=*/11, /*size=*/32)) out.push_back(ImageToTensor(s.image));
+    return out;
+  }
+  GenerationRequest Request(const std::string& prompt, uint64_t seed = 5) {
+    GenerationRequest r;
+    r.prompt = prompt;
+    r.steps = 8;
+    r.seed = seed;
+    r.guidance_scale = 3.0;
+    return r;
+  }
+  static std::shared_ptr<StableDiffusion> model_;
+  static std::shared_ptr<Concept> concept_;
+};
+std::shared_ptr<StableDiffusion> PipelineTest::model_;
+std::shared_ptr<Concept> PipelineTest::concept_;
+
+TEST_F(PipelineTest, ATrainedConceptExplainsItsImagesBetterThanTheSuperclass) {
+  // The same fixed (timestep, noise) draws for both prompts: a deterministic comparison.
+  Pipeline pipe(model_);
+  auto images = ConceptImages("checker_star", 6);
+  std::map<std::string, ConceptRef> c = {{"checker", {concept_, {}, false}}};
+  const double with_concept = pipe.DenoisingLoss("a photo of a <checker>", c, images, /*seed=*/21, /*draws=*/6);
+  const double superclass = pipe.DenoisingLoss("a photo of a " + concept_->superclass, {}, images, 21, 6);
+  EXPECT_LT(with_concept, superclass);
+  EXPECT_EQ(pipe.DenoisingLoss("a photo of a <checker>", c, images, 21, 6), with_concept) << "deterministic";
+}
+
+TEST_F(PipelineTest, TrainingIsDeterministicForASeedAndCancellable) {
+  TrainOptions t;
+  t.name = "det";
+  t.superclass = concept_->superclass;
+  t.steps = 3;
+  t.seed = 9;
+  auto images = ConceptImages("checker_star", 3);
+  Concept a = TrainConcept(*model_, images, t), b = TrainConcept(*model_, images, t);
+  EXPECT_TRUE(at::equal(a.v_targets, b.v_targets));
+  EXPECT_TRUE(at::equal(a.embedding, b.embedding));
+  t.progress = [](const TrainProgress& p) { return p.step < 2; };
+  EXPECT_THROW(TrainConcept(*model_, images, t), CancelledError);
+}
+
+TEST_F(PipelineTest, BadTrainingInputGivesClearErrors) {
+  TrainOptions t;
+  t.name = "x";
+  t.superclass = "teddy bear";
+  try {
+    TrainConcept(*model_, ConceptImages("checker_star", 2), t);
+    FAIL();
+  } catch (const c10::ValueError& e) {
+    EXPECT_NE(std::string(e.what_without_backtrace()).find("superclass"), std::string::npos);
+  }
+  t.superclass = "star";
+  EXPECT_THROW(TrainConcept(*model_, {}, t), c10::ValueError);
+}
+
+TEST_F(PipelineTest, PromptWithoutTheConceptGivesTheBaseModelImage) {
+  Pipeline pipe(model_);
+  GenerationRequest with = Request("a red circle on a blue background");
+  with.concepts["checker"] = {concept_, {}, false};
+  GenerationRequest base = Request("a red circle on a blue background");
+  at::Tensor a = pipe.Generate({with})[0].images[0];
+  at::Tensor b = pipe.Generate({base})[0].images[0];
+  EXPECT_TRUE(at::equal(a, b));
+}
+
+TEST_F(PipelineTest, TheConceptChangesImagesWhereItsTokenIsUsed) {
+  Pipeline pipe(model_);
+  GenerationRequest with = Request("a photo of a <checker>");
+  with.concepts["checker"] = {concept_, {}, false};
+  GenerationRequest plain = Request("a photo of a " + concept_->superclass);
+  at::Tensor a = pipe.Generate({with})[0].images[0];
+  at::Tensor b = pipe.Generate({plain})[0].images[0];
+  EXPECT_GT((a - b).abs().mean().item<double>(), 1e-3);
+}
+
+TEST_F(PipelineTest, SavedAndLoadedConceptGivesIdenticalImages) {
+  Pipeline pipe(model_);
+  auto loaded = std::make_shared<Concept>(DecodeConcept(EncodeConcept(*concept_, {at::kFloat}), model_->model_id));
+  GenerationRequest a = Request("a photo of a <checker> on a green background");
+  a.concepts["checker"] = {concept_, {}, false};
+  GenerationRequest b = a;
+  b.concepts["checker"] = {loaded, {}, false};
+  EXPECT_TRUE(at::equal(pipe.Generate({a})[0].images[0], pipe.Generate({b})[0].images[0]));
+}
+
+TEST_F(PipelineTest, BatchOfDifferentConceptsEqualsRequestsRunOneByOne) {
+  Pipeline pipe(model_);
+  auto second = std::make_shared<Concept>(*concept_);
+  second->name = "other";
+  second->v_targets = concept_->v_targets * 0.5;
+  std::vector<GenerationRequest> reqs = {Request("a photo of a <checker>", 1), Request("a blue square", 2),
+                                         Request("a <other> and a <checker>", 3)};
+  reqs[0].concepts["checker"] = {concept_, {}, false};
+  reqs[2].concepts["checker"] = {concept_, {0.6, 0.15}, true};
+  reqs[2].concepts["other"] = {second, {}, false};
+  reqs[2].num_images = 2;
+  auto together = pipe.Generate(reqs);
+  for (size_t r = 0; r < reqs.size(); ++r) {
+    auto alone = pipe.Generate({reqs[r]});
+    ASSERT_EQ(alone[0].images.size(), together[r].images.size());
+    for (size_t n = 0; n < alone[0].images.size(); ++n) {
+      EXPECT_TRUE(AllClose(together[r].images[n], alone[0].images[n], 1e-4, 1e-4, "request " + std::to_string(r)));
+    }
+  }
+}
+
+TEST_F(PipelineTest, BadPromptsAndForeignConceptsAreRejected) {
+  Pipeline pipe(model_);
+  EXPECT_THROW(pipe.Tokenize("a photo of <nobody>", {}), c10::ValueError);
+  auto foreign = std::make_shared<Concept>(*concept_);
+  foreign->base_model_id = "another-model";
+  std::map<std::string, ConceptRef> c = {{"checker", {foreign, {}, false}}};
+  try {
+    pipe.Tokenize("a <checker>", c);
+    FAIL();
+  } catch (const c10::ValueError& e) {
+    EXPECT_NE(std::string(e.what_without_backtrace()).find("another-model"), std::string::npos);
+  }
+  std::string long_prompt;
+  for (int i = 0; i < 80; ++i) long_prompt += "red ";
+  c = {{"checker", {concept_, {}, false}}};
+  EXPECT_THROW(pipe.Tokenize(long_prompt + "<checker>", c), c10::ValueError);
+  PromptTokens t = pipe.Tokenize("a <checker> and a <checker>", c);
+  EXPECT_EQ(t.concepts.size(), 1u);
+  EXPECT_EQ(t.positions.size(), 2u);
+  EXPECT_EQ(t.ids[t.positions[0]], 49408);
+  GenerationRequest bad = Request("a red circle");
+  bad.width = 30;
+  EXPECT_THROW(pipe.Generate({bad}), c10::ValueError);
+}
+
+}  // namespace
+}  // namespace perfusion

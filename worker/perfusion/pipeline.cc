@@ -1,0 +1,300 @@
+#include "perfusion/pipeline.h"
+
+#include <ATen/Functions.h>
+#include <c10/core/InferenceMode.h>
+#include <c10/util/Exception.h>
+
+#include <set>
+
+#include "perfusion/concept_token.h"
+#include "perfusion/image_io.h"
+
+namespace perfusion {
+namespace {
+
+constexpr int64_t kMaxTokens = 77;
+
+bool IsNameChar(char c) {
+  return (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '_' || c == '-' || c == '@' || c == '.' ||
+         (c >= 'A' && c <= 'Z');
+}
+
+GateParams EffectiveGate(const ConceptRef& ref) {
+  // A zero temperature means "unset": use the concept's own default.
+  return ref.gate.temperature > 0 ? ref.gate : ref.concept->default_gate;
+}
+
+}  // namespace
+
+Pipeline::Pipeline(std::shared_ptr<StableDiffusion> model) : model_(std::move(model)) {
+  TORCH_CHECK_VALUE(model_ && model_->unet && model_->text_encoder && model_->tokenizer,
+                    "Pipeline: the model is not loaded");
+  layers_ = model_->unet->cross_attention_layers();
+}
+
+void Pipeline::CheckConcept(const Concept& c) const {
+  TORCH_CHECK_VALUE(c.base_model_id == model_->model_id, "concept '", c.name, "' was trained on base model '",
+                    c.base_model_id, "', not on this model ('", model_->model_id, "')");
+  TORCH_CHECK_VALUE(c.layers.size() == layers_.size(), "concept '", c.name, "' has ", c.layers.size(),
+                    " layers; this model has ", layers_.size(), " cross-attention layers");
+  for (size_t l = 0; l < layers_.size(); ++l) {
+    TORCH_CHECK_VALUE(c.layers[l].name == layers_[l].name && c.layers[l].out_dim == layers_[l].to_v->weight.size(0),
+                      "concept '", c.name, "': layer ", l, " is ", c.layers[l].name, " (", c.layers[l].out_dim,
+                      ") but the model has ", layers_[l].name, " (", layers_[l].to_v->weight.size(0), ")");
+  }
+  TORCH_CHECK_VALUE(c.i_star.size(0) == model_->text_dim() && c.embedding.size(0) == model_->text_dim(),
+                    "concept '", c.name, "' has width ", c.i_star.size(0), "; the text encoder has ", model_->text_dim());
+}
+
+PromptTokens Pipeline::Tokenize(const std::string& prompt, const std::map<std::string, ConceptRef>& concepts) const {
+  const ClipTokenizer& tok = *model_->tokenizer;
+  const int64_t V = model_->text_encoder->options().vocab_size();
+  PromptTokens out;
+  std::vector<int64_t> body, body_sup;
+  std::vector<std::pair<size_t, std::string>> refs;  // (position in body, name)
+  size_t i = 0, text_start = 0;
+  auto flush_text = [&](size_t end) {
+    if (end <= text_start) return;
+    for (int64_t id : tok.Encode(prompt.substr(text_start, end - text_start))) {
+      body.push_back(id);
+      body_sup.push_back(id);
+    }
+  };
+  while (i < prompt.size()) {
+    if (prompt[i] != '<') {
+      ++i;
+      continue;
+    }
+    size_t j = i + 1;
+    while (j < prompt.size() && IsNameChar(prompt[j])) ++j;
+    if (j < prompt.size() && prompt[j] == '>' && j > i + 1) {
+      flush_text(i);
+      const std::string name = prompt.substr(i + 1, j - i - 1);
+      auto it = concepts.find(name);
+      TORCH_CHECK_VALUE(it != concepts.end() && it->second.concept, "prompt references unknown concept <", name, ">");
+      CheckConcept(*it->second.concept);
+      auto k = std::find(out.concepts.begin(), out.concepts.end(), name);
+      if (k == out.concepts.end()) {
+        out.concepts.push_back(name);
+        k = out.concepts.end() - 1;
+      }
+      refs.emplace_back(body.size(), name);
+      body.push_back(V + (k - out.concepts.begin()));
+      body_sup.push_back(it->second.concept->superclass_token_id);
+      i = j + 1;
+      text_start = i;
+    } else {
+      ++i;  // a literal '<' (e.g. "a < b"): tokenized as text
+    }
+  }
+  flush_text(prompt.size());
+  const size_t max_body = kMaxTokens - 2;
+  for (const auto& [pos, name] : refs) {
+    TORCH_CHECK_VALUE(pos < max_body, "prompt is too long: concept <", name, "> falls after token ", max_body,
+                      " and would be cut off");
+  }
+  body.resize(std::min(body.size(), max_body));
+  body_sup.resize(body.size());
+  out.ids.push_back(tok.bos_id());
+  out.superclass_ids.push_back(tok.bos_id());
+  for (size_t n = 0; n < body.size(); ++n) {
+    out.ids.push_back(body[n]);
+    out.superclass_ids.push_back(body_sup[n]);
+  }
+  while (static_cast<int64_t>(out.ids.size()) < kMaxTokens) {
+    out.ids.push_back(tok.eos_id());
+    out.superclass_ids.push_back(tok.eos_id());
+  }
+  for (const auto& r : refs) out.positions.push_back(static_cast<int64_t>(r.first) + 1);
+  return out;
+}
+
+std::vector<CrossAttnKV> Pipeline::PromptKV(const std::string& prompt, const std::map<std::string, ConceptRef>& concepts,
+                                            MultiConceptMode mode) const {
+  c10::InferenceMode guard;
+  const PromptTokens t = Tokenize(prompt, concepts);
+  const auto dev = model_->device;
+  auto ids_tensor = [&](const std::vector<int64_t>& ids) {
+    return at::tensor(ids, at::TensorOptions().dtype(at::kLong)).reshape({1, kMaxTokens}).to(dev);
+  };
+  if (t.concepts.empty()) return model_->unet->precompute_kv(model_->text_encoder->forward(ids_tensor(t.ids)));
+  TORCH_CHECK_VALUE(model_->c_inv.defined(), "model has no perfusion/covariance.safetensors: cannot apply concepts");
+  const int64_t K = static_cast<int64_t>(t.concepts.size());
+  std::vector<at::Tensor> vecs, istar, isup;
+  std::vector<GateParams> gates;
+  std::vector<const Concept*> cs;
+  bool any_global = false;
+  std::vector<int64_t> key_ids = t.ids;  // K input: global concepts replaced by their superclass
+  for (const auto& name : t.concepts) {
+    const ConceptRef& ref = concepts.at(name);
+    cs.push_back(ref.concept.get());
+    vecs.push_back(ref.concept->embedding);
+    istar.push_back(ref.concept->i_star);
+    isup.push_back(ref.concept->i_sup);
+    gates.push_back(EffectiveGate(ref));
+    if (ref.global_key_lock) any_global = true;
+  }
+  if (any_global) {
+    for (size_t n = 0; n < key_ids.size(); ++n) {
+      const int64_t id = key_ids[n];
+      if (id >= model_->text_encoder->options().vocab_size() && concepts.at(t.concepts[id - model_->text_encoder->options().vocab_size()]).global_key_lock) {
+        key_ids[n] = t.superclass_ids[n];
+      }
+    }
+  }
+  const at::Tensor table = model_->text_encoder->token_embedding_weight();
+  const at::Tensor concept_vectors = at::stack(vecs).to(table.device(), table.scalar_type());
+  const at::Tensor X = model_->text_encoder->forward_embeds(EmbedWithConcepts(table, ids_tensor(t.ids), concept_vectors));
+  at::Tensor Xk = X;
+  if (any_global) Xk = model_->text_encoder->forward_embeds(EmbedWithConcepts(table, ids_tensor(key_ids), concept_vectors));
+  const at::Tensor I = at::stack(istar).to(dev);
+  const at::Tensor Isup = at::stack(isup).to(dev, at::kFloat);
+  const ConceptGates g = ComputeConceptGates(X, I, model_->c_inv, gates, mode);
+  const ConceptGates gk = any_global ? ComputeConceptGates(Xk, I, model_->c_inv, gates, mode) : g;
+  std::vector<CrossAttnKV> kv;
+  kv.reserve(layers_.size());
+  for (size_t l = 0; l < layers_.size(); ++l) {
+    const at::Tensor& Wk = layers_[l].to_k->weight;
+    const at::Tensor& Wv = layers_[l].to_v->weight;
+    // Locked keys W_k i_sup (or, for a concept trained without key-locking, its learned K targets).
+    at::Tensor Ok = at::matmul(Isup, Wk.to(at::kFloat).t());  // [K, O]
+    std::vector<at::Tensor> ov;
+    for (size_t k = 0; k < cs.size(); ++k) {
+      ov.push_back(cs[k]->v_target(l));
+      if (cs[k]->k_targets.defined()) Ok[k].copy_(cs[k]->k_target(l).to(Ok.device()));
+    }
+    const at::Tensor Ov = at::stack(ov).to(dev);
+    kv.push_back({ApplyRank1Edit(Xk, Wk, I, Ok, gk), ApplyRank1Edit(X, Wv, I, Ov, g)});
+  }
+  (void)K;
+  return kv;
+}
+
+double Pipeline::DenoisingLoss(const std::string& prompt, const std::map<std::string, ConceptRef>& concepts,
+                               const std::vector<at::Tensor>& images, uint64_t seed, int64_t draws) const {
+  c10::InferenceMode guard;
+  TORCH_CHECK_VALUE(!images.empty() && draws >= 1, "DenoisingLoss: need images and draws >= 1");
+  TORCH_CHECK_VALUE(model_->vae, "the model was loaded without its VAE");
+  const auto dev = model_->device;
+  const auto dtype = model_->dtype;
+  std::vector<at::Tensor> lat;
+  for (const auto& img : images) {
+    at::Tensor x = CenterCropResize(img.to(at::kFloat), static_cast<int>(model_->image_size())).unsqueeze(0);
+    lat.push_back(model_->vae->encode(x.to(dev, dtype)).mode().to(at::kFloat) * model_->vae->scaling_factor());
+  }
+  const at::Tensor x0 = at::cat(lat);  // [N, C, h, w]
+  const std::vector<CrossAttnKV> kv = PromptKV(prompt, concepts);
+  DDPMScheduler ddpm(model_->scheduler);
+  at::Generator gen = MakeGenerator(seed);
+  double total = 0;
+  for (int64_t d = 0; d < draws; ++d) {
+    const at::Tensor t = ddpm.sample_timesteps(x0.size(0), gen, dev);
+    const at::Tensor noise = at::randn(x0.sizes(), gen, x0.options());
+    const at::Tensor eps = model_->unet->forward(ddpm.add_noise(x0, noise, t).to(dtype), t, kv).to(at::kFloat);
+    total += (eps - ddpm.training_target(x0, noise, t)).pow(2).mean().item<double>();
+  }
+  return total / static_cast<double>(draws);
+}
+
+std::vector<GenerationResult> Pipeline::Generate(const std::vector<GenerationRequest>& requests,
+                                                 const ProgressFn& progress) const {
+  std::vector<GenerationResult> results(requests.size());
+  std::vector<bool> done(requests.size(), false);
+  for (size_t a = 0; a < requests.size(); ++a) {
+    if (done[a]) continue;
+    std::vector<const GenerationRequest*> group;
+    std::vector<size_t> index;
+    for (size_t b = a; b < requests.size(); ++b) {
+      const auto& x = requests[a];
+      const auto& y = requests[b];
+      if (!done[b] && x.steps == y.steps && x.sampler == y.sampler && x.width == y.width && x.height == y.height) {
+        group.push_back(&y);
+        index.push_back(b);
+        done[b] = true;
+      }
+    }
+    auto out = GenerateGroup(group, progress);
+    for (size_t k = 0; k < index.size(); ++k) results[index[k]] = std::move(out[k]);
+  }
+  return results;
+}
+
+std::vector<GenerationResult> Pipeline::GenerateGroup(const std::vector<const GenerationRequest*>& group,
+                                                      const ProgressFn& progress) const {
+  c10::InferenceMode guard;
+  const GenerationRequest& first = *group[0];
+  const int64_t f = model_->vae ? model_->vae->downsample_factor() : 8;
+  const int64_t native = model_->image_size();
+  const int64_t H = first.height > 0 ? first.height : native, W = first.width > 0 ? first.width : native;
+  TORCH_CHECK_VALUE(H % f == 0 && W % f == 0, "width and height must be multiples of ", f, ", got ", W, "x", H);
+  TORCH_CHECK_VALUE(first.steps >= 1 && first.steps <= model_->scheduler.num_train_timesteps,
+                    "steps must be in [1, ", model_->scheduler.num_train_timesteps, "], got ", first.steps);
+  TORCH_CHECK_VALUE(model_->vae, "the model was loaded without its VAE: cannot decode images");
+  const auto dev = model_->device;
+  const auto dtype = model_->dtype;
+  const int64_t C = model_->latent_channels(), h = H / f, w = W / f;
+
+  // Per request: noise from its own seed; K/V of the prompt and of the negative prompt.
+  std::vector<at::Tensor> noise;
+  std::vector<std::vector<CrossAttnKV>> cond_kv, uncond_kv;
+  std::vector<int64_t> counts;
+  bool any_cfg = false;
+  for (const GenerationRequest* r : group) {
+    TORCH_CHECK_VALUE(r->num_images >= 1 && r->num_images <= 64, "num_images must be in [1, 64], got ", r->num_images);
+    TORCH_CHECK_VALUE(r->guidance_scale >= 0, "guidance_scale must be >= 0");
+    at::Generator gen = MakeGenerator(r->seed);
+    noise.push_back(at::randn({r->num_images, C, h, w}, gen, at::TensorOptions().dtype(at::kFloat)));
+    counts.push_back(r->num_images);
+    cond_kv.push_back(PromptKV(r->prompt, r->concepts, r->multi_concept_mode));
+    uncond_kv.push_back(PromptKV(r->negative_prompt, r->concepts, r->multi_concept_mode));
+    if (r->guidance_scale > 1.0) any_cfg = true;
+  }
+  // The batch: [uncond of every image..., cond of every image...] (uncond only if some request guides).
+  std::vector<CrossAttnKV> kv(layers_.size());
+  for (size_t l = 0; l < layers_.size(); ++l) {
+    std::vector<at::Tensor> ks, vs;
+    for (int pass = any_cfg ? 0 : 1; pass < 2; ++pass) {
+      for (size_t r = 0; r < group.size(); ++r) {
+        const CrossAttnKV& src = pass == 0 ? uncond_kv[r][l] : cond_kv[r][l];
+        ks.push_back(src.k.expand({counts[r], src.k.size(1), src.k.size(2)}));
+        vs.push_back(src.v.expand({counts[r], src.v.size(1), src.v.size(2)}));
+      }
+    }
+    kv[l] = {at::cat(ks).to(dtype), at::cat(vs).to(dtype)};
+  }
+  std::vector<double> scale;
+  for (size_t r = 0; r < group.size(); ++r) {
+    for (int64_t n = 0; n < counts[r]; ++n) scale.push_back(group[r]->guidance_scale);
+  }
+  const at::Tensor guidance = at::tensor(scale, at::TensorOptions().dtype(at::kDouble)).to(dev, at::kFloat).reshape({-1, 1, 1, 1});
+  const at::Tensor use_cfg = guidance > 1.0;
+
+  std::unique_ptr<Sampler> sampler = MakeSampler(first.sampler, model_->scheduler);
+  sampler->set_timesteps(first.steps);
+  at::Tensor x = sampler->initial_latents(at::cat(noise).to(dev));
+  const int64_t total = sampler->num_inference_steps();
+  const at::Tensor& timesteps = sampler->timesteps();
+  for (int64_t i = 0; i < total; ++i) {
+    at::Tensor xin = sampler->scale_model_input(x, i);
+    xin = any_cfg ? at::cat({xin, xin}) : xin;
+    const at::Tensor t = timesteps[i].expand({xin.size(0)}).to(dev);
+    at::Tensor eps = model_->unet->forward(xin.to(dtype), t, kv).to(at::kFloat);
+    if (any_cfg) {
+      auto parts = eps.chunk(2);
+      at::Tensor guided = parts[0] + guidance * (parts[1] - parts[0]);
+      eps = at::where(use_cfg, guided, parts[1]);
+    }
+    x = sampler->step(eps, i, x).prev_sample;
+    if (progress && !progress(i + 1, total)) throw CancelledError();
+  }
+  at::Tensor images = model_->vae->decode((x / model_->vae->scaling_factor()).to(dtype)).to(at::kFloat).clamp(-1, 1).cpu();
+  std::vector<GenerationResult> out(group.size());
+  int64_t offset = 0;
+  for (size_t r = 0; r < group.size(); ++r) {
+    for (int64_t n = 0; n < counts[r]; ++n) out[r].images.push_back(images[offset + n].clone());
+    offset += counts[r];
+  }
+  return out;
+}
+
+}  // namespace perfusion

@@ -1,0 +1,118 @@
+// pipeline: text-to-image with several Perfusion concepts per prompt (classifier-free guidance,
+// negative prompt, seeds, DDIM/Euler), and batches of requests with different concepts in one UNet
+// batch.
+//
+// Prompt syntax: `<name>` refers to a concept passed with the request ("a photo of <rex> on a beach");
+// names are letters, digits and `_-.@` (the service uses `<rex@2>` for version 2).
+// Each reference becomes one token: the concept's learned embedding, at token id V + k (k: the
+// concept's place among the prompt's distinct concepts). The text around it is tokenized as usual;
+// a reference is a word boundary ("<rex>s" is "<rex> s").
+//
+// Concepts act only through the cross-attention K/V, which depend only on the text: for each prompt
+// the text encoder runs once, the gates are computed once (ComputeConceptGates, shared by every layer),
+// and every attn2 K/V is computed once with the edits, then reused at every denoising step. A prompt
+// that references no concept gets the plain projections: exactly the base model.
+//
+// Key-locking (spec §2): local (default) feeds the K projections the concept prompt's encodings;
+// global feeds them the encodings of the prompt with that concept's superclass word (an extra text
+// encoder pass), so the whole prompt's keys are the superclass prompt's.
+//
+// Thread safety: a Pipeline only reads the model; Generate() may run concurrently from several threads.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "perfusion/concept.h"
+#include "perfusion/model_dir.h"
+#include "perfusion/rank1_edit.h"
+#include "perfusion/unet.h"
+
+namespace perfusion {
+
+// Thrown when a progress callback asks to stop.
+class CancelledError : public std::runtime_error {
+ public:
+  CancelledError() : std::runtime_error("cancelled") {}
+};
+
+// Progress callback: (step done, total steps). Return false to cancel (throws CancelledError).
+using ProgressFn = std::function<bool(int64_t step, int64_t total)>;
+
+struct ConceptRef {
+  std::shared_ptr<const Concept> concept;
+  GateParams gate;               // beta / temperature at inference (the concept's default_gate if unset)
+  bool global_key_lock = false;  // spec §2
+};
+
+struct GenerationRequest {
+  std::string prompt;
+  std::string negative_prompt;                  // "" = the unconditional prompt
+  std::map<std::string, ConceptRef> concepts;   // by the name used in the prompt
+  int64_t steps = 30;
+  double guidance_scale = 7.5;                  // <= 1: no classifier-free guidance
+  uint64_t seed = 0;
+  int64_t num_images = 1;
+  int64_t width = 0, height = 0;                // 0: the model's native size
+  std::string sampler = "ddim";                 // "ddim" | "euler"
+  MultiConceptMode multi_concept_mode = MultiConceptMode::kApproximate;
+};
+
+struct GenerationResult {
+  std::vector<at::Tensor> images;  // [3, H, W] float32 in [-1, 1], on the CPU
+};
+
+// A tokenized prompt with its concept positions.
+struct PromptTokens {
+  std::vector<int64_t> ids;             // 77 ids, concept k at V + k
+  std::vector<int64_t> superclass_ids;  // the same with each concept's superclass token
+  std::vector<std::string> concepts;    // names of the distinct concepts, in order k
+  std::vector<int64_t> positions;       // every concept token's position
+};
+
+class Pipeline {
+ public:
+  explicit Pipeline(std::shared_ptr<StableDiffusion> model);
+
+  StableDiffusion& model() const { return *model_; }
+
+  // Parses `<name>` references. c10::ValueError naming the problem for an unknown concept, a concept
+  // of another base model, an over-long prompt that would cut off a concept, or a malformed reference.
+  PromptTokens Tokenize(const std::string& prompt, const std::map<std::string, ConceptRef>& concepts) const;
+
+  // Cross-attention K/V of every attn2 layer for one prompt ([1, 77, O] each), edits applied.
+  std::vector<CrossAttnKV> PromptKV(const std::string& prompt, const std::map<std::string, ConceptRef>& concepts,
+                                    MultiConceptMode mode = MultiConceptMode::kApproximate) const;
+
+  // Checks that a concept can be applied to this model (base model id, layer names and widths,
+  // embedding and encoder widths). Throws c10::ValueError otherwise.
+  void CheckConcept(const Concept& concept) const;
+
+  // Mean epsilon-prediction MSE on `images` ([3, H, W] in [-1, 1]; resized to the model's size) for
+  // `prompt` and its concepts, over `draws` (timestep, noise) pairs per image drawn from `seed`: a
+  // deterministic measure of how well a prompt explains images (lower is better). The same seed
+  // gives the same draws whatever the prompt, so two prompts compare fairly.
+  double DenoisingLoss(const std::string& prompt, const std::map<std::string, ConceptRef>& concepts,
+                       const std::vector<at::Tensor>& images, uint64_t seed, int64_t draws = 8) const;
+
+  // Runs requests together: all images of all requests in one UNet batch per step. Requests with
+  // different steps, sampler or size run as separate groups. Results are in request order and do not
+  // depend on how requests were batched (each request's noise comes from its own seed).
+  std::vector<GenerationResult> Generate(const std::vector<GenerationRequest>& requests,
+                                         const ProgressFn& progress = {}) const;
+
+ private:
+  std::vector<GenerationResult> GenerateGroup(const std::vector<const GenerationRequest*>& group,
+                                              const ProgressFn& progress) const;
+  std::shared_ptr<StableDiffusion> model_;
+  std::vector<CrossAttentionRef> layers_;
+};
+
+}  // namespace perfusion

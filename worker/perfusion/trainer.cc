@@ -1,0 +1,192 @@
+#include "perfusion/trainer.h"
+
+#include <ATen/Functions.h>
+#include <c10/util/Exception.h>
+#include <torch/csrc/autograd/grad_mode.h>
+#include <torch/optim/adamw.h>
+
+#include <chrono>
+
+#include "perfusion/concept_token.h"
+#include "perfusion/image_io.h"
+#include "perfusion/pipeline.h"
+#include "perfusion/scheduler.h"
+
+namespace perfusion {
+namespace {
+
+std::string Fill(const std::string& tmpl, const std::string& word) {
+  std::string out = tmpl;
+  auto pos = out.find("{}");
+  TORCH_CHECK_VALUE(pos != std::string::npos, "prompt template '", tmpl, "' has no {} for the superclass word");
+  out.replace(pos, 2, word);
+  return out;
+}
+
+}  // namespace
+
+const std::vector<std::string>& DefaultTemplates() {
+  static const std::vector<std::string> t = {
+      "a photo of a {}",     "a rendering of a {}",  "a picture of a {}",   "an image of a {}",
+      "a photo of the {}",   "a good photo of a {}", "a close photo of a {}", "a {}",
+      "a photo of a small {}", "a photo of a large {}", "a {} shown in a photo", "a clean photo of the {}",
+  };
+  return t;
+}
+
+at::Tensor ForegroundMask(const at::Tensor& image, int64_t factor, double mask_min, double mask_distance) {
+  TORCH_CHECK_VALUE(image.dim() == 3 && image.size(0) == 3, "ForegroundMask: image must be [3, H, W], got ", image.sizes());
+  TORCH_CHECK_VALUE(factor >= 1 && image.size(1) % factor == 0 && image.size(2) % factor == 0,
+                    "ForegroundMask: image ", image.sizes(), " is not divisible by ", factor);
+  const at::Tensor img = image.to(at::kFloat);
+  const int64_t H = img.size(1), W = img.size(2);
+  // Border pixels: first/last row and column.
+  const at::Tensor border = at::cat({img.select(1, 0), img.select(1, H - 1), img.select(2, 0), img.select(2, W - 1)}, 1);  // [3, 2H+2W]
+  const at::Tensor bg = std::get<0>(border.median(1)).reshape({3, 1, 1});
+  const at::Tensor dist = (img - bg).pow(2).sum(0).sqrt();  // [H, W]
+  at::Tensor m = (dist / mask_distance).clamp(0, 1);
+  m = at::avg_pool2d(m.reshape({1, 1, H, W}), {factor, factor}).reshape({H / factor, W / factor});
+  const double mx = m.max().item<double>();
+  if (mx <= 0) return at::ones_like(m);  // nothing stands out: weight everything
+  return (m / mx).clamp_min(mask_min);
+}
+
+Concept TrainConcept(StableDiffusion& model, const std::vector<at::Tensor>& images, const TrainOptions& o) {
+  TORCH_CHECK_VALUE(!o.name.empty(), "name: a concept needs a name");
+  TORCH_CHECK_VALUE(!images.empty(), "images: at least one training image is needed");
+  TORCH_CHECK_VALUE(o.steps >= 1, "steps must be >= 1, got ", o.steps);
+  TORCH_CHECK_VALUE(o.batch_size >= 1, "batch_size must be >= 1, got ", o.batch_size);
+  TORCH_CHECK_VALUE(model.c_inv.defined(), "the model has no perfusion/covariance.safetensors: cannot train concepts");
+  TORCH_CHECK_VALUE(model.vae, "the model was loaded without its VAE: cannot encode training images");
+  const auto superclass_id = model.tokenizer->SingleTokenId(o.superclass);
+  TORCH_CHECK_VALUE(!o.superclass.empty() && superclass_id.has_value(), "superclass: '", o.superclass,
+                    "' is not a single token of the vocabulary (", model.tokenizer->Encode(o.superclass).size(),
+                    " tokens); choose a one-word superclass such as \"dog\"");
+  const auto& templates = o.templates.empty() ? DefaultTemplates() : o.templates;
+  std::vector<std::vector<int64_t>> prompt_ids;
+  for (const auto& t : templates) {
+    auto padded = model.tokenizer->EncodePadded(Fill(t, o.superclass));
+    prompt_ids.push_back(padded.ids);
+  }
+  const auto dev = model.device;
+  const auto dtype = model.dtype;
+  const int64_t size = model.image_size();
+  const int64_t f = model.vae->downsample_factor();
+  const auto start = std::chrono::steady_clock::now();
+
+  // Latents and masks of every image and its mirror image, computed once.
+  std::vector<at::Tensor> latents, masks;
+  {
+    torch::NoGradGuard no_grad;
+    for (size_t i = 0; i < images.size(); ++i) {
+      TORCH_CHECK_VALUE(images[i].dim() == 3 && images[i].size(0) == 3, "images[", i, "]: must be [3, H, W], got ",
+                        images[i].sizes());
+      at::Tensor img = CenterCropResize(images[i].to(at::kFloat), static_cast<int>(size));
+      for (int flip = 0; flip < (o.flip ? 2 : 1); ++flip) {
+        at::Tensor im = flip ? img.flip({2}) : img;
+        latents.push_back(model.vae->encode(im.unsqueeze(0).to(dev, dtype)).mode().to(at::kFloat) * model.vae->scaling_factor());
+        masks.push_back(o.masked_loss ? ForegroundMask(im, f, o.mask_min, o.mask_distance).to(dev)
+                                      : at::ones({size / f, size / f}, at::TensorOptions().device(dev)));
+      }
+    }
+  }
+
+  ConceptToken token(model.text_encoder->token_embedding_weight(), *superclass_id);
+  const auto layers = model.unet->cross_attention_layers();
+  std::vector<Rank1Edit> k_edits, v_edits;
+  std::vector<at::Tensor> value_params;
+  for (const auto& layer : layers) {
+    k_edits.emplace_back(layer.to_k->weight, model.c_inv, Rank1EditOptions(o.edit).is_key_proj(o.lock_keys));
+    if (!o.lock_keys) value_params.push_back(k_edits.back()->o_star());
+    v_edits.emplace_back(layer.to_v->weight, model.c_inv, Rank1EditOptions(o.edit).is_key_proj(false));
+    value_params.push_back(v_edits.back()->o_star());
+  }
+  std::vector<torch::optim::OptimizerParamGroup> groups;
+  groups.emplace_back(std::vector<at::Tensor>{token->embedding()},
+                      std::make_unique<torch::optim::AdamWOptions>(torch::optim::AdamWOptions(o.lr_embedding).weight_decay(o.weight_decay)));
+  groups.emplace_back(value_params,
+                      std::make_unique<torch::optim::AdamWOptions>(torch::optim::AdamWOptions(o.lr_values).weight_decay(o.weight_decay)));
+  torch::optim::AdamW optimizer(std::move(groups));
+
+  DDPMScheduler ddpm(model.scheduler);
+  at::Generator gen = MakeGenerator(o.seed);
+  const int64_t B = o.batch_size;
+  TrainProgress p;
+  p.total = o.steps;
+  for (int64_t step = 1; step <= o.steps; ++step) {
+    const at::Tensor pick = at::randint(static_cast<int64_t>(latents.size()), {B}, gen, at::TensorOptions().dtype(at::kLong));
+    const at::Tensor tmpl = at::randint(static_cast<int64_t>(prompt_ids.size()), {B}, gen, at::TensorOptions().dtype(at::kLong));
+    std::vector<at::Tensor> lat, msk;
+    std::vector<int64_t> ids;
+    for (int64_t b = 0; b < B; ++b) {
+      lat.push_back(latents[pick[b].item<int64_t>()]);
+      msk.push_back(masks[pick[b].item<int64_t>()]);
+      const auto& pid = prompt_ids[tmpl[b].item<int64_t>()];
+      ids.insert(ids.end(), pid.begin(), pid.end());
+    }
+    const at::Tensor x0 = at::cat(lat);  // [B, C, h, w]
+    const at::Tensor mask = at::stack(msk).unsqueeze(1);  // [B, 1, h, w]
+    const at::Tensor id_tensor = at::tensor(ids, at::TensorOptions().dtype(at::kLong)).reshape({B, -1}).to(dev);
+    const ConceptPromptBatch prompts = token->forward(id_tensor);
+    const at::Tensor X = model.text_encoder->forward_embeds(prompts.concept_embeds.to(dtype));
+    at::Tensor X_sup;
+    {
+      torch::NoGradGuard no_grad;
+      X_sup = model.text_encoder->forward_embeds(prompts.superclass_embeds.to(dtype));
+    }
+    std::vector<CrossAttnKV> kv;
+    kv.reserve(layers.size());
+    for (size_t l = 0; l < layers.size(); ++l) {
+      kv.push_back({k_edits[l]->training_forward(X, X_sup, prompts.concept_index),
+                    v_edits[l]->training_forward(X, X_sup, prompts.concept_index)});
+    }
+    const at::Tensor noise = at::randn(x0.sizes(), gen, x0.options());
+    const at::Tensor t = ddpm.sample_timesteps(B, gen, dev);
+    const at::Tensor noisy = ddpm.add_noise(x0, noise, t);
+    const at::Tensor target = ddpm.training_target(x0, noise, t);
+    const at::Tensor pred = model.unet->forward(noisy.to(dtype), t, kv).to(at::kFloat);
+    const at::Tensor loss = ((pred - target).pow(2) * mask).mean() / mask.mean();
+    optimizer.zero_grad();
+    loss.backward();
+    optimizer.step();
+
+    p.step = step;
+    p.loss = loss.item<double>();
+    p.loss_ema = step == 1 ? p.loss : 0.95 * p.loss_ema + 0.05 * p.loss;
+    p.elapsed_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    p.eta_s = p.elapsed_s / step * (o.steps - step);
+    if (o.progress && !o.progress(p)) throw CancelledError();
+  }
+
+  Concept c;
+  c.name = o.name;
+  c.superclass = o.superclass;
+  c.superclass_token_id = *superclass_id;
+  c.base_model_id = model.model_id;
+  c.default_gate = o.default_gate;
+  std::vector<at::Tensor> v;
+  for (size_t l = 0; l < layers.size(); ++l) {
+    c.layers.push_back({layers[l].name, layers[l].to_v->weight.size(0)});
+    v.push_back(v_edits[l]->o_star().detach()[0].to(at::kCPU, at::kFloat));
+  }
+  c.v_targets = at::cat(v);
+  if (!o.lock_keys) {
+    std::vector<at::Tensor> k;
+    for (size_t l = 0; l < layers.size(); ++l) k.push_back(k_edits[l]->o_star().detach()[0].to(at::kCPU, at::kFloat));
+    c.k_targets = at::cat(k);
+    c.info["key_lock"] = "false";
+  }
+  c.embedding = token->embedding().detach().to(at::kCPU, at::kFloat).clone();
+  c.i_star = k_edits[0]->i_star()[0].to(at::kCPU, at::kFloat).clone();
+  c.i_sup = k_edits[0]->i_sup()[0].to(at::kCPU, at::kFloat).clone();
+  c.info["steps"] = std::to_string(o.steps);
+  c.info["batch_size"] = std::to_string(B);
+  c.info["seed"] = std::to_string(o.seed);
+  c.info["images"] = std::to_string(images.size());
+  c.info["final_loss"] = std::to_string(p.loss_ema);
+  c.info["train_seconds"] = std::to_string(p.elapsed_s);
+  c.info["masked_loss"] = o.masked_loss ? "true" : "false";
+  return c;
+}
+
+}  // namespace perfusion

@@ -1,0 +1,368 @@
+// perfusion-train-base: trains the project's tiny text-to-image model (the embedded default) on the
+// procedurally rendered shapes world, and writes it as a diffusers-layout folder (models/tiny).
+//
+// Stages (each checkpointed under --work; rerunning the same command resumes where it stopped):
+//   1. vae:   a small AutoencoderKL, 32x32x3 <-> 8x8x4, reconstruction MSE + a small KL term.
+//   2. unet:  a CLIP-style text encoder and a UNet with cross-attention, trained together on the VAE's
+//             latents with the DDPM epsilon loss (10% empty captions, for classifier-free guidance).
+//   3. final: the text encoder's covariance over fresh captions (perfusion/covariance.safetensors),
+//             then the folder (fp16 weights) with model_id.
+// Long runs: --max-minutes stops cleanly at a checkpoint; the next run continues.
+#include <ATen/Functions.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+#include <sys/stat.h>
+#include <torch/csrc/autograd/grad_mode.h>
+#include <torch/optim/adamw.h>
+#include <torch/serialize.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "perfusion/covariance.h"
+#include "perfusion/image_io.h"
+#include "perfusion/model_dir.h"
+#include "perfusion/module_io.h"
+#include "perfusion/safetensors.h"
+#include "perfusion/scheduler.h"
+#include "perfusion/shapes_world.h"
+
+using namespace perfusion;
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+struct Args {
+  std::string out = "models/tiny";
+  std::string work = "build/tiny-train";
+  std::string tokenizer_dir = std::string(PERFUSION_DEFAULT_SHARED) + "/data/clip";
+  int64_t samples = 30000;
+  int64_t vae_steps = 2500, vae_batch = 32;
+  int64_t unet_steps = 8000, unet_batch = 64;
+  double unet_lr = 5e-4;
+  int64_t cov_captions = 6000;
+  uint64_t seed = 1;
+  double max_minutes = 0;  // 0 = no limit
+  int64_t checkpoint_every = 250;
+  int threads = 0;
+};
+
+void Usage() {
+  std::printf(
+      "perfusion-train-base: train the tiny shapes-world model and write it in diffusers layout\n\n"
+      "  --out DIR             output model folder (default models/tiny)\n"
+      "  --work DIR            checkpoints; rerun to resume (default build/tiny-train)\n"
+      "  --tokenizer-dir DIR   folder with CLIP vocab.json + merges.txt (default ../shared/data/clip)\n"
+      "  --samples N           rendered training scenes (default 30000)\n"
+      "  --vae-steps N         VAE steps (default 2500); --vae-batch N (default 32)\n"
+      "  --unet-steps N        text encoder + UNet steps (default 8000); --unet-batch N (default 64)\n"
+      "  --unet-lr X           learning rate (default 5e-4)\n"
+      "  --cov-captions N      captions for the covariance (default 6000)\n"
+      "  --seed S              (default 1)\n"
+      "  --max-minutes M       stop at the next checkpoint after M minutes (0 = run to the end)\n"
+      "  --checkpoint-every N  steps between checkpoints (default 250)\n"
+      "  --threads N           LibTorch threads (default: all cores)\n");
+}
+
+bool Exists(const std::string& p) {
+  struct stat st;
+  return ::stat(p.c_str(), &st) == 0;
+}
+
+// The tiny model's architecture.
+CLIPTextModelOptions TextOptions() {
+  return CLIPTextModelOptions().hidden_size(64).intermediate_size(256).num_attention_heads(4).num_hidden_layers(3);
+}
+UNetConfig UnetConfig() {
+  UNetConfig c;
+  c.in_channels = 4;
+  c.out_channels = 4;
+  c.sample_size = 8;
+  c.block_out_channels = {64, 128};
+  c.down_block_types = {"CrossAttnDownBlock2D", "CrossAttnDownBlock2D"};
+  c.up_block_types = {"CrossAttnUpBlock2D", "CrossAttnUpBlock2D"};
+  c.layers_per_block = {1};
+  c.cross_attention_dim = 64;
+  c.attention_head_dim = {4};
+  c.norm_num_groups = 32;
+  return c;
+}
+AutoencoderKLOptions VaeOptions(double scaling) {
+  return AutoencoderKLOptions()
+      .block_out_channels({32, 64, 64})
+      .layers_per_block(1)
+      .latent_channels(4)
+      .norm_num_groups(16)
+      .sample_size(32)
+      .scaling_factor(scaling);
+}
+
+struct State {
+  std::string stage = "vae";
+  int64_t step = 0;
+  double latent_scale = 1.0;
+};
+State LoadState(const std::string& work) {
+  State s;
+  if (!Exists(work + "/state.json")) return s;
+  auto j = nlohmann::json::parse(ReadFileToString(work + "/state.json"));
+  s.stage = j.at("stage");
+  s.step = j.at("step");
+  s.latent_scale = j.value("latent_scale", 1.0);
+  return s;
+}
+void SaveState(const std::string& work, const State& s) {
+  nlohmann::json j = {{"stage", s.stage}, {"step", s.step}, {"latent_scale", s.latent_scale}};
+  WriteFileAtomically(work + "/state.json", j.dump(2));
+}
+
+// The rendered dataset: images [N, 3, 32, 32] in [-1, 1] (float16 to halve memory) and scenes.
+struct Dataset {
+  at::Tensor images;
+  std::vector<SceneSpec> scenes;
+};
+Dataset Render(int64_t n, uint64_t seed) {
+  Dataset d;
+  d.images = at::empty({n, 3, 32, 32}, at::TensorOptions().dtype(at::kHalf));
+  d.scenes.reserve(n);
+  WorldOptions opts;
+  opts.size = 32;
+  for (int64_t i = 0; i < n; ++i) {
+    Sample s = RenderRandom(DeriveSeed(seed, static_cast<uint64_t>(i)), opts);
+    d.images[i] = ImageToTensor(s.image).to(at::kHalf);
+    d.scenes.push_back(s.scene);
+  }
+  return d;
+}
+
+void Log(const char* stage, int64_t step, int64_t total, double loss, double sec_per_step) {
+  std::printf("[%s] step %6lld/%lld  loss %.5f  %.3f s/step  ETA %.1f min\n", stage, (long long)step, (long long)total,
+              loss, sec_per_step, sec_per_step * (total - step) / 60.0);
+  std::fflush(stdout);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Args a;
+  for (int i = 1; i < argc; ++i) {
+    std::string k = argv[i];
+    auto v = [&]() -> std::string {
+      if (i + 1 >= argc) {
+        std::fprintf(stderr, "%s needs a value\n", k.c_str());
+        std::exit(2);
+      }
+      return argv[++i];
+    };
+    if (k == "--help" || k == "-h") { Usage(); return 0; }
+    else if (k == "--out") a.out = v();
+    else if (k == "--work") a.work = v();
+    else if (k == "--tokenizer-dir") a.tokenizer_dir = v();
+    else if (k == "--samples") a.samples = std::stoll(v());
+    else if (k == "--vae-steps") a.vae_steps = std::stoll(v());
+    else if (k == "--vae-batch") a.vae_batch = std::stoll(v());
+    else if (k == "--unet-steps") a.unet_steps = std::stoll(v());
+    else if (k == "--unet-batch") a.unet_batch = std::stoll(v());
+    else if (k == "--unet-lr") a.unet_lr = std::stod(v());
+    else if (k == "--cov-captions") a.cov_captions = std::stoll(v());
+    else if (k == "--seed") a.seed = std::stoull(v());
+    else if (k == "--max-minutes") a.max_minutes = std::stod(v());
+    else if (k == "--checkpoint-every") a.checkpoint_every = std::stoll(v());
+    else if (k == "--threads") a.threads = std::stoi(v());
+    else { std::fprintf(stderr, "unknown argument %s (see --help)\n", k.c_str()); return 2; }
+  }
+  try {
+    std::setvbuf(stdout, nullptr, _IOLBF, 0);  // progress lines reach a log file at once
+    if (a.threads > 0) at::set_num_threads(a.threads);
+    ::mkdir(a.work.c_str(), 0755);
+    const auto t0 = Clock::now();
+    auto out_of_time = [&] {
+      return a.max_minutes > 0 && std::chrono::duration<double>(Clock::now() - t0).count() > a.max_minutes * 60;
+    };
+    State st = LoadState(a.work);
+    if (st.stage == "done") {
+      std::printf("already finished: %s\n", a.out.c_str());
+      return 0;
+    }
+    auto tok = ClipTokenizer::Load(a.tokenizer_dir);
+    std::printf("rendering %lld scenes...\n", (long long)a.samples);
+    std::fflush(stdout);
+    Dataset data = Render(a.samples, a.seed);
+    std::printf("rendered in %.1f s\n", std::chrono::duration<double>(Clock::now() - t0).count());
+    at::Generator gen = MakeGenerator(a.seed * 7919 + 17);
+
+    // ---- Stage 1: VAE --------------------------------------------------------------------------
+    AutoencoderKL vae(VaeOptions(1.0));
+    const std::string vae_path = a.work + "/vae.safetensors", vae_opt_path = a.work + "/vae_opt.pt";
+    if (Exists(vae_path)) LoadStateDict(*vae, vae_path);
+    if (st.stage == "vae") {
+      torch::optim::AdamW opt(vae->parameters(), torch::optim::AdamWOptions(1e-3).weight_decay(0));
+      if (Exists(vae_opt_path)) torch::load(opt, vae_opt_path);
+      double ema = 0;
+      auto last = Clock::now();
+      while (st.step < a.vae_steps) {
+        ++st.step;
+        at::Generator g = MakeGenerator(DeriveSeed(a.seed, 1000000 + st.step));
+        at::Tensor idx = at::randint(a.samples, {a.vae_batch}, g, at::TensorOptions().dtype(at::kLong));
+        at::Tensor x = data.images.index_select(0, idx).to(at::kFloat);
+        DiagonalGaussian post = vae->encode(x);
+        at::Tensor recon = vae->decode(post.sample(g));
+        at::Tensor loss = (recon - x).pow(2).mean() + 1e-5 * post.kl().mean();
+        opt.zero_grad();
+        loss.backward();
+        opt.step();
+        ema = st.step == 1 ? loss.item<double>() : 0.98 * ema + 0.02 * loss.item<double>();
+        if (st.step % 100 == 0 || st.step == a.vae_steps) {
+          double sps = std::chrono::duration<double>(Clock::now() - last).count() / 100;
+          last = Clock::now();
+          Log("vae", st.step, a.vae_steps, ema, sps);
+        }
+        if (st.step % a.checkpoint_every == 0 || st.step == a.vae_steps || out_of_time()) {
+          SaveStateDict(*vae, vae_path);
+          torch::save(opt, vae_opt_path);
+          SaveState(a.work, st);
+          if (out_of_time() && st.step < a.vae_steps) {
+            std::printf("time budget reached at vae step %lld; rerun to resume\n", (long long)st.step);
+            return 0;
+          }
+        }
+      }
+      // Latent scale: 1 / std of the latents (SD's 0.18215 plays this role).
+      torch::NoGradGuard ng;
+      vae->eval();
+      at::Tensor lat = vae->encode(data.images.slice(0, 0, 2048).to(at::kFloat)).mode();
+      st.latent_scale = 1.0 / lat.std().item<double>();
+      std::printf("latent std %.4f -> scaling_factor %.5f\n", 1.0 / st.latent_scale, st.latent_scale);
+      st.stage = "unet";
+      st.step = 0;
+      SaveState(a.work, st);
+    }
+    vae->eval();
+    for (auto& p : vae->parameters()) p.set_requires_grad(false);
+
+    // Latents of the whole dataset, once.
+    at::Tensor latents;
+    {
+      torch::NoGradGuard ng;
+      std::vector<at::Tensor> parts;
+      for (int64_t i = 0; i < a.samples; i += 512) {
+        int64_t n = std::min<int64_t>(512, a.samples - i);
+        parts.push_back(vae->encode(data.images.slice(0, i, i + n).to(at::kFloat)).mode() * st.latent_scale);
+      }
+      latents = at::cat(parts);
+    }
+    std::printf("encoded %lld latents %s\n", (long long)a.samples, c10::str(latents.sizes()).c_str());
+
+    // ---- Stage 2: text encoder + UNet ----------------------------------------------------------
+    CLIPTextModel te(TextOptions());
+    UNet2DConditionModel unet(UnetConfig());
+    const std::string te_path = a.work + "/text_encoder.safetensors", unet_path = a.work + "/unet.safetensors";
+    const std::string opt_path = a.work + "/unet_opt.pt";
+    if (Exists(te_path)) LoadStateDict(*te, te_path);
+    if (Exists(unet_path)) LoadStateDict(*unet, unet_path);
+    SchedulerConfig sched;  // SD 1.5's DDPM schedule
+    sched.timestep_spacing = "leading";
+    if (st.stage == "unet") {
+      std::vector<at::Tensor> params = te->parameters();
+      for (auto& p : unet->parameters()) params.push_back(p);
+      torch::optim::AdamW opt(params, torch::optim::AdamWOptions(a.unet_lr).weight_decay(0.01));
+      if (Exists(opt_path)) torch::load(opt, opt_path);
+      DDPMScheduler ddpm(sched);
+      double ema = 0;
+      auto last = Clock::now();
+      int64_t since = 0;
+      while (st.step < a.unet_steps) {
+        ++st.step;
+        ++since;
+        const double warm = std::min(1.0, st.step / 200.0);
+        for (auto& group : opt.param_groups()) static_cast<torch::optim::AdamWOptions&>(group.options()).lr(a.unet_lr * warm);
+        at::Generator g = MakeGenerator(DeriveSeed(a.seed, 2000000 + st.step));
+        at::Tensor idx = at::randint(a.samples, {a.unet_batch}, g, at::TensorOptions().dtype(at::kLong));
+        at::Tensor drop = at::rand({a.unet_batch}, g);
+        at::Tensor tmpl = at::randint(1 << 20, {a.unet_batch}, g, at::TensorOptions().dtype(at::kLong));
+        std::vector<int64_t> ids;
+        for (int64_t b = 0; b < a.unet_batch; ++b) {
+          const SceneSpec& scene = data.scenes[idx[b].item<int64_t>()];
+          std::string caption = drop[b].item<float>() < 0.1f
+                                    ? ""
+                                    : Caption(scene, static_cast<int>(tmpl[b].item<int64_t>() % NumCaptionTemplates(scene)));
+          auto p = tok->EncodePadded(caption).ids;
+          ids.insert(ids.end(), p.begin(), p.end());
+        }
+        at::Tensor id_t = at::tensor(ids, at::TensorOptions().dtype(at::kLong)).reshape({a.unet_batch, 77});
+        at::Tensor x0 = latents.index_select(0, idx);
+        at::Tensor noise = at::randn(x0.sizes(), g);
+        at::Tensor t = ddpm.sample_timesteps(a.unet_batch, g);
+        at::Tensor pred = unet->forward(ddpm.add_noise(x0, noise, t), t, te->forward(id_t));
+        at::Tensor loss = (pred - noise).pow(2).mean();
+        opt.zero_grad();
+        loss.backward();
+        opt.step();
+        ema = st.step == 1 ? loss.item<double>() : 0.99 * ema + 0.01 * loss.item<double>();
+        if (st.step % 50 == 0 || st.step == a.unet_steps) {
+          double sps = std::chrono::duration<double>(Clock::now() - last).count() / since;
+          last = Clock::now();
+          since = 0;
+          Log("unet", st.step, a.unet_steps, ema, sps);
+        }
+        if (st.step % a.checkpoint_every == 0 || st.step == a.unet_steps || out_of_time()) {
+          SaveStateDict(*te, te_path);
+          SaveStateDict(*unet, unet_path);
+          torch::save(opt, opt_path);
+          SaveState(a.work, st);
+          if (out_of_time() && st.step < a.unet_steps) {
+            std::printf("time budget reached at unet step %lld; rerun to resume\n", (long long)st.step);
+            return 0;
+          }
+        }
+      }
+      st.stage = "final";
+      SaveState(a.work, st);
+    }
+
+    // ---- Stage 3: covariance and the model folder ----------------------------------------------
+    torch::NoGradGuard ng;
+    te->eval();
+    unet->eval();
+    CovarianceAccumulator cov(TextOptions().hidden_size());
+    WorldOptions wopts;
+    for (int64_t i = 0; i < a.cov_captions; i += 64) {
+      std::vector<int64_t> ids;
+      int64_t n = std::min<int64_t>(64, a.cov_captions - i);
+      for (int64_t b = 0; b < n; ++b) {
+        SceneSpec s = SampleScene(DeriveSeed(a.seed + 99, i + b), wopts);
+        auto p = tok->EncodePadded(Caption(s, static_cast<int>((i + b) % NumCaptionTemplates(s)))).ids;
+        ids.insert(ids.end(), p.begin(), p.end());
+      }
+      cov.Add(te->forward(at::tensor(ids, at::TensorOptions().dtype(at::kLong)).reshape({n, 77})));
+    }
+    StableDiffusion m;
+    m.text_encoder = te;
+    m.unet = unet;
+    AutoencoderKL final_vae(VaeOptions(st.latent_scale));
+    LoadStateDict(*final_vae, vae_path);
+    m.vae = final_vae;
+    m.scheduler = sched;
+    // A small ridge: the young encoder's final LayerNorm keeps its outputs near a hyperplane.
+    m.covariance = cov.Covariance(/*ridge=*/1e-3).to(at::kFloat);
+    m.model_id = "perfusion-tiny-v1";
+    ::mkdir(a.out.c_str(), 0755);
+    SaveModelDir(m, a.out, at::kHalf);
+    st.stage = "done";
+    SaveState(a.work, st);
+    std::printf("wrote %s (covariance over %lld token vectors)\n", a.out.c_str(), (long long)cov.count());
+    return 0;
+  } catch (const c10::Error& e) {
+    std::fprintf(stderr, "error: %s\n", e.what_without_backtrace());
+    return 1;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
+    return 1;
+  }
+}
