@@ -1,0 +1,162 @@
+// Diffusers model folders: save -> load round trips bit-exactly; bad folders fail with one clear error.
+#include "perfusion/model_dir.h"
+
+#include <ATen/Functions.h>
+#include <c10/core/InferenceMode.h>
+#include <c10/util/Exception.h>
+#include <gtest/gtest.h>
+#include <sys/stat.h>
+
+#include <cstdio>
+#include <fstream>
+
+#include "perfusion/covariance.h"
+#include "perfusion/safetensors.h"
+#include "tests/engine/test_util.h"
+
+namespace perfusion {
+namespace {
+
+// A tiny random model of the SD 1.x family.
+StableDiffusion TinyRandomModel() {
+  StableDiffusion m;
+  m.text_encoder = CLIPTextModel(
+      CLIPTextModelOptions().hidden_size(32).intermediate_size(64).num_attention_heads(2).num_hidden_layers(2));
+  UNetConfig u;
+  u.sample_size = 8;
+  u.block_out_channels = {32, 64};
+  u.down_block_types = {"CrossAttnDownBlock2D", "DownBlock2D"};
+  u.up_block_types = {"UpBlock2D", "CrossAttnUpBlock2D"};
+  u.layers_per_block = {1};
+  u.cross_attention_dim = 32;
+  u.attention_head_dim = {2};
+  u.norm_num_groups = 16;
+  m.unet = UNet2DConditionModel(u);
+  m.vae = AutoencoderKL(AutoencoderKLOptions().block_out_channels({16, 32}).layers_per_block(1).norm_num_groups(8).scaling_factor(0.5));
+  at::Tensor a = at::randn({32, 32});
+  m.covariance = at::matmul(a, a.t()) + at::eye(32);
+  m.model_id = "tiny-random";
+  return m;
+}
+
+class ModelDirTest : public testing::SeededTest {
+ protected:
+  void SetUp() override {
+    dir_ = ::testing::TempDir() + "/model_dir_test_" + std::to_string(::getpid()) + "_" +
+           ::testing::UnitTest::GetInstance()->current_test_info()->name();
+    model_ = TinyRandomModel();
+    SaveModelDir(model_, dir_);
+    opts_.tokenizer_dir = testing::SharedDir() + "/data/clip";
+    if (!testing::FileExists(opts_.tokenizer_dir + "/vocab.json")) GTEST_SKIP() << "no CLIP vocabulary";
+  }
+  std::string Error() {
+    try {
+      LoadModelDir(dir_, opts_);
+    } catch (const c10::Error& e) {
+      return e.what_without_backtrace();
+    }
+    return "";
+  }
+  std::string dir_;
+  StableDiffusion model_;
+  ModelDirOptions opts_;
+};
+
+TEST_F(ModelDirTest, SaveThenLoadGivesBitExactOutputs) {
+  auto loaded = LoadModelDir(dir_, opts_);
+  EXPECT_EQ(loaded->model_id, "tiny-random");
+  EXPECT_EQ(loaded->text_dim(), 32);
+  EXPECT_EQ(loaded->image_size(), 16);
+  c10::InferenceMode guard;
+  at::Tensor ids = at::randint(0, 49408, {2, 77}, at::kLong);
+  at::Tensor text = model_.text_encoder->forward(ids);
+  EXPECT_TRUE(at::equal(loaded->text_encoder->forward(ids), text));
+  at::Tensor x = at::randn({2, 4, 8, 8}), t = at::tensor(std::vector<int64_t>{10, 900}, at::kLong);
+  EXPECT_TRUE(at::equal(loaded->unet->forward(x, t, text), model_.unet->forward(x, t, text)));
+  at::Tensor img = at::rand({1, 3, 16, 16}) * 2 - 1;
+  EXPECT_TRUE(at::equal(loaded->vae->decode(loaded->vae->encode(img).mode()), model_.vae->decode(model_.vae->encode(img).mode())));
+  EXPECT_DOUBLE_EQ(loaded->vae->scaling_factor(), 0.5);
+  EXPECT_TRUE(at::equal(loaded->covariance, model_.covariance.to(at::kFloat)));
+  EXPECT_FALSE(loaded->unet->parameters()[0].requires_grad()) << "loaded models are frozen";
+}
+
+TEST_F(ModelDirTest, DerivedModelIdChangesWithTheWeights) {
+  std::remove((dir_ + "/perfusion/model_id").c_str());
+  const std::string id1 = LoadModelDir(dir_, opts_)->model_id;
+  EXPECT_EQ(LoadModelDir(dir_, opts_)->model_id, id1) << "stable";
+  {
+    c10::InferenceMode guard;
+    model_.unet->named_parameters()["conv_in.weight"].add_(1.0);
+  }
+  SaveModelDir(model_, dir_);
+  std::remove((dir_ + "/perfusion/model_id").c_str());
+  EXPECT_NE(LoadModelDir(dir_, opts_)->model_id, id1);
+}
+
+TEST_F(ModelDirTest, MissingFilesAreAllListedInOneError) {
+  std::remove((dir_ + "/unet/config.json").c_str());
+  std::remove((dir_ + "/perfusion/covariance.safetensors").c_str());
+  const std::string e = Error();
+  EXPECT_NE(e.find("unet/config.json"), std::string::npos) << e;
+  EXPECT_NE(e.find("covariance.safetensors"), std::string::npos) << e;
+}
+
+TEST_F(ModelDirTest, TruncatedWeightsAreRejected) {
+  const std::string path = dir_ + "/unet/diffusion_pytorch_model.safetensors";
+  std::string bytes = ReadFileToString(path);
+  WriteFileAtomically(path, bytes.substr(0, bytes.size() - 100));
+  const std::string e = Error();
+  EXPECT_NE(e.find("diffusion_pytorch_model.safetensors"), std::string::npos) << e;
+  EXPECT_NE(e.find("past the end"), std::string::npos) << e;
+}
+
+TEST_F(ModelDirTest, HeaderPointingPastTheFileIsRejected) {
+  const std::string path = dir_ + "/text_encoder/model.safetensors";
+  std::string bytes = ReadFileToString(path);
+  bytes[0] = static_cast<char>(0xff);  // header length far larger than the file
+  bytes[1] = static_cast<char>(0xff);
+  bytes[2] = static_cast<char>(0x0f);
+  WriteFileAtomically(path, bytes);
+  EXPECT_NE(Error().find("truncated"), std::string::npos);
+}
+
+TEST_F(ModelDirTest, WrongDtypeOrShapeIsNamed) {
+  // Replace one weight with an integer tensor and another with a mis-shaped one.
+  const std::string path = dir_ + "/unet/diffusion_pytorch_model.safetensors";
+  auto tensors = LoadSafetensors(path);
+  std::vector<std::pair<std::string, at::Tensor>> items;
+  for (auto& [name, t] : tensors) {
+    if (name == "conv_in.weight") items.emplace_back(name, t.to(at::kInt));
+    else if (name == "conv_out.bias") items.emplace_back(name, at::zeros({5}));
+    else items.emplace_back(name, t.clone());
+  }
+  tensors.clear();
+  SaveSafetensors(path, items);
+  const std::string e = Error();
+  EXPECT_NE(e.find("conv_out.bias"), std::string::npos) << e;
+  EXPECT_NE(e.find("mis-shaped"), std::string::npos) << e;
+}
+
+TEST_F(ModelDirTest, IntegerWeightIsRefused) {
+  const std::string path = dir_ + "/vae/diffusion_pytorch_model.safetensors";
+  auto tensors = LoadSafetensors(path);
+  std::vector<std::pair<std::string, at::Tensor>> items;
+  for (auto& [name, t] : tensors) items.emplace_back(name, name == "decoder.conv_out.bias" ? t.to(at::kInt) : t.clone());
+  tensors.clear();
+  SaveSafetensors(path, items);
+  const std::string e = Error();
+  EXPECT_NE(e.find("decoder.conv_out.bias"), std::string::npos) << e;
+}
+
+TEST_F(ModelDirTest, MalformedConfigIsRejected) {
+  WriteFileAtomically(dir_ + "/unet/config.json", "{ not json");
+  EXPECT_NE(Error().find("config.json"), std::string::npos);
+}
+
+TEST_F(ModelDirTest, ACovarianceOfTheWrongWidthIsRejected) {
+  SaveCovariance(dir_ + "/perfusion/covariance.safetensors", at::eye(16));
+  EXPECT_NE(Error().find("covariance"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace perfusion
