@@ -18,6 +18,9 @@ ABSL_FLAG(std::string, metrics_listen, "127.0.0.1:9090",
           "interfaces); empty: disabled");
 ABSL_FLAG(std::string, data_dir, "/var/lib/perfusion",
           "Folder of the SQLite database perfusion.db (created if missing)");
+ABSL_FLAG(std::string, store, "",
+          "Store URL: sqlite:///path/perfusion.db, or postgres://user@host:5432/db (shared by "
+          "several replicas; password from PGPASSWORD). Empty: SQLite in --data_dir");
 ABSL_FLAG(std::string, tokens_file, "",
           "Tenant tokens, one `<token> <tenant>` per line ('#' comments). Required unless "
           "--allow_unauthenticated");
@@ -52,7 +55,9 @@ ABSL_FLAG(int, default_train_steps, 400, "TrainingOptions.steps when unset");
 ABSL_FLAG(int, max_prompt_chars, 1000, "Longest prompt (and negative prompt), characters");
 ABSL_FLAG(int, max_concepts_per_prompt, 8, "Most distinct concepts referenced by one prompt");
 ABSL_FLAG(int, max_image_side, 1024, "Largest generated width/height (multiple of 8)");
-ABSL_FLAG(int, default_image_side, 512, "Generated width/height when unset");
+ABSL_FLAG(int, default_image_side, 0,
+          "Generated width/height when unset; 0: the worker's model's native size (512 for SD 1.5, "
+          "32 for the tiny model)");
 ABSL_FLAG(int, max_message_bytes, 64 << 20, "Largest gRPC message received or sent");
 ABSL_FLAG(int64_t, max_upload_bytes_in_flight, int64_t{1} << 30,
           "Bytes of streamed uploads buffered at once (RESOURCE_EXHAUSTED beyond)");
@@ -85,6 +90,7 @@ int main(int argc, char** argv) {
   o.listen = absl::GetFlag(FLAGS_listen);
   o.metrics_listen = absl::GetFlag(FLAGS_metrics_listen);
   o.data_dir = absl::GetFlag(FLAGS_data_dir);
+  o.store_url = absl::GetFlag(FLAGS_store);
   o.tokens_file = absl::GetFlag(FLAGS_tokens_file);
   o.worker_tokens_file = absl::GetFlag(FLAGS_worker_tokens_file);
   o.allow_unauthenticated = absl::GetFlag(FLAGS_allow_unauthenticated);

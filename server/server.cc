@@ -11,7 +11,9 @@
 #include "absl/time/clock.h"
 #include "server/log.h"
 #include "server/rpc_metrics.h"
+#include "server/sqlite_store.h"
 #include "server/status_util.h"
+#include "server/store_factory.h"
 
 namespace perfusion::server {
 namespace {
@@ -38,7 +40,9 @@ absl::StatusOr<std::unique_ptr<PerfusionServer>> PerfusionServer::Start(ServerOp
 
   // Store.
   std::string db = ":memory:";
-  if (!o.data_dir.empty()) {
+  if (!o.store_url.empty()) {
+    ASSIGN_OR_RETURN(s->store_, OpenStore(o.store_url));
+  } else if (!o.data_dir.empty()) {
     std::error_code ec;
     std::filesystem::create_directories(o.data_dir, ec);
     if (ec) {
@@ -47,7 +51,10 @@ absl::StatusOr<std::unique_ptr<PerfusionServer>> PerfusionServer::Start(ServerOp
     }
     db = (std::filesystem::path(o.data_dir) / "perfusion.db").string();
   }
-  ASSIGN_OR_RETURN(s->store_, SqliteStore::Open(db));
+  if (!s->store_) {
+    ASSIGN_OR_RETURN(std::unique_ptr<SqliteStore> sqlite, SqliteStore::Open(db));
+    s->store_ = std::move(sqlite);
+  }
 
   // Auth.
   if (o.tokens_file.empty() && !o.allow_unauthenticated) {
@@ -149,6 +156,7 @@ absl::StatusOr<std::unique_ptr<PerfusionServer>> PerfusionServer::Start(ServerOp
   LogEvent("server_started", {{"port", std::to_string(s->port_)},
                               {"metrics_port", std::to_string(s->metrics_port_)},
                               {"data_dir", o.data_dir.empty() ? ":memory:" : o.data_dir},
+                              {"store", o.store_url.empty() ? "sqlite" : RedactStoreUrl(o.store_url)},
                               {"base_model_id", o.scheduler.base_model_id},
                               {"tls", o.tls_cert.empty() ? "false" : "true"},
                               {"tenant_tokens", std::to_string(s->auth_->tenant_tokens())},

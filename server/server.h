@@ -35,7 +35,7 @@
 #include "server/scheduler.h"
 #include "server/server_metrics.h"
 #include "server/services.h"
-#include "server/sqlite_store.h"
+#include "server/store.h"
 #include "server/validation.h"
 
 namespace perfusion::server {
@@ -48,6 +48,8 @@ struct ServerOptions {
   // Folder of the SQLite database (perfusion.db, created with the folder); "" : in memory
   // (nothing survives a restart; tests).
   std::string data_dir;
+  // Store URL (store_factory.h: sqlite:///path, postgres://...); when set, replaces data_dir.
+  std::string store_url;
   // Token files (see auth.h). With allow_unauthenticated and no tokens_file, every caller is
   // tenant "default" (development only).
   std::string tokens_file;
@@ -99,7 +101,7 @@ class PerfusionServer {
   ServerOptions options_;
   metrics::Registry registry_;
   std::unique_ptr<ServerMetrics> metrics_;
-  std::unique_ptr<SqliteStore> store_;
+  std::unique_ptr<Store> store_;
   std::unique_ptr<Vocab> vocab_;
   std::unique_ptr<Authenticator> auth_;
   std::unique_ptr<Scheduler> scheduler_;

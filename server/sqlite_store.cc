@@ -656,4 +656,49 @@ absl::StatusOr<Store::Totals> SqliteStore::ConceptTotals() {
   return t;
 }
 
+// BEGIN IMMEDIATE takes SQLite's write lock, so the SELECT and UPDATE below are atomic against
+// every other connection to the file (other processes included).
+absl::StatusOr<std::optional<JobRecord>> SqliteStore::LeaseNextJob(const LeaseGrant& g) {
+  absl::MutexLock lock(&mu_);
+  Txn txn(db_);
+  RETURN_IF_ERROR(txn.began());
+  Stmt s(db_, absl::StrCat("SELECT ", kJobColumns,
+                           " FROM jobs WHERE state = 1 OR (state = 2 AND lease_deadline_us <= ?1 "
+                           "AND attempts < ?2) ORDER BY priority DESC, seq ASC LIMIT 1"));
+  RETURN_IF_ERROR(s.prepared());
+  s.Bind(1, absl::ToUnixMicros(g.now)).Bind(2, int64_t{g.max_attempts});
+  ASSIGN_OR_RETURN(bool row, s.Step());
+  if (!row) return std::optional<JobRecord>();
+  ASSIGN_OR_RETURN(JobRecord j, ReadJob(s));
+  j.state = JobState::kRunning;
+  ++j.attempts;
+  j.lease_id = g.lease_id;
+  j.worker_id = g.worker_id;
+  j.lease_deadline = g.deadline;
+  j.step = 0;
+  j.loss = 0;
+  if (j.start_time == absl::InfinitePast()) j.start_time = g.now;
+  j.update_time = g.now;
+  RETURN_IF_ERROR(UpdateJobLocked(j));
+  RETURN_IF_ERROR(txn.Commit());
+  return std::optional<JobRecord>(std::move(j));
+}
+
+absl::Status SqliteStore::UpdateJobIfLeased(const JobRecord& job, const std::string& lease_id) {
+  absl::MutexLock lock(&mu_);
+  Txn txn(db_);
+  RETURN_IF_ERROR(txn.began());
+  Stmt s(db_, "SELECT lease_id FROM jobs WHERE id = ?");
+  RETURN_IF_ERROR(s.prepared());
+  s.Bind(1, job.id);
+  ASSIGN_OR_RETURN(bool row, s.Step());
+  if (!row) return absl::NotFoundError(absl::StrCat("job ", job.id, " not found"));
+  if (s.Text(0) != lease_id) {
+    return absl::AbortedError(absl::StrCat("job ", job.id, ": lease ", lease_id,
+                                           " is no longer held (lost to another lease)"));
+  }
+  RETURN_IF_ERROR(UpdateJobLocked(job));
+  return txn.Commit();
+}
+
 }  // namespace perfusion::server

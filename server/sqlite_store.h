@@ -66,6 +66,8 @@ class SqliteStore final : public Store {
   absl::StatusOr<std::string> GetBlobByDigest(const std::string& digest) override;
   absl::StatusOr<int64_t> CountConcepts(const std::string& tenant) override;
   absl::StatusOr<Totals> ConceptTotals() override;
+  absl::StatusOr<std::optional<JobRecord>> LeaseNextJob(const LeaseGrant& grant) override;
+  absl::Status UpdateJobIfLeased(const JobRecord& job, const std::string& lease_id) override;
 
  private:
   explicit SqliteStore(sqlite3* db) : db_(db) {}

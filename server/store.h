@@ -18,6 +18,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/time/time.h"
 #include "server/types.h"
 
 namespace perfusion::server {
@@ -85,6 +86,25 @@ class Store {
     int64_t concept_bytes = 0;
   };
   virtual absl::StatusOr<Totals> ConceptTotals() = 0;
+
+  // ---- replica-safe leasing (several servers sharing one database; docs/scaling.md) ----
+  struct LeaseGrant {
+    std::string lease_id;
+    std::string worker_id;
+    absl::Time now;
+    absl::Time deadline;   // the lease_deadline stored with the job
+    int max_attempts = 3;  // an expired lease is taken over only while attempts < max_attempts
+  };
+  // Atomically takes the first job in queue order (priority high first, then seq) that is
+  // QUEUED, or RUNNING with lease_deadline <= grant.now and attempts < max_attempts (its worker
+  // went silent), and makes it RUNNING under `grant`: attempts + 1, step and loss 0, start_time
+  // set when unset, update_time = now. nullopt when there is none. Callers in one process or in
+  // several processes sharing the database never take the same job under live leases.
+  virtual absl::StatusOr<std::optional<JobRecord>> LeaseNextJob(const LeaseGrant& grant) = 0;
+  // UpdateJob, but only while the stored job still holds `lease_id` (compare-and-set). ABORTED
+  // when another lease (or none) holds it now: the caller's lease was lost, drop its write.
+  // NOT_FOUND for an unknown job.
+  virtual absl::Status UpdateJobIfLeased(const JobRecord& job, const std::string& lease_id) = 0;
 };
 
 }  // namespace perfusion::server

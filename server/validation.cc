@@ -357,10 +357,15 @@ absl::StatusOr<std::vector<ConceptRef>> ValidateGenerationRequest(GenerationRequ
     return Invalid("steps",
                    absl::StrCat(*r.steps, " is outside 1..", limits.max_generation_steps));
   }
-  if (!r.width) r.width = limits.default_image_side;
-  if (!r.height) r.height = limits.default_image_side;
-  if (auto s = CheckSide("width", *r.width, limits); !s.ok()) return s;
-  if (auto s = CheckSide("height", *r.height, limits); !s.ok()) return s;
+  // default_image_side 0 leaves an unset size unset: the worker uses its model's native size.
+  if (!r.width && limits.default_image_side > 0) r.width = limits.default_image_side;
+  if (!r.height && limits.default_image_side > 0) r.height = limits.default_image_side;
+  if (r.width) {
+    if (auto s = CheckSide("width", *r.width, limits); !s.ok()) return s;
+  }
+  if (r.height) {
+    if (auto s = CheckSide("height", *r.height, limits); !s.ok()) return s;
+  }
   if (!r.num_images) r.num_images = 1;
   if (*r.num_images < 1 || *r.num_images > limits.max_num_images) {
     return Invalid("num_images",

@@ -36,7 +36,7 @@ struct ValidationLimits {
   int max_generation_steps = 150;
   int default_generation_steps = 30;
   int max_image_side = 1024;
-  int default_image_side = 512;
+  int default_image_side = 0;  // 0: the worker's native size
   int max_num_images = 8;
   int max_concepts_per_prompt = 8;
   float default_guidance = 7.5f;

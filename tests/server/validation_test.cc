@@ -145,6 +145,16 @@ TEST(PromptTest, RejectsMalformedReferencesWithOffset) {
   EXPECT_THAT(ParsePromptReferences("a <teddy@x>", "prompt"), StatusIs(kInvalid));
 }
 
+TEST(GenerationValidationTest, ConfiguredDefaultSideFillsAnUnsetSize) {
+  ValidationLimits limits;
+  limits.default_image_side = 512;
+  GenerationRequest r;
+  r.prompt = "a photo";
+  ASSERT_THAT(ValidateGenerationRequest(r, limits), IsOk());
+  EXPECT_EQ(r.width, 512);
+  EXPECT_EQ(r.height, 512);
+}
+
 TEST(GenerationValidationTest, FillsDefaultsAndChecksRanges) {
   ValidationLimits limits;
   GenerationRequest r;
@@ -152,7 +162,7 @@ TEST(GenerationValidationTest, FillsDefaultsAndChecksRanges) {
   auto refs = ValidateGenerationRequest(r, limits);
   ASSERT_THAT(refs, IsOk());
   EXPECT_EQ(r.steps, 30);
-  EXPECT_EQ(r.width, 512);
+  EXPECT_FALSE(r.width.has_value()) << "unset size: the worker's native size";
   EXPECT_EQ(r.num_images, 1);
   EXPECT_FLOAT_EQ(*r.guidance_scale, 7.5f);
   EXPECT_EQ(r.key_lock, KeyLock::kLocal);

@@ -1,0 +1,114 @@
+#include "client/cli_args.h"
+
+#include <algorithm>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_replace.h"
+
+namespace perfusion::client {
+
+absl::StatusOr<ParsedArgs> ParsedArgs::Parse(const std::vector<std::string>& args,
+                                             const std::vector<FlagSpec>& specs) {
+  ParsedArgs out;
+  auto find = [&](const std::string& name) -> const FlagSpec* {
+    for (const FlagSpec& s : specs) {
+      if (s.name == name || (!s.alias.empty() && s.alias == name)) return &s;
+    }
+    return nullptr;
+  };
+  bool flags_done = false;
+  for (size_t i = 0; i < args.size(); ++i) {
+    const std::string& a = args[i];
+    if (flags_done || a.size() < 2 || a[0] != '-' || a == "-") {
+      out.positionals_.push_back(a);
+      continue;
+    }
+    if (a == "--") {
+      flags_done = true;
+      continue;
+    }
+    std::string body = a[1] == '-' ? a.substr(2) : a.substr(1);
+    std::string value;
+    bool has_value = false;
+    const size_t eq = body.find('=');
+    if (eq != std::string::npos) {
+      value = body.substr(eq + 1);
+      body = body.substr(0, eq);
+      has_value = true;
+    }
+    const std::string name = absl::StrReplaceAll(body, {{"_", "-"}});
+    const FlagSpec* spec = find(name);
+    if (spec == nullptr) return absl::InvalidArgumentError(absl::StrCat("unknown flag ", a));
+    if (spec->takes_value) {
+      if (!has_value) {
+        if (i + 1 >= args.size()) {
+          return absl::InvalidArgumentError(absl::StrCat("--", spec->name, " needs a value"));
+        }
+        value = args[++i];
+      }
+    } else if (has_value) {
+      if (value == "true" || value == "1") {
+        value = "true";
+      } else if (value == "false" || value == "0") {
+        continue;  // --flag=false: as if absent
+      } else {
+        return absl::InvalidArgumentError(absl::StrCat("--", spec->name, " takes no value"));
+      }
+    } else {
+      value = "true";
+    }
+    out.values_[spec->name].push_back(value);
+  }
+  return out;
+}
+
+std::string ParsedArgs::Get(const std::string& name, const std::string& def) const {
+  auto it = values_.find(name);
+  return it == values_.end() ? def : it->second.back();
+}
+
+std::vector<std::string> ParsedArgs::GetAll(const std::string& name) const {
+  auto it = values_.find(name);
+  return it == values_.end() ? std::vector<std::string>{} : it->second;
+}
+
+std::vector<std::string> ParsedArgs::Names() const {
+  std::vector<std::string> n;
+  for (const auto& [k, v] : values_) n.push_back(k);
+  return n;
+}
+
+absl::StatusOr<int64_t> ParsedArgs::GetInt(const std::string& name, int64_t def) const {
+  if (!Has(name)) return def;
+  int64_t v = 0;
+  if (!absl::SimpleAtoi(Get(name), &v)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--", name, ": \"", Get(name), "\" is not an integer"));
+  }
+  return v;
+}
+
+absl::StatusOr<double> ParsedArgs::GetDouble(const std::string& name, double def) const {
+  if (!Has(name)) return def;
+  double v = 0;
+  if (!absl::SimpleAtod(Get(name), &v)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--", name, ": \"", Get(name), "\" is not a number"));
+  }
+  return v;
+}
+
+absl::StatusOr<absl::Duration> ParsedArgs::GetDuration(const std::string& name,
+                                                       absl::Duration def) const {
+  if (!Has(name)) return def;
+  const std::string v = Get(name);
+  double secs = 0;
+  if (absl::SimpleAtod(v, &secs) && secs >= 0) return absl::Seconds(secs);
+  absl::Duration d;
+  if (absl::ParseDuration(v, &d) && d >= absl::ZeroDuration()) return d;
+  return absl::InvalidArgumentError(
+      absl::StrCat("--", name, ": \"", v, "\" is not a duration (30s, 5m, 1h, or seconds)"));
+}
+
+}  // namespace perfusion::client

@@ -1,0 +1,156 @@
+// The whole product through its command line: a real perfusion-server and perfusion-worker on
+// loopback, driven by the perfusionctl binary as a user (or a script) would.
+#include <filesystem>
+#include <string>
+
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include "tests/integration/cluster.h"
+
+namespace perfusion::testing {
+namespace {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+json ParseJson(const CommandResult& r) {
+  json j = json::parse(r.out, nullptr, /*allow_exceptions=*/false);
+  EXPECT_FALSE(j.is_discarded()) << "not JSON: " << r.out << "\nstderr: " << r.err;
+  return j;
+}
+
+bool IsPng(const std::string& path) {
+  const std::string data = ReadFileOrEmpty(path);
+  return data.size() > 8 && data.compare(0, 8, "\x89PNG\r\n\x1a\n") == 0;
+}
+
+using CliRoundTripTest = ClusterTest;
+
+TEST_F(CliRoundTripTest, TrainWatchListGenerateExportImportDelete) {
+  ASSERT_TRUE(cluster_.StartServer());
+  ASSERT_GE(cluster_.StartWorker("w1"), 0);
+  const std::string star = cluster_.RenderConcept("checker_star");
+  const std::string heart = cluster_.RenderConcept("candy_heart");
+  ASSERT_FALSE(star.empty());
+  ASSERT_FALSE(heart.empty());
+
+  // Train with --wait (the default): progress on stderr, the final job on stdout.
+  CommandResult r = cluster_.Ctl({"train", star, "--superclass", "star", "--name", "checker-star",
+                                  "--steps", "5", "--seed", "11", "--output", "json"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  json job = ParseJson(r);
+  EXPECT_EQ(job["state"], "SUCCEEDED");
+  EXPECT_EQ(job["image_count"], 4);
+  const std::string star_concept_id = job["concept_id"];
+  EXPECT_EQ(star_concept_id.rfind("cpt_", 0), 0u) << star_concept_id;
+  EXPECT_NE(r.err.find("5/5"), std::string::npos) << "no progress shown: " << r.err;
+
+  // --no-wait prints the id; `jobs watch` follows it to the end.
+  r = cluster_.Ctl({"train", heart, "--superclass", "heart", "--name", "candy-heart", "--steps",
+                    "5", "--no-wait"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const std::string heart_job = std::string(r.out.substr(0, r.out.find('\n')));
+  EXPECT_EQ(heart_job.rfind("job_", 0), 0u) << r.out;
+  r = cluster_.Ctl({"jobs", "watch", heart_job});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("SUCCEEDED"), std::string::npos) << r.out;
+
+  // Listing: both jobs succeeded, both concepts stored.
+  r = cluster_.Ctl({"jobs", "list", "--output", "json"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  json jobs = ParseJson(r)["jobs"];
+  ASSERT_EQ(jobs.size(), 2u);
+  for (const json& j : jobs) EXPECT_EQ(j["state"], "SUCCEEDED") << j.dump();
+  r = cluster_.Ctl({"jobs", "list", "--state", "failed", "--output", "json"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_TRUE(ParseJson(r)["jobs"].empty());
+  r = cluster_.Ctl({"concepts", "list", "--output", "json"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  json concepts = ParseJson(r)["concepts"];
+  ASSERT_EQ(concepts.size(), 2u);
+
+  // Generate with both concepts: one PNG per image, image i with seed + i.
+  const std::string out = cluster_.dir() + "/out";
+  r = cluster_.Ctl({"generate", "a photo of <checker-star> next to <candy-heart>", "-o", out,
+                    "--n", "2", "--seed", "7", "--steps", "4", "--width", "32", "--height", "32",
+                    "--strength", "checker-star=0.7:0.15", "--output", "json"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  json gen = ParseJson(r);
+  ASSERT_EQ(gen["images"].size(), 2u);
+  EXPECT_EQ(gen["images"][0]["seed"], 7);
+  EXPECT_EQ(gen["images"][1]["seed"], 8);
+  for (const json& img : gen["images"]) {
+    EXPECT_TRUE(IsPng(img["file"])) << img.dump();
+    EXPECT_EQ(img["width"], 32);
+  }
+  EXPECT_EQ(gen["concepts"].size(), 2u);
+  EXPECT_GT(gen["compute_seconds"].get<double>(), 0.0);
+  // Text mode prints the paths; --global-lock is accepted.
+  r = cluster_.Ctl({"generate", "a photo of <checker-star>", "-o", out + "2", "--seed", "3",
+                    "--steps", "4", "--global-lock"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_TRUE(IsPng(out + "2/img-3.png")) << r.out;
+
+  // Export, then import into the other tenant's registry under a new name.
+  const std::string blob = cluster_.dir() + "/star.pfcn";
+  r = cluster_.Ctl({"concepts", "export", "checker-star", "-o", blob});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(ReadFileOrEmpty(blob).substr(0, 4), "PFCN");
+  r = cluster_.Ctl({"concepts", "get", "checker-star", "--output", "json"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const std::string digest = ParseJson(r)["digest"];
+  r = cluster_.Ctl({"concepts", "import", blob, "--name", "star-copy", "--output", "json"},
+                   kTokenB);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  json imported = ParseJson(r);
+  EXPECT_EQ(imported["digest"], digest);
+  EXPECT_EQ(imported["name"], "star-copy");
+  // Tenants are isolated: B does not see A's concept, and A does not see B's copy.
+  EXPECT_EQ(cluster_.Ctl({"concepts", "get", "checker-star"}, kTokenB).exit_code, 3);
+  EXPECT_EQ(cluster_.Ctl({"concepts", "get", "star-copy"}).exit_code, 3);
+  r = cluster_.Ctl({"generate", "a photo of <star-copy>", "-o", out + "b", "--steps", "4",
+                    "--seed", "1"},
+                   kTokenB);
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+
+  // Delete: gone from the registry and from prompts.
+  r = cluster_.Ctl({"concepts", "rm", "candy-heart"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(cluster_.Ctl({"concepts", "get", "candy-heart"}).exit_code, 3);
+  r = cluster_.Ctl({"generate", "a photo of <candy-heart>", "-o", out + "3", "--steps", "4"});
+  EXPECT_EQ(r.exit_code, 3) << r.err;
+  EXPECT_NE(r.err.find("candy-heart"), std::string::npos) << r.err;
+
+  // Exit codes a script relies on.
+  EXPECT_EQ(cluster_.Ctl({"jobs", "get", "job_0000000000000000"}).exit_code, 3);
+  EXPECT_EQ(cluster_.Ctl({"generate", "a photo", "--steps", "0"}).exit_code, 4);
+  EXPECT_EQ(cluster_.Ctl({"jobs", "list"}, "not-a-token").exit_code, 6);
+  EXPECT_EQ(cluster_.Ctl({"jobs", "frobnicate"}).exit_code, 2);
+  EXPECT_EQ(cluster_.Ctl({"health"}).exit_code, 0);
+}
+
+TEST(CliWithoutServerTest, UsageErrorsExitTwo) {
+  const std::string tmp = fs::temp_directory_path().string();
+  EXPECT_EQ(RunCommand({PERFUSIONCTL_BIN, "frobnicate"}, tmp, absl::Seconds(30)).exit_code, 2);
+  EXPECT_EQ(RunCommand({PERFUSIONCTL_BIN, "train", "/tmp"}, tmp, absl::Seconds(30)).exit_code, 2);
+  EXPECT_EQ(RunCommand({PERFUSIONCTL_BIN, "jobs", "get", "--bogus", "x"}, tmp, absl::Seconds(30))
+                .exit_code,
+            2);
+  CommandResult help = RunCommand({PERFUSIONCTL_BIN, "help"}, tmp, absl::Seconds(30));
+  EXPECT_EQ(help.exit_code, 0);
+  EXPECT_NE(help.out.find("Exit codes"), std::string::npos);
+}
+
+TEST(CliWithoutServerTest, UnreachableServerExitsFive) {
+  const int port = PickFreePort();  // nothing listens there
+  const std::string tmp = fs::temp_directory_path().string();
+  CommandResult r = RunCommand({PERFUSIONCTL_BIN, "--server", "127.0.0.1:" + std::to_string(port),
+                                "--rpc-timeout", "5s", "jobs", "list"},
+                               tmp, absl::Seconds(60));
+  EXPECT_EQ(r.exit_code, 5) << r.err;
+  EXPECT_NE(r.err.find("UNAVAILABLE"), std::string::npos) << r.err;
+}
+
+}  // namespace
+}  // namespace perfusion::testing

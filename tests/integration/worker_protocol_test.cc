@@ -1,0 +1,159 @@
+// The worker's side of the protocol, observed from outside: cancellation of a running job,
+// batching of queued generations, and a worker that keeps working through a server restart.
+#include <signal.h>
+
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "absl/strings/match.h"
+#include "tests/integration/cluster.h"
+
+namespace perfusion::testing {
+namespace {
+
+namespace v1 = ::perfusion::v1;
+
+std::string Submit(Cluster& c, const std::string& dir, const std::string& name, int steps) {
+  CommandResult r = c.Ctl({"train", dir, "--superclass", "star", "--name", name, "--steps",
+                           std::to_string(steps), "--no-wait"});
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  return r.out.substr(0, r.out.find('\n'));
+}
+
+v1::TrainingJob GetJob(client::Client* c, const std::string& id) {
+  auto j = c->GetTrainingJob(id);
+  return j.ok() ? *j : v1::TrainingJob();
+}
+
+bool RunningWithProgress(client::Client* c, const std::string& id) {
+  v1::TrainingJob j = GetJob(c, id);
+  return j.state() == v1::RUNNING && j.progress().step() >= 1;
+}
+
+int Count(const std::string& text, const std::string& needle) {
+  int n = 0;
+  for (size_t p = text.find(needle); p != std::string::npos; p = text.find(needle, p + 1)) ++n;
+  return n;
+}
+
+using WorkerProtocolTest = ClusterTest;
+
+TEST_F(WorkerProtocolTest, RunningTrainingJobStopsWhenCancelled) {
+  ASSERT_TRUE(cluster_.StartServer());
+  const int w = cluster_.StartWorker("w1");
+  ASSERT_GE(w, 0);
+  const std::string dir = cluster_.RenderConcept("checker_star");
+  auto client = cluster_.Client();
+  const std::string id = Submit(cluster_, dir, "star", 2000);
+  ASSERT_TRUE(Cluster::WaitFor([&] { return RunningWithProgress(client.get(), id); },
+                               absl::Minutes(3)));
+  CommandResult r = cluster_.Ctl({"jobs", "cancel", id});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  ASSERT_TRUE(Cluster::WaitFor([&] { return GetJob(client.get(), id).state() == v1::CANCELLED; },
+                               absl::Seconds(60)))
+      << GetJob(client.get(), id).DebugString();
+  const v1::TrainingJob job = GetJob(client.get(), id);
+  EXPECT_LT(job.progress().step(), 2000) << "the worker stopped early";
+  EXPECT_NE(cluster_.worker(w).Log().find("event=work_failed job=" + id), std::string::npos);
+  // `jobs watch` of a cancelled job exits 1 (not a success, no specific code).
+  EXPECT_EQ(cluster_.Ctl({"jobs", "watch", id}).exit_code, 1);
+  // The worker takes new work afterwards.
+  r = cluster_.Ctl({"generate", "a photo of a red circle", "-o", cluster_.dir() + "/out",
+                    "--steps", "4"});
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+}
+
+TEST_F(WorkerProtocolTest, QueuedGenerationsWithDifferentConceptsRunAsOneBatch) {
+  ASSERT_TRUE(cluster_.StartServer());
+  const int w = cluster_.StartWorker("w1", {"--max_batch=4"});
+  ASSERT_GE(w, 0);
+  const std::string star = cluster_.RenderConcept("checker_star");
+  const std::string heart = cluster_.RenderConcept("candy_heart");
+  ASSERT_EQ(cluster_.Ctl({"train", star, "--superclass", "star", "--name", "star", "--steps",
+                          "5"}).exit_code,
+            0);
+  ASSERT_EQ(cluster_.Ctl({"train", heart, "--superclass", "heart", "--name", "heart", "--steps",
+                          "5"}).exit_code,
+            0);
+  auto client = cluster_.Client();
+
+  // Keep the worker busy with a training job while three generations queue up behind it.
+  const std::string busy = Submit(cluster_, star, "busy", 60);
+  ASSERT_TRUE(Cluster::WaitFor([&] { return RunningWithProgress(client.get(), busy); },
+                               absl::Minutes(3)));
+  struct Call {
+    std::string prompt;
+    int n;
+    uint64_t seed;
+    absl::StatusOr<v1::GenerateResponse> result = absl::UnknownError("not run");
+  };
+  std::vector<Call> calls = {{"a photo of <star>", 1, 10},
+                             {"a photo of <heart> on a beach", 2, 20},
+                             {"a photo of a red circle", 1, 30}};
+  std::vector<std::thread> threads;
+  for (Call& c : calls) {
+    threads.emplace_back([&c, &client] {
+      v1::GenerateRequest req;
+      req.set_prompt(c.prompt);
+      req.set_num_images(c.n);
+      req.set_seed(c.seed);
+      req.set_steps(4);
+      c.result = client->GenerateUnary(req, absl::Minutes(5));
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (const Call& c : calls) {
+    ASSERT_TRUE(c.result.ok()) << c.prompt << ": " << c.result.status();
+    ASSERT_EQ(c.result->images_size(), c.n);
+    for (int i = 0; i < c.n; ++i) EXPECT_EQ(c.result->images(i).seed(), c.seed + i);
+  }
+  // One engine call for the three requests (four images), after the training job.
+  const std::string log = cluster_.worker(w).Log();
+  EXPECT_NE(log.find("event=generation_batch_started items=3 images=4"), std::string::npos) << log;
+  const std::string metrics = HttpGet(cluster_.worker_metrics_port(w), "/metrics");
+  EXPECT_EQ(MetricValue(metrics, "perfusion_worker_generation_batch_size_sum"), 3);
+  EXPECT_EQ(GetJob(client.get(), busy).state(), v1::SUCCEEDED);
+}
+
+TEST_F(WorkerProtocolTest, WorkerKeepsItsJobThroughAServerRestartAndRegistersAgain) {
+  ASSERT_TRUE(cluster_.StartServer());
+  const int w = cluster_.StartWorker("w1");
+  ASSERT_GE(w, 0);
+  const std::string dir = cluster_.RenderConcept("checker_star");
+  auto client = cluster_.Client();
+  const std::string id = Submit(cluster_, dir, "star", 100);
+  ASSERT_TRUE(Cluster::WaitFor([&] { return RunningWithProgress(client.get(), id); },
+                               absl::Minutes(3)));
+  // A user following the job with the CLI keeps following it through the restart.
+  Subprocess watch;
+  ASSERT_TRUE(watch.Start({PERFUSIONCTL_BIN, "--server=" + cluster_.address(),
+                           std::string("--token=") + kTokenA, "jobs", "watch", id},
+                          cluster_.dir() + "/watch.log"));
+  EXPECT_EQ(cluster_.StopServer(), 0);
+  ASSERT_TRUE(cluster_.StartServer());
+  client = cluster_.Client();
+  ASSERT_TRUE(Cluster::WaitFor([&] { return client::IsFinal(GetJob(client.get(), id).state()); },
+                               absl::Minutes(5)))
+      << GetJob(client.get(), id).DebugString();
+  std::optional<int> watch_code = watch.Wait(absl::Seconds(90));
+  ASSERT_TRUE(watch_code.has_value()) << watch.Log();
+  EXPECT_EQ(*watch_code, 0) << watch.Log();
+  EXPECT_NE(watch.Log().find(id + " SUCCEEDED"), std::string::npos) << watch.Log();
+  const v1::TrainingJob job = GetJob(client.get(), id);
+  EXPECT_EQ(job.state(), v1::SUCCEEDED) << job.DebugString();
+  EXPECT_EQ(job.attempts(), 1) << "the worker kept its lease through the restart";
+  // The restarted server forgot the worker: it registered again and serves generations.
+  ASSERT_TRUE(Cluster::WaitFor(
+      [&] { return Count(cluster_.worker(w).Log(), "event=registered ") >= 2; },
+      absl::Seconds(60)));
+  CommandResult r = cluster_.Ctl({"generate", "a photo of <star>", "-o", cluster_.dir() + "/out",
+                                  "--steps", "4"});
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_TRUE(cluster_.worker(w).running());
+}
+
+}  // namespace
+}  // namespace perfusion::testing

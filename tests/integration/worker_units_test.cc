@@ -1,0 +1,152 @@
+// Unit tests of the worker's and client's small parts (no server, no model): the blob cache and
+// the command-line parser.
+#include <string>
+
+#include <gtest/gtest.h>
+
+#include "client/cli_args.h"
+#include "client/client.h"
+#include "worker/blob_cache.h"
+
+namespace perfusion {
+namespace {
+
+using worker::BlobCache;
+using worker::Sha256Hex;
+
+TEST(BlobCacheTest, Sha256HexMatchesKnownDigests) {
+  EXPECT_EQ(Sha256Hex(""), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+  EXPECT_EQ(Sha256Hex("abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+}
+
+TEST(BlobCacheTest, GetReturnsWhatPutStoredAndCountsHitsAndMisses) {
+  BlobCache cache(1000);
+  EXPECT_EQ(cache.Get("a"), nullptr);
+  cache.Put("a", "blob-a");
+  auto a = cache.Get("a");
+  ASSERT_NE(a, nullptr);
+  EXPECT_EQ(*a, "blob-a");
+  const BlobCache::Stats s = cache.stats();
+  EXPECT_EQ(s.hits, 1);
+  EXPECT_EQ(s.misses, 1);
+  EXPECT_EQ(s.entries, 1);
+  EXPECT_EQ(s.bytes, 6);
+}
+
+TEST(BlobCacheTest, EvictsLeastRecentlyUsedToStayWithinCapacity) {
+  BlobCache cache(30);
+  cache.Put("a", std::string(10, 'a'));
+  cache.Put("b", std::string(10, 'b'));
+  cache.Put("c", std::string(10, 'c'));
+  ASSERT_NE(cache.Get("a"), nullptr);  // a is now the most recently used
+  cache.Put("d", std::string(10, 'd'));  // evicts b, the least recently used
+  EXPECT_EQ(cache.Get("b"), nullptr);
+  EXPECT_NE(cache.Get("a"), nullptr);
+  EXPECT_NE(cache.Get("c"), nullptr);
+  EXPECT_NE(cache.Get("d"), nullptr);
+  const BlobCache::Stats s = cache.stats();
+  EXPECT_LE(s.bytes, 30);
+  EXPECT_EQ(s.evictions, 1);
+}
+
+TEST(BlobCacheTest, BlobLargerThanCapacityIsReturnedButNotKept) {
+  BlobCache cache(5);
+  auto big = cache.Put("big", "0123456789");
+  ASSERT_NE(big, nullptr);
+  EXPECT_EQ(*big, "0123456789");
+  EXPECT_EQ(cache.Get("big"), nullptr);
+  EXPECT_EQ(cache.stats().bytes, 0);
+}
+
+TEST(BlobCacheTest, EvictedBlobStaysValidForItsHolder) {
+  BlobCache cache(10);
+  auto a = cache.Put("a", std::string(10, 'a'));
+  cache.Put("b", std::string(10, 'b'));  // evicts a
+  EXPECT_EQ(cache.Get("a"), nullptr);
+  EXPECT_EQ(*a, std::string(10, 'a'));
+}
+
+TEST(BlobCacheTest, PutOfSameDigestReplacesWithoutDoubleCounting) {
+  BlobCache cache(100);
+  cache.Put("a", "12345");
+  cache.Put("a", "12345");
+  EXPECT_EQ(cache.stats().bytes, 5);
+  EXPECT_EQ(cache.stats().entries, 1);
+}
+
+const std::vector<client::FlagSpec> kSpecs = {
+    {"server", true}, {"wait", false}, {"label", true}, {"out", true, "o"}, {"no-wait", false}};
+
+TEST(CliArgsTest, FlagsMayComeAnywhereInBothForms) {
+  auto a = client::ParsedArgs::Parse(
+      {"--server=h:1", "train", "dir", "-o", "x", "--label", "a=1", "--label=b=2", "--wait"},
+      kSpecs);
+  ASSERT_TRUE(a.ok()) << a.status();
+  EXPECT_EQ(a->positionals(), (std::vector<std::string>{"train", "dir"}));
+  EXPECT_EQ(a->Get("server"), "h:1");
+  EXPECT_EQ(a->Get("out"), "x");
+  EXPECT_EQ(a->GetAll("label"), (std::vector<std::string>{"a=1", "b=2"}));
+  EXPECT_TRUE(a->Has("wait"));
+}
+
+TEST(CliArgsTest, UnderscoresAndDashesAreTheSame) {
+  auto a = client::ParsedArgs::Parse({"--no_wait"}, kSpecs);
+  ASSERT_TRUE(a.ok()) << a.status();
+  EXPECT_TRUE(a->Has("no-wait"));
+}
+
+TEST(CliArgsTest, RejectsUnknownFlagsMissingValuesAndValuedBooleans) {
+  EXPECT_EQ(client::ParsedArgs::Parse({"--bogus"}, kSpecs).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(client::ParsedArgs::Parse({"--server"}, kSpecs).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(client::ParsedArgs::Parse({"--wait=maybe"}, kSpecs).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+TEST(CliArgsTest, DoubleDashEndsFlags) {
+  auto a = client::ParsedArgs::Parse({"generate", "--", "--not-a-flag"}, kSpecs);
+  ASSERT_TRUE(a.ok());
+  EXPECT_EQ(a->positionals(), (std::vector<std::string>{"generate", "--not-a-flag"}));
+}
+
+TEST(CliArgsTest, DurationsAcceptUnitsAndPlainSeconds) {
+  const std::vector<client::FlagSpec> specs = {{"timeout", true}};
+  auto a = client::ParsedArgs::Parse({"--timeout", "1m30s"}, specs);
+  ASSERT_TRUE(a.ok());
+  EXPECT_EQ(*a->GetDuration("timeout", absl::ZeroDuration()), absl::Seconds(90));
+  a = client::ParsedArgs::Parse({"--timeout", "2.5"}, specs);
+  EXPECT_EQ(*a->GetDuration("timeout", absl::ZeroDuration()), absl::Milliseconds(2500));
+  a = client::ParsedArgs::Parse({"--timeout", "soon"}, specs);
+  EXPECT_EQ(a->GetDuration("timeout", absl::ZeroDuration()).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+TEST(ClientTest, ConceptRefsParseIdsNamesAndVersions) {
+  auto id = client::ParseConceptRef("cpt_00ff");
+  ASSERT_TRUE(id.ok());
+  EXPECT_EQ(id->id, "cpt_00ff");
+  auto name = client::ParseConceptRef("rex");
+  ASSERT_TRUE(name.ok());
+  EXPECT_EQ(name->name, "rex");
+  EXPECT_EQ(name->version, 0);
+  auto v = client::ParseConceptRef("rex@2");
+  ASSERT_TRUE(v.ok());
+  EXPECT_EQ(v->name, "rex");
+  EXPECT_EQ(v->version, 2);
+  EXPECT_EQ(client::ParseConceptRef("rex@0").status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(client::ParseConceptRef("").status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST(ClientTest, ExitCodesFollowTheDocumentedTable) {
+  EXPECT_EQ(client::ExitCodeFor(absl::StatusCode::kOk), 0);
+  EXPECT_EQ(client::ExitCodeFor(absl::StatusCode::kNotFound), 3);
+  EXPECT_EQ(client::ExitCodeFor(absl::StatusCode::kInvalidArgument), 4);
+  EXPECT_EQ(client::ExitCodeFor(absl::StatusCode::kUnavailable), 5);
+  EXPECT_EQ(client::ExitCodeFor(absl::StatusCode::kUnauthenticated), 6);
+  EXPECT_EQ(client::ExitCodeFor(absl::StatusCode::kPermissionDenied), 6);
+  EXPECT_EQ(client::ExitCodeFor(absl::StatusCode::kInternal), 1);
+}
+
+}  // namespace
+}  // namespace perfusion
