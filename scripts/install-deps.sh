@@ -12,10 +12,12 @@ BUILD_PKGS=(
   libgrpc++-dev protobuf-compiler-grpc protobuf-compiler libprotobuf-dev grpc-proto
   libabsl-dev libssl-dev zlib1g-dev
   libsqlite3-dev libpng-dev nlohmann-json3-dev
+  libpq-dev postgresql                        # PostgreSQL store (optional) and its tests
   libgtest-dev libgmock-dev libbenchmark-dev
+  yamllint python3-yaml prometheus            # deploy/ tests: YAML lint, promtool (rules, alerts)
 )
 RUNTIME_PKGS=(
-  libtorch1.13 libopenblas0-openmp libgrpc++1.51 libprotobuf32 libsqlite3-0 libpng16-16 ca-certificates
+  libtorch1.13 libopenblas0-openmp libgrpc++1.51 libprotobuf32 libsqlite3-0 libpq5 libpng16-16 ca-certificates
 )
 
 pkgs=("${BUILD_PKGS[@]}")
@@ -23,6 +25,12 @@ if [[ "${1:-}" == "--runtime" ]]; then
   pkgs=("${RUNTIME_PKGS[@]}")
 elif ! command -v npm >/dev/null 2>&1; then
   pkgs+=(nodejs npm)  # the independent gRPC reflection client the service tests use
+fi
+
+# kubectl for `kubectl kustomize` in the deploy/ tests; a machine that has one already (from
+# another package that owns /usr/bin/kubectl) keeps it.
+if [[ "${1:-}" != "--runtime" ]] && ! command -v kubectl >/dev/null 2>&1; then
+  pkgs+=(kubernetes-client)
 fi
 
 SUDO=""
