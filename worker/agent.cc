@@ -454,6 +454,7 @@ void Agent::RunTraining(std::unique_ptr<HeldItem> item) {
   spec.images.assign(w.images().begin(), w.images().end());
   spec.steps = w.options().has_steps() ? w.options().steps() : 0;
   spec.batch_size = w.options().batch_size();
+  spec.resolution = w.options().resolution();
   spec.lr_values = w.options().learning_rate();
   spec.lr_embedding = w.options().embedding_learning_rate();
   spec.train_beta = w.options().train_beta();

@@ -123,6 +123,7 @@ absl::StatusOr<TrainResult> Engine::Train(const TrainSpec& spec, const std::func
     o.superclass = spec.superclass;
     if (spec.steps > 0) o.steps = spec.steps;
     if (spec.batch_size > 0) o.batch_size = spec.batch_size;
+    if (spec.resolution > 0) o.resolution = spec.resolution;
     if (spec.lr_values > 0) o.lr_values = spec.lr_values;
     if (spec.lr_embedding > 0) o.lr_embedding = spec.lr_embedding;
     if (spec.train_beta > 0) o.edit.train_beta(spec.train_beta);
@@ -178,9 +179,10 @@ absl::StatusOr<std::vector<GenerateResult>> Engine::Generate(const std::vector<G
     auto results = impl_->pipeline->Generate(reqs, progress ? ProgressFn(progress) : ProgressFn());
     for (size_t r = 0; r < results.size(); ++r) {
       GenerateResult g;
-      for (const auto& img : results[r].images) {
+      for (size_t n = 0; n < results[r].images.size(); ++n) {
+        const at::Tensor& img = results[r].images[n];
         g.pngs.push_back(EncodePng(TensorToImage(img)));
-        g.seeds.push_back(specs[r].seed);
+        g.seeds.push_back(specs[r].seed + n);
         g.height = img.size(1);
         g.width = img.size(2);
       }

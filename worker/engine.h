@@ -36,6 +36,7 @@ struct TrainSpec {
   std::vector<std::string> images;  // encoded PNG bytes
   int64_t steps = 0;                // 0 = engine default (400)
   int64_t batch_size = 0;           // 0 = default (4)
+  int64_t resolution = 0;           // training image side; 0 = the model's native size
   double lr_values = 0;             // 0 = default (0.03)
   double lr_embedding = 0;          // 0 = default (0.006)
   double train_beta = 0, train_temperature = 0;  // 0 = defaults (0.75, 0.1)
@@ -68,7 +69,7 @@ struct GenerateSpec {
   std::vector<ConceptUse> concepts;
   int64_t steps = 30;
   double guidance_scale = 7.5;
-  uint64_t seed = 0;
+  uint64_t seed = 0;              // image n uses seed + n
   int64_t num_images = 1;
   int64_t width = 0, height = 0;  // 0 = the model's native size
   std::string sampler = "ddim";
@@ -77,7 +78,7 @@ struct GenerateSpec {
 
 struct GenerateResult {
   std::vector<std::string> pngs;
-  std::vector<uint64_t> seeds;  // per image (the request seed; images differ by their noise draw)
+  std::vector<uint64_t> seeds;  // per image: seed + n (image n equals a one-image request with it)
   int64_t width = 0, height = 0;
 };
 

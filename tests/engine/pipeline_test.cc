@@ -150,6 +150,17 @@ TEST_F(PipelineTest, BatchOfDifferentConceptsEqualsRequestsRunOneByOne) {
   }
 }
 
+TEST_F(PipelineTest, ImageNOfARequestEqualsAOneImageRequestWithSeedPlusN) {
+  Pipeline pipe(model_);
+  GenerationRequest two = Request("a green star", 40);
+  two.num_images = 2;
+  auto both = pipe.Generate({two})[0].images;
+  auto second = pipe.Generate({Request("a green star", 41)})[0].images;
+  ASSERT_EQ(both.size(), 2u);
+  EXPECT_TRUE(AllClose(both[1], second[0], 1e-4, 1e-4, "image 1 vs seed + 1"));
+  EXPECT_GT((both[0] - both[1]).abs().mean().item<double>(), 1e-3) << "images of a request differ";
+}
+
 TEST_F(PipelineTest, BadPromptsAndForeignConceptsAreRejected) {
   Pipeline pipe(model_);
   EXPECT_THROW(pipe.Tokenize("a photo of <nobody>", {}), c10::ValueError);

@@ -242,8 +242,11 @@ std::vector<GenerationResult> Pipeline::GenerateGroup(const std::vector<const Ge
   for (const GenerationRequest* r : group) {
     TORCH_CHECK_VALUE(r->num_images >= 1 && r->num_images <= 64, "num_images must be in [1, 64], got ", r->num_images);
     TORCH_CHECK_VALUE(r->guidance_scale >= 0, "guidance_scale must be >= 0");
-    at::Generator gen = MakeGenerator(r->seed);
-    noise.push_back(at::randn({r->num_images, C, h, w}, gen, at::TensorOptions().dtype(at::kFloat)));
+    // Image n of a request draws its noise from seed + n: it equals a one-image request with that seed.
+    for (int64_t n = 0; n < r->num_images; ++n) {
+      at::Generator gen = MakeGenerator(r->seed + static_cast<uint64_t>(n));
+      noise.push_back(at::randn({1, C, h, w}, gen, at::TensorOptions().dtype(at::kFloat)));
+    }
     counts.push_back(r->num_images);
     cond_kv.push_back(PromptKV(r->prompt, r->concepts, r->multi_concept_mode));
     uncond_kv.push_back(PromptKV(r->negative_prompt, r->concepts, r->multi_concept_mode));

@@ -58,7 +58,7 @@ struct GenerationRequest {
   std::map<std::string, ConceptRef> concepts;   // by the name used in the prompt
   int64_t steps = 30;
   double guidance_scale = 7.5;                  // <= 1: no classifier-free guidance
-  uint64_t seed = 0;
+  uint64_t seed = 0;                            // image n uses seed + n
   int64_t num_images = 1;
   int64_t width = 0, height = 0;                // 0: the model's native size
   std::string sampler = "ddim";                 // "ddim" | "euler"
@@ -104,7 +104,8 @@ class Pipeline {
 
   // Runs requests together: all images of all requests in one UNet batch per step. Requests with
   // different steps, sampler or size run as separate groups. Results are in request order and do not
-  // depend on how requests were batched (each request's noise comes from its own seed).
+  // depend on how requests were batched: image n of a request draws its noise from seed + n, so it
+  // equals a one-image request with that seed.
   std::vector<GenerationResult> Generate(const std::vector<GenerationRequest>& requests,
                                          const ProgressFn& progress = {}) const;
 

@@ -70,8 +70,10 @@ Concept TrainConcept(StableDiffusion& model, const std::vector<at::Tensor>& imag
   }
   const auto dev = model.device;
   const auto dtype = model.dtype;
-  const int64_t size = model.image_size();
   const int64_t f = model.vae->downsample_factor();
+  const int64_t size = o.resolution > 0 ? o.resolution : model.image_size();
+  TORCH_CHECK_VALUE(size % (f * 8) == 0 || size == model.image_size(), "resolution: ", size,
+                    " must be a multiple of ", f * 8, " (or the model's native ", model.image_size(), ")");
   const auto start = std::chrono::steady_clock::now();
 
   // Latents and masks of every image and its mirror image, computed once.

@@ -49,6 +49,7 @@ struct TrainOptions {
   std::string superclass;  // one-token superclass word, e.g. "dog" (required)
   int64_t steps = 400;
   int64_t batch_size = 4;
+  int64_t resolution = 0;  // training image side in pixels; 0 = the model's native size
   double lr_embedding = 0.006;
   double lr_values = 0.03;
   double weight_decay = 0.01;
