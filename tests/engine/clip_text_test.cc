@@ -26,40 +26,12 @@ using testing::AllClose;
 using testing::EnvOr;
 using testing::FileExists;
 using testing::SharedDir;
+using testing::ThrownMessage;
 
 std::string ModelsDir() { return EnvOr("PERFUSION_MODEL_VECTORS_DIR", SharedDir() + "/data/conformance/models"); }
 
 std::string TempPath(const std::string& name) {
   return ::testing::TempDir() + "/" + name + "_" + std::to_string(::getpid());
-}
-
-// name -> shape from a `name<TAB>shape` manifest.
-std::map<std::string, std::vector<int64_t>> ReadManifest(const std::string& path) {
-  std::map<std::string, std::vector<int64_t>> out;
-  std::ifstream in(path);
-  std::string line;
-  while (std::getline(in, line)) {
-    if (line.empty()) continue;
-    const auto tab = line.find('\t');
-    std::vector<int64_t> shape;
-    std::stringstream ss(line.substr(tab + 1));
-    std::string dim;
-    while (std::getline(ss, dim, ',')) shape.push_back(std::stoll(dim));
-    out[line.substr(0, tab)] = shape;
-  }
-  return out;
-}
-
-template <typename E, typename F>
-std::string ThrownMessage(F&& f) {
-  try {
-    f();
-  } catch (const E& e) {
-    return e.what_without_backtrace();
-  } catch (const std::exception& e) {
-    return std::string("<wrong exception type> ") + e.what();
-  }
-  return "<no exception>";
 }
 
 CLIPTextModelOptions TinyOptions() {
@@ -108,7 +80,8 @@ class CLIPTextConformanceTest : public testing::SeededTest {
 TEST_F(CLIPTextModelTest, Sd15ConfigHasExactlyTheTransformersTensorNamesAndShapes) {
   const std::string path = SharedDir() + "/data/sd15/text_encoder.tsv";
   if (!FileExists(path)) GTEST_SKIP() << "no manifest at " << path;
-  const auto expected = ReadManifest(path);
+  const auto manifest = testing::ReadManifest(path);
+  const std::map<std::string, std::vector<int64_t>> expected(manifest.begin(), manifest.end());
   ASSERT_EQ(expected.size(), 197u);
   CLIPTextModel model;  // SD 1.5 defaults
   std::map<std::string, std::vector<int64_t>> got;

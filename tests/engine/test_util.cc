@@ -8,6 +8,7 @@
 #include <sys/stat.h>
 
 #include <cstdlib>
+#include <fstream>
 #include <sstream>
 
 namespace perfusion::testing {
@@ -51,6 +52,22 @@ bool FileExists(const std::string& path) {
      << ", expected " << e.flatten()[worst].item<double>() << " (|d|=" << diff.flatten()[worst].item<double>()
      << ", max |d|=" << diff.max().item<double>() << ")";
   return ::testing::AssertionFailure() << ss.str();
+}
+
+std::vector<std::pair<std::string, std::vector<int64_t>>> ReadManifest(const std::string& path) {
+  std::vector<std::pair<std::string, std::vector<int64_t>>> out;
+  std::ifstream in(path);
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.empty()) continue;
+    const auto tab = line.find('\t');
+    std::vector<int64_t> shape;
+    std::stringstream ss(line.substr(tab + 1));
+    std::string dim;
+    while (std::getline(ss, dim, ',')) shape.push_back(std::stoll(dim));
+    out.emplace_back(line.substr(0, tab), shape);
+  }
+  return out;
 }
 
 SeededTest::SeededTest() { at::manual_seed(0); }

@@ -29,40 +29,13 @@ using testing::AllClose;
 using testing::EnvOr;
 using testing::FileExists;
 using testing::SharedDir;
+using testing::ReadManifest;
+using testing::ThrownMessage;
 
 std::string ModelsDir() { return EnvOr("PERFUSION_MODEL_VECTORS_DIR", SharedDir() + "/data/conformance/models"); }
 
 std::string TempPath(const std::string& name) {
   return ::testing::TempDir() + "/" + name + "_" + std::to_string(::getpid());
-}
-
-// name -> shape, in file order, from a `name<TAB>shape` manifest.
-std::vector<std::pair<std::string, std::vector<int64_t>>> ReadManifest(const std::string& path) {
-  std::vector<std::pair<std::string, std::vector<int64_t>>> out;
-  std::ifstream in(path);
-  std::string line;
-  while (std::getline(in, line)) {
-    if (line.empty()) continue;
-    const auto tab = line.find('\t');
-    std::vector<int64_t> shape;
-    std::stringstream ss(line.substr(tab + 1));
-    std::string dim;
-    while (std::getline(ss, dim, ',')) shape.push_back(std::stoll(dim));
-    out.emplace_back(line.substr(0, tab), shape);
-  }
-  return out;
-}
-
-template <typename E, typename F>
-std::string ThrownMessage(F&& f) {
-  try {
-    f();
-  } catch (const E& e) {
-    return e.what_without_backtrace();
-  } catch (const std::exception& e) {
-    return std::string("<wrong exception type> ") + e.what();
-  }
-  return "<no exception>";
 }
 
 AutoencoderKLOptions TinyOptions() {
