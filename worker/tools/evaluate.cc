@@ -1,0 +1,1159 @@
+// perfusion-evaluate: the quality harness. Trains builtin shapes-world concepts on a model, generates
+// images from held-out prompts that put each concept in a context, and scores them with the shapes
+// classifier (shapes_classifier.h): concept fidelity (is it our object?) and prompt alignment (does
+// the rest of the prompt hold?), the two axes of the Perfusion paper. Writes a markdown report and
+// PNG grids/plots into --out. See docs/quality.md.
+//
+// Methods compared (same training images, seeds, prompts and noise), after two references that bound
+// what any method can reach on the model:
+//   render      the prompt rendered by the shapes world (a perfect model)
+//   render_vae  that render encoded and decoded by the model's VAE (the best its decoder can show)
+//   base        the base model with the superclass word instead of the concept (reference)
+//   perfusion   TrainConcept + Pipeline (local key-lock), the product path
+//   global      the same concept with global key-locking at inference
+//   ti          embedding only (Textual Inversion): no K/V edits; only the concept embedding trains
+//   nolock      Perfusion without key-locking: the K targets are learned like the V targets
+// The trainer has no switch for the last two, so this tool carries its own training loop for them
+// (TrainAblation, a copy of TrainConcept's recipe with the edits changed) and its own sampling loop
+// (the pipeline cannot apply learned K targets); see docs/quality.md.
+#include <ATen/Functions.h>
+#include <ATen/Parallel.h>
+#include <c10/core/InferenceMode.h>
+#include <c10/util/Exception.h>
+#include <sys/stat.h>
+#include <torch/csrc/autograd/grad_mode.h>
+#include <torch/optim/adamw.h>
+
+#include <algorithm>
+#include <array>
+#include <chrono>
+#include <cmath>
+#include <cstdarg>
+#include <cstdio>
+#include <ctime>
+#include <fstream>
+#include <map>
+#include <memory>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "perfusion/concept_token.h"
+#include "perfusion/image_io.h"
+#include "perfusion/model_dir.h"
+#include "perfusion/pipeline.h"
+#include "perfusion/plot.h"
+#include "perfusion/rank1_edit.h"
+#include "perfusion/safetensors.h"
+#include "perfusion/scheduler.h"
+#include "perfusion/shapes_classifier.h"
+#include "perfusion/shapes_world.h"
+#include "perfusion/trainer.h"
+
+using namespace perfusion;
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+// ---- Arguments ------------------------------------------------------------------------------------
+
+struct Args {
+  std::string model = "models/tiny";
+  std::string classifier;  // default <model>/eval/classifier.safetensors
+  std::string out = "quality-report";
+  std::string tokenizer_dir = std::string(PERFUSION_DEFAULT_SHARED) + "/data/clip";
+  std::string concepts = "all";
+  int images = 8;
+  int64_t steps = 400;
+  int64_t batch = 4;
+  double ti_lr = 0;  // 0 = the trainer's lr_embedding
+  int per_prompt = 6;
+  int64_t gen_steps = 30;
+  double guidance = 7.5;
+  std::string sampler = "ddim";
+  uint64_t seed = 1;
+  std::string sweep_concept;  // default: the first concept
+  std::vector<double> betas = {0.5, 0.6, 0.7, 0.8, 0.9};
+  std::vector<double> taus = {0.05, 0.15, 0.3};
+  bool ablations = true;
+  bool sweep = true;
+  int threads = 0;
+};
+
+void Usage() {
+  std::printf(
+      "perfusion-evaluate: train builtin concepts, generate from held-out prompts, score with the classifier\n\n"
+      "  --model DIR           model folder (default models/tiny)\n"
+      "  --classifier PATH     shapes classifier (default <model>/eval/classifier.safetensors)\n"
+      "  --out DIR             report folder: report.md + PNGs (default quality-report)\n"
+      "  --tokenizer-dir DIR   CLIP vocab.json + merges.txt (default ../shared/data/clip)\n"
+      "  --concepts LIST       comma-separated builtin concepts or 'all' (default all: checker_star,\n"
+      "                        candy_heart, target_circle, zigzag_square)\n"
+      "  --images N            training renders per concept (default 8)\n"
+      "  --steps N             training steps per concept and method (default 400); --batch N (default 4)\n"
+      "  --ti-lr X             embedding learning rate of the embedding-only ablation (default: the trainer's)\n"
+      "  --per-prompt M        images per held-out prompt (default 6)\n"
+      "  --gen-steps N         sampling steps (default 30); --guidance X (default 7.5); --sampler ddim|euler\n"
+      "  --seed S              everything derives from it (default 1)\n"
+      "  --sweep-concept NAME  concept of the beta/tau sweep (default: the first)\n"
+      "  --betas LIST          sweep betas (default 0.5,0.6,0.7,0.8,0.9)\n"
+      "  --taus LIST           sweep temperatures (default 0.05,0.15,0.3)\n"
+      "  --no-ablations        skip the embedding-only and no-key-lock methods\n"
+      "  --no-sweep            skip the beta/tau sweep\n"
+      "  --threads N           LibTorch threads (default: all cores)\n");
+}
+
+std::vector<std::string> SplitList(const std::string& s) {
+  std::vector<std::string> out;
+  std::stringstream in(s);
+  for (std::string item; std::getline(in, item, ',');) {
+    if (!item.empty()) out.push_back(item);
+  }
+  return out;
+}
+
+std::vector<double> ParseDoubles(const std::string& s) {
+  std::vector<double> out;
+  for (const auto& item : SplitList(s)) out.push_back(std::stod(item));
+  return out;
+}
+
+// ---- Small utilities ------------------------------------------------------------------------------
+
+const auto g_start = Clock::now();
+double Elapsed() { return std::chrono::duration<double>(Clock::now() - g_start).count(); }
+
+void Log(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
+void Log(const char* fmt, ...) {
+  const int s = static_cast<int>(Elapsed());
+  std::printf("[evaluate %02d:%02d] ", s / 60, s % 60);
+  va_list ap;
+  va_start(ap, fmt);
+  std::vprintf(fmt, ap);
+  va_end(ap);
+  std::printf("\n");
+  std::fflush(stdout);
+}
+
+void MakeDirs(const std::string& dir) {
+  for (size_t p = dir.find('/', 1);; p = dir.find('/', p + 1)) {
+    ::mkdir(dir.substr(0, p).c_str(), 0755);
+    if (p == std::string::npos) break;
+  }
+}
+
+void WritePng(const std::string& path, const Image& im) { WriteFileAtomically(path, EncodePng(im)); }
+
+std::string Pct(double x) {
+  char b[32];
+  std::snprintf(b, sizeof(b), "%.0f%%", 100 * x);
+  return b;
+}
+std::string Fmt(double x, int decimals = 2) {
+  char b[32];
+  std::snprintf(b, sizeof(b), "%.*f", decimals, x);
+  return b;
+}
+
+double ColorDistance(Color a, Color b) {
+  const auto x = ColorRgb(a), y = ColorRgb(b);
+  double s = 0;
+  for (int i = 0; i < 3; ++i) s += (double(x[i]) - y[i]) * (double(x[i]) - y[i]);
+  return std::sqrt(s);
+}
+
+// Backgrounds that contrast with every listed concept colour (in a fixed order).
+std::vector<Color> ContrastingBackgrounds(const std::vector<Color>& colors) {
+  const Color order[] = {Color::kBlue,   Color::kGreen, Color::kBlack, Color::kWhite, Color::kPurple, Color::kYellow,
+                         Color::kRed,    Color::kOrange, Color::kGray, Color::kPink,  Color::kBrown};
+  std::vector<Color> out;
+  for (Color c : order) {
+    if (std::all_of(colors.begin(), colors.end(), [&](Color x) { return ColorDistance(c, x) >= 110; })) out.push_back(c);
+  }
+  return out;
+}
+
+// ---- Held-out prompts -----------------------------------------------------------------------------
+
+struct EvalPrompt {
+  std::string text;  // with <name> for the concept
+  std::optional<Color> background;
+  std::optional<Position> position;
+  std::optional<Size> size;
+};
+
+// Prompts that put the concept in a context. None of them is a training template (those have no
+// colour, size or position words).
+std::vector<EvalPrompt> HeldOutPrompts(const ConceptSpec& c) {
+  const auto bgs = ContrastingBackgrounds({c.color, c.color2});
+  TORCH_CHECK(bgs.size() >= 3, "no three backgrounds contrast with concept ", c.name);
+  const std::string ref = "<" + c.name + ">";
+  auto on = [](Color bg) { return " on a " + ColorName(bg) + " background"; };
+  return {
+      {"a " + ref + on(bgs[0]), bgs[0], std::nullopt, std::nullopt},
+      {"a small " + ref + " " + PositionPhrase(Position::kTopLeft), std::nullopt, Position::kTopLeft, Size::kSmall},
+      {"a large " + ref + " " + PositionPhrase(Position::kBottom), std::nullopt, Position::kBottom, Size::kLarge},
+      {"a small " + ref + " " + PositionPhrase(Position::kRight) + on(bgs[1]), bgs[1], Position::kRight, Size::kSmall},
+      {"a large " + ref + " " + PositionPhrase(Position::kCenter) + on(bgs[2]), bgs[2], Position::kCenter, Size::kLarge},
+  };
+}
+
+std::string ReplaceAll(std::string s, const std::string& from, const std::string& to) {
+  for (size_t p = s.find(from); p != std::string::npos; p = s.find(from, p + to.size())) s.replace(p, from.size(), to);
+  return s;
+}
+
+// ---- Scoring --------------------------------------------------------------------------------------
+
+struct Score {
+  int n = 0, fidelity = 0, aligned = 0;
+  int bg_n = 0, bg_ok = 0, pos_n = 0, pos_ok = 0, size_n = 0, size_ok = 0;
+  double similarity = 0;  // sum of feature cosine similarities
+  void Add(const Score& o) {
+    n += o.n, fidelity += o.fidelity, aligned += o.aligned, bg_n += o.bg_n, bg_ok += o.bg_ok, pos_n += o.pos_n;
+    pos_ok += o.pos_ok, size_n += o.size_n, size_ok += o.size_ok, similarity += o.similarity;
+  }
+  double Fidelity() const { return n ? double(fidelity) / n : 0; }
+  double Alignment() const { return n ? double(aligned) / n : 0; }
+  double Similarity() const { return n ? similarity / n : 0; }
+  static double Frac(int a, int b) { return b ? double(a) / b : std::nan(""); }
+};
+
+Score ScoreImages(const std::vector<AttributePrediction>& preds, const EvalPrompt& p, int concept_index,
+                  const at::Tensor& reference) {
+  Score s;
+  for (const auto& x : preds) {
+    ++s.n;
+    s.fidelity += ShowsConcept(x, concept_index);
+    s.similarity += FeatureSimilarity(x.features, reference);
+    bool ok = true;
+    if (p.background) {
+      const bool r = x.label[static_cast<int>(Head::kBackground)] == static_cast<int>(*p.background);
+      ++s.bg_n, s.bg_ok += r, ok &= r;
+    }
+    if (p.position) {
+      const bool r = x.label[static_cast<int>(Head::kPosition)] == static_cast<int>(*p.position);
+      ++s.pos_n, s.pos_ok += r, ok &= r;
+    }
+    if (p.size) {
+      const bool r = x.label[static_cast<int>(Head::kSize)] == static_cast<int>(*p.size);
+      ++s.size_n, s.size_ok += r, ok &= r;
+    }
+    s.aligned += ok;
+  }
+  return s;
+}
+
+at::Tensor StackImages(const std::vector<at::Tensor>& images) { return at::stack(images); }
+
+// ---- Ablation training and sampling -----------------------------------------------------------------
+
+enum class Ablation { kEmbeddingOnly, kNoKeyLock };
+
+struct AblationConcept {
+  std::shared_ptr<Concept> concept;   // embedding, i*, V targets (zero for embedding-only)
+  std::vector<at::Tensor> k_targets;  // per layer [O] (no-key-lock only)
+};
+
+// TrainConcept's recipe (templates, flips, masked epsilon loss, AdamW groups, EMA of i*) with the
+// edits changed: kEmbeddingOnly runs the plain K/V projections and trains only the embedding;
+// kNoKeyLock trains the K targets exactly like the V targets (is_key_proj = false, in the values group).
+AblationConcept TrainAblation(StableDiffusion& model, const std::vector<at::Tensor>& images, const TrainOptions& o,
+                              Ablation which, double lr_embedding) {
+  const int64_t superclass_id = *model.tokenizer->SingleTokenId(o.superclass);
+  std::vector<std::vector<int64_t>> prompt_ids;
+  for (const auto& t : DefaultTemplates()) prompt_ids.push_back(model.tokenizer->EncodePadded(ReplaceAll(t, "{}", o.superclass)).ids);
+  const int64_t size = model.image_size(), f = model.vae->downsample_factor();
+  std::vector<at::Tensor> latents, masks;
+  {
+    torch::NoGradGuard ng;
+    for (const auto& image : images) {
+      at::Tensor img = CenterCropResize(image.to(at::kFloat), static_cast<int>(size));
+      for (int flip = 0; flip < 2; ++flip) {
+        at::Tensor im = flip ? img.flip({2}) : img;
+        latents.push_back(model.vae->encode(im.unsqueeze(0)).mode().to(at::kFloat) * model.vae->scaling_factor());
+        masks.push_back(ForegroundMask(im, f, o.mask_min, o.mask_distance));
+      }
+    }
+  }
+  ConceptToken token(model.text_encoder->token_embedding_weight(), superclass_id);
+  const auto layers = model.unet->cross_attention_layers();
+  std::vector<Rank1Edit> k_edits, v_edits;
+  std::vector<at::Tensor> target_params;
+  if (which == Ablation::kNoKeyLock) {
+    for (const auto& layer : layers) {
+      k_edits.emplace_back(layer.to_k->weight, model.c_inv, Rank1EditOptions(o.edit).is_key_proj(false));
+      v_edits.emplace_back(layer.to_v->weight, model.c_inv, Rank1EditOptions(o.edit).is_key_proj(false));
+      target_params.push_back(k_edits.back()->o_star());
+      target_params.push_back(v_edits.back()->o_star());
+    }
+  }
+  std::vector<torch::optim::OptimizerParamGroup> groups;
+  groups.emplace_back(std::vector<at::Tensor>{token->embedding()},
+                      std::make_unique<torch::optim::AdamWOptions>(torch::optim::AdamWOptions(lr_embedding).weight_decay(o.weight_decay)));
+  if (!target_params.empty()) {
+    groups.emplace_back(target_params, std::make_unique<torch::optim::AdamWOptions>(
+                                           torch::optim::AdamWOptions(o.lr_values).weight_decay(o.weight_decay)));
+  }
+  torch::optim::AdamW optimizer(std::move(groups));
+  DDPMScheduler ddpm(model.scheduler);
+  at::Generator gen = MakeGenerator(o.seed);
+  const int64_t B = o.batch_size;
+  at::Tensor last_X;
+  at::Tensor last_index;
+  TrainProgress p;
+  p.total = o.steps;
+  const auto start = Clock::now();
+  for (int64_t step = 1; step <= o.steps; ++step) {
+    const at::Tensor pick = at::randint(static_cast<int64_t>(latents.size()), {B}, gen, at::TensorOptions().dtype(at::kLong));
+    const at::Tensor tmpl = at::randint(static_cast<int64_t>(prompt_ids.size()), {B}, gen, at::TensorOptions().dtype(at::kLong));
+    std::vector<at::Tensor> lat, msk;
+    std::vector<int64_t> ids;
+    for (int64_t b = 0; b < B; ++b) {
+      lat.push_back(latents[pick[b].item<int64_t>()]);
+      msk.push_back(masks[pick[b].item<int64_t>()]);
+      const auto& pid = prompt_ids[tmpl[b].item<int64_t>()];
+      ids.insert(ids.end(), pid.begin(), pid.end());
+    }
+    const at::Tensor x0 = at::cat(lat);
+    const at::Tensor mask = at::stack(msk).unsqueeze(1);
+    const ConceptPromptBatch prompts = token->forward(at::tensor(ids, at::TensorOptions().dtype(at::kLong)).reshape({B, -1}));
+    const at::Tensor X = model.text_encoder->forward_embeds(prompts.concept_embeds);
+    std::vector<CrossAttnKV> kv;
+    if (which == Ablation::kEmbeddingOnly) {
+      kv = model.unet->precompute_kv(X);
+    } else {
+      at::Tensor X_sup;
+      {
+        torch::NoGradGuard ng;
+        X_sup = model.text_encoder->forward_embeds(prompts.superclass_embeds);
+      }
+      for (size_t l = 0; l < layers.size(); ++l) {
+        kv.push_back({k_edits[l]->training_forward(X, X_sup, prompts.concept_index),
+                      v_edits[l]->training_forward(X, X_sup, prompts.concept_index)});
+      }
+    }
+    const at::Tensor noise = at::randn(x0.sizes(), gen, x0.options());
+    const at::Tensor t = ddpm.sample_timesteps(B, gen);
+    const at::Tensor pred = model.unet->forward(ddpm.add_noise(x0, noise, t), t, kv);
+    const at::Tensor loss = ((pred - ddpm.training_target(x0, noise, t)).pow(2) * mask).mean() / mask.mean();
+    optimizer.zero_grad();
+    loss.backward();
+    optimizer.step();
+    last_X = X.detach();
+    last_index = prompts.concept_index;
+    p.step = step;
+    p.loss = loss.item<double>();
+    p.loss_ema = step == 1 ? p.loss : 0.95 * p.loss_ema + 0.05 * p.loss;
+    p.elapsed_s = std::chrono::duration<double>(Clock::now() - start).count();
+    p.eta_s = p.elapsed_s / step * (o.steps - step);
+    if (o.progress) o.progress(p);
+  }
+  AblationConcept out;
+  auto c = std::make_shared<Concept>();
+  c->name = o.name;
+  c->superclass = o.superclass;
+  c->superclass_token_id = superclass_id;
+  c->base_model_id = model.model_id;
+  c->default_gate = o.default_gate;
+  std::vector<at::Tensor> v;
+  for (size_t l = 0; l < layers.size(); ++l) {
+    c->layers.push_back({layers[l].name, layers[l].to_v->weight.size(0)});
+    if (which == Ablation::kNoKeyLock) {
+      v.push_back(v_edits[l]->o_star().detach()[0].clone());
+      out.k_targets.push_back(k_edits[l]->o_star().detach()[0].clone());
+    } else {
+      v.push_back(at::zeros({layers[l].to_v->weight.size(0)}));
+    }
+  }
+  c->v_targets = at::cat(v);
+  c->embedding = token->embedding().detach().clone();
+  if (which == Ablation::kNoKeyLock) {
+    c->i_star = v_edits[0]->i_star()[0].clone();
+    c->i_sup = v_edits[0]->i_sup()[0].clone();
+  } else {
+    // Not used by the embedding-only method (no edit); the concept token's last encoding, so the
+    // struct is complete.
+    const at::Tensor batch = at::arange(last_X.size(0), at::TensorOptions().dtype(at::kLong));
+    c->i_star = last_X.index({batch, last_index}).mean(0);
+    c->i_sup = c->i_star.clone();
+  }
+  c->info["method"] = which == Ablation::kNoKeyLock ? "no-key-lock" : "embedding-only";
+  c->info["final_loss"] = std::to_string(p.loss_ema);
+  out.concept = c;
+  return out;
+}
+
+// Cross-attention K/V of one prompt for an ablation concept.
+std::vector<CrossAttnKV> AblationKV(const Pipeline& pipe, const std::string& prompt, const AblationConcept& ac,
+                                    Ablation which, const GateParams& gate) {
+  c10::InferenceMode guard;
+  StableDiffusion& m = pipe.model();
+  std::map<std::string, ConceptRef> refs;
+  refs[ac.concept->name].concept = ac.concept;
+  const PromptTokens t = pipe.Tokenize(prompt, refs);
+  const at::Tensor ids = at::tensor(t.ids, at::TensorOptions().dtype(at::kLong)).reshape({1, -1});
+  const at::Tensor X = m.text_encoder->forward_embeds(
+      EmbedWithConcepts(m.text_encoder->token_embedding_weight(), ids, ac.concept->embedding.unsqueeze(0)));
+  if (which == Ablation::kEmbeddingOnly || t.concepts.empty()) return m.unet->precompute_kv(X);
+  const auto layers = m.unet->cross_attention_layers();
+  const at::Tensor I = ac.concept->i_star.unsqueeze(0);
+  const ConceptGates g = ComputeConceptGates(X, I, m.c_inv, {gate});
+  std::vector<CrossAttnKV> kv;
+  for (size_t l = 0; l < layers.size(); ++l) {
+    kv.push_back({ApplyRank1Edit(X, layers[l].to_k->weight, I, ac.k_targets[l].unsqueeze(0), g),
+                  ApplyRank1Edit(X, layers[l].to_v->weight, I, ac.concept->v_target(l).unsqueeze(0), g)});
+  }
+  return kv;
+}
+
+// The pipeline's sampling loop for precomputed K/V: request r gets counts[r] images from noise drawn
+// with its seed exactly as Pipeline::Generate draws it, so methods compare on the same noise.
+std::vector<std::vector<at::Tensor>> SampleWithKV(const Pipeline& pipe, const std::vector<std::vector<CrossAttnKV>>& cond,
+                                                  const std::vector<uint64_t>& seeds, int64_t n, int64_t steps,
+                                                  double guidance, const std::string& sampler_name) {
+  c10::InferenceMode guard;
+  StableDiffusion& m = pipe.model();
+  const int64_t f = m.vae->downsample_factor(), H = m.image_size(), C = m.latent_channels();
+  const auto uncond = pipe.PromptKV("", {});
+  std::vector<at::Tensor> noise;
+  for (uint64_t s : seeds) {
+    for (int64_t k = 0; k < n; ++k) {  // image k of a request: seed + k, as Pipeline::Generate draws it
+      at::Generator gen = MakeGenerator(s + static_cast<uint64_t>(k));
+      noise.push_back(at::randn({1, C, H / f, H / f}, gen, at::TensorOptions().dtype(at::kFloat)));
+    }
+  }
+  const bool cfg = guidance > 1.0;
+  const size_t R = cond.size();
+  std::vector<CrossAttnKV> kv(cond[0].size());
+  for (size_t l = 0; l < kv.size(); ++l) {
+    std::vector<at::Tensor> ks, vs;
+    for (int pass = cfg ? 0 : 1; pass < 2; ++pass) {
+      for (size_t r = 0; r < R; ++r) {
+        const CrossAttnKV& src = pass == 0 ? uncond[l] : cond[r][l];
+        ks.push_back(src.k.expand({n, src.k.size(1), src.k.size(2)}));
+        vs.push_back(src.v.expand({n, src.v.size(1), src.v.size(2)}));
+      }
+    }
+    kv[l] = {at::cat(ks), at::cat(vs)};
+  }
+  auto sampler = MakeSampler(sampler_name, m.scheduler);
+  sampler->set_timesteps(steps);
+  at::Tensor x = sampler->initial_latents(at::cat(noise));
+  for (int64_t i = 0; i < sampler->num_inference_steps(); ++i) {
+    at::Tensor xin = sampler->scale_model_input(x, i);
+    if (cfg) xin = at::cat({xin, xin});
+    at::Tensor eps = m.unet->forward(xin, sampler->timesteps()[i].expand({xin.size(0)}), kv);
+    if (cfg) {
+      auto parts = eps.chunk(2);
+      eps = parts[0] + guidance * (parts[1] - parts[0]);
+    }
+    x = sampler->step(eps, i, x).prev_sample;
+  }
+  const at::Tensor images = m.vae->decode(x / m.vae->scaling_factor()).clamp(-1, 1).cpu();
+  std::vector<std::vector<at::Tensor>> out(R);
+  for (size_t r = 0; r < R; ++r) {
+    for (int64_t k = 0; k < n; ++k) out[r].push_back(images[r * n + k].clone());
+  }
+  return out;
+}
+
+// ---- The evaluation -------------------------------------------------------------------------------
+
+struct Method {
+  std::string key, title;
+};
+
+const std::vector<Method>& Methods() {
+  static const std::vector<Method> m = {
+      {"render", "Reference: the prompt rendered by the shapes world"},
+      {"render_vae", "Reference: that render through the model's VAE"},
+      {"base", "Base model, superclass word"},
+      {"ti", "Embedding only (Textual Inversion)"},
+      {"nolock", "Perfusion without key-lock"},
+      {"perfusion", "Perfusion (local key-lock)"},
+      {"global", "Perfusion (global key-lock)"},
+  };
+  return m;
+}
+
+struct ConceptRun {
+  ConceptSpec spec;
+  int index = 0;  // in BuiltinConcepts() (the presence head's order)
+  std::vector<Image> train_images;
+  at::Tensor reference;  // mean classifier features of the training images
+  std::shared_ptr<Concept> perfusion;
+  std::optional<AblationConcept> ti, nolock;
+  std::vector<EvalPrompt> prompts;
+  std::map<std::string, std::vector<std::vector<at::Tensor>>> images;  // method -> prompt -> images
+  std::map<std::string, std::vector<Score>> scores;                    // method -> prompt -> score
+  std::map<std::string, double> train_seconds;
+};
+
+class Evaluation {
+ public:
+  Evaluation(const Args& a, std::shared_ptr<StableDiffusion> model, ShapesClassifier classifier)
+      : a_(a), model_(std::move(model)), pipe_(model_), clf_(std::move(classifier)) {}
+
+  void Run(const std::vector<ConceptSpec>& specs) {
+    const auto builtin = BuiltinConcepts();
+    for (size_t i = 0; i < specs.size(); ++i) {
+      ConceptRun r;
+      r.spec = specs[i];
+      for (size_t k = 0; k < builtin.size(); ++k) {
+        if (builtin[k].name == specs[i].name) r.index = static_cast<int>(k);
+      }
+      r.prompts = HeldOutPrompts(r.spec);
+      runs_.push_back(std::move(r));
+    }
+    CheckSampler();
+    BaseModelCheck();
+    for (size_t i = 0; i < runs_.size(); ++i) Train(runs_[i], i);
+    for (auto& r : runs_) GenerateAll(r);
+    if (a_.sweep) Sweep();
+    TwoConcepts();
+  }
+
+  void WriteReport(const std::string& command) const;
+
+ private:
+  std::vector<at::Tensor> Generate(const std::string& prompt, const std::map<std::string, ConceptRef>& refs, uint64_t seed) {
+    GenerationRequest req;
+    req.prompt = prompt;
+    req.concepts = refs;
+    req.steps = a_.gen_steps;
+    req.guidance_scale = a_.guidance;
+    req.seed = seed;
+    req.num_images = a_.per_prompt;
+    req.sampler = a_.sampler;
+    return pipe_.Generate({req})[0].images;
+  }
+
+  // The ablations sample with SampleWithKV; it must agree with Pipeline::Generate on the same K/V,
+  // or the methods would not be compared on equal terms.
+  void CheckSampler() {
+    const std::string prompt = "a small star in the top left on a blue background";
+    GenerationRequest req;
+    req.prompt = prompt;
+    req.steps = 3;
+    req.guidance_scale = a_.guidance;
+    req.seed = 99;
+    req.num_images = 2;
+    req.sampler = a_.sampler;
+    const auto ref = pipe_.Generate({req})[0].images;
+    const auto mine = SampleWithKV(pipe_, {pipe_.PromptKV(prompt, {})}, {99}, 2, 3, a_.guidance, a_.sampler)[0];
+    double diff = 0;
+    for (size_t i = 0; i < ref.size(); ++i) diff = std::max(diff, (ref[i] - mine[i]).abs().max().item<double>());
+    Log("sampler check: the ablation sampler matches Pipeline::Generate to %.2e", diff);
+    TORCH_CHECK(diff < 1e-4, "the ablation sampling loop differs from Pipeline::Generate by ", diff);
+  }
+
+  // How well the base model follows its own training language: one image for each of
+  // kBaseCheckScenes one-object base scenes, prompted with the caption that names every attribute,
+  // read back by the classifier (and the classifier on the true renders, for reference).
+  static constexpr int kBaseCheckScenes = 48;
+  void BaseModelCheck() {
+    const auto t0 = Clock::now();
+    std::vector<GenerationRequest> reqs;
+    std::vector<SceneSpec> scenes;
+    std::vector<at::Tensor> renders;
+    for (uint64_t i = 0; scenes.size() < kBaseCheckScenes; ++i) {
+      SceneSpec s = SampleScene(DeriveSeed(a_.seed, 9000 + i));
+      if (s.objects.size() != 1) continue;
+      GenerationRequest req;
+      req.prompt = Caption(s, 0);
+      req.steps = a_.gen_steps;
+      req.guidance_scale = a_.guidance;
+      req.seed = DeriveSeed(a_.seed, 9500 + i);
+      req.num_images = 1;
+      req.sampler = a_.sampler;
+      reqs.push_back(req);
+      renders.push_back(ImageToTensor(Render(s, static_cast<int>(model_->image_size()))));
+      scenes.push_back(s);
+    }
+    std::vector<at::Tensor> gen;
+    for (auto& r : pipe_.Generate(reqs)) gen.push_back(r.images[0]);
+    const auto pg = Predict(clf_, StackImages(gen)), pr = Predict(clf_, StackImages(renders));
+    for (size_t i = 0; i < scenes.size(); ++i) {
+      const ClassifierLabels l = ClassifierLabelsFor(scenes[i]);
+      for (int h = 0; h < kNumHeads; ++h) {
+        base_check_generated_[h] += pg[i].label[h] == l.head[h];
+        base_check_render_[h] += pr[i].label[h] == l.head[h];
+      }
+      if (i < 16) {
+        base_check_images_[0].push_back(TensorToImage(renders[i]));
+        base_check_images_[1].push_back(TensorToImage(gen[i]));
+        base_check_prompts_.push_back(reqs[i].prompt);
+      }
+    }
+    std::string line;
+    for (int h = 0; h < kNumHeads; ++h) {
+      line += " " + HeadName(static_cast<Head>(h)) + " " + Pct(double(base_check_generated_[h]) / scenes.size());
+    }
+    Log("base model on %zu full captions (classifier agrees with the caption):%s (%.1f s)", scenes.size(),
+        line.c_str(), std::chrono::duration<double>(Clock::now() - t0).count());
+  }
+
+  uint64_t PromptSeed(size_t prompt_index) const { return DeriveSeed(a_.seed, 5000 + prompt_index); }
+
+  TrainOptions Options(const ConceptRun& r, size_t i, const char* method) {
+    TrainOptions o;
+    o.name = r.spec.name;
+    o.superclass = r.spec.superclass;
+    o.steps = a_.steps;
+    o.batch_size = a_.batch;
+    o.seed = DeriveSeed(a_.seed, 200 + i);
+    const std::string what = r.spec.name + " / " + method;
+    const int64_t every = std::max<int64_t>(1, a_.steps / 4);
+    o.progress = [what, every](const TrainProgress& p) {
+      if (p.step % every == 0 || p.step == p.total) {
+        Log("  train %s: step %lld/%lld  loss %.4f  %.1f s, ETA %.0f s", what.c_str(), (long long)p.step,
+            (long long)p.total, p.loss_ema, p.elapsed_s, p.eta_s);
+      }
+      return true;
+    };
+    return o;
+  }
+
+  void Train(ConceptRun& r, size_t i) {
+    Log("concept %zu/%zu %s (%s): rendering %d training images", i + 1, runs_.size(), r.spec.name.c_str(),
+        r.spec.description.c_str(), a_.images);
+    std::vector<at::Tensor> images;
+    for (const Sample& s : RenderConcept(r.spec, a_.images, DeriveSeed(a_.seed, 100 + i), 32)) {
+      r.train_images.push_back(s.image);
+      images.push_back(ImageToTensor(s.image));
+    }
+    at::Tensor feats;
+    for (const auto& p : Predict(clf_, StackImages(images))) feats = feats.defined() ? feats + p.features : p.features.clone();
+    r.reference = feats / static_cast<double>(images.size());
+    auto t0 = Clock::now();
+    r.perfusion = std::make_shared<Concept>(TrainConcept(*model_, images, Options(r, i, "perfusion")));
+    r.train_seconds["perfusion"] = std::chrono::duration<double>(Clock::now() - t0).count();
+    if (!a_.ablations) return;
+    const double ti_lr = a_.ti_lr > 0 ? a_.ti_lr : TrainOptions().lr_embedding;
+    t0 = Clock::now();
+    r.ti = TrainAblation(*model_, images, Options(r, i, "embedding only"), Ablation::kEmbeddingOnly, ti_lr);
+    r.train_seconds["ti"] = std::chrono::duration<double>(Clock::now() - t0).count();
+    t0 = Clock::now();
+    r.nolock = TrainAblation(*model_, images, Options(r, i, "no key-lock"), Ablation::kNoKeyLock,
+                             TrainOptions().lr_embedding);
+    r.train_seconds["nolock"] = std::chrono::duration<double>(Clock::now() - t0).count();
+  }
+
+  // Generates and scores every prompt of `r` with one method.
+  void GenerateMethod(ConceptRun& r, const std::string& method) {
+    const auto t0 = Clock::now();
+    std::vector<std::vector<at::Tensor>> per_prompt;
+    if (method == "render" || method == "render_vae") {
+      // What a perfect model would draw: the concept in the prompt's context, rendered by the world
+      // (and, for render_vae, encoded and decoded by the model's VAE: the best its decoder can show).
+      for (size_t p = 0; p < r.prompts.size(); ++p) {
+        std::vector<at::Tensor> imgs;
+        for (int k = 0; k < a_.per_prompt; ++k) {
+          SceneSpec scene = SampleConceptScene(r.spec, DeriveSeed(PromptSeed(p), k));
+          const EvalPrompt& ep = r.prompts[p];
+          if (ep.background) scene.background = *ep.background;
+          if (ep.position) scene.objects[0].position = *ep.position;
+          if (ep.size) scene.objects[0].size = *ep.size;
+          imgs.push_back(ImageToTensor(Render(scene, static_cast<int>(model_->image_size()))));
+        }
+        if (method == "render_vae") {
+          c10::InferenceMode guard;
+          const at::Tensor x = at::stack(imgs).to(model_->device, model_->dtype);
+          const at::Tensor y = model_->vae->decode(model_->vae->encode(x).mode()).to(at::kFloat).clamp(-1, 1).cpu();
+          for (int k = 0; k < a_.per_prompt; ++k) imgs[k] = y[k].clone();
+        }
+        per_prompt.push_back(imgs);
+      }
+    } else if (method == "base" || method == "perfusion" || method == "global") {
+      std::vector<GenerationRequest> reqs;
+      for (size_t p = 0; p < r.prompts.size(); ++p) {
+        GenerationRequest req;
+        req.prompt = r.prompts[p].text;
+        if (method == "base") {
+          req.prompt = ReplaceAll(req.prompt, "<" + r.spec.name + ">", r.spec.superclass);
+        } else {
+          ConceptRef ref;
+          ref.concept = r.perfusion;
+          ref.gate.temperature = 0;  // the concept's default gate
+          ref.global_key_lock = method == "global";
+          req.concepts[r.spec.name] = ref;
+        }
+        req.steps = a_.gen_steps;
+        req.guidance_scale = a_.guidance;
+        req.seed = PromptSeed(p);
+        req.num_images = a_.per_prompt;
+        req.sampler = a_.sampler;
+        reqs.push_back(req);
+      }
+      for (auto& res : pipe_.Generate(reqs)) per_prompt.push_back(res.images);
+    } else {
+      const Ablation which = method == "ti" ? Ablation::kEmbeddingOnly : Ablation::kNoKeyLock;
+      const AblationConcept& ac = method == "ti" ? *r.ti : *r.nolock;
+      std::vector<std::vector<CrossAttnKV>> kv;
+      std::vector<uint64_t> seeds;
+      for (size_t p = 0; p < r.prompts.size(); ++p) {
+        kv.push_back(AblationKV(pipe_, r.prompts[p].text, ac, which, ac.concept->default_gate));
+        seeds.push_back(PromptSeed(p));
+      }
+      per_prompt = SampleWithKV(pipe_, kv, seeds, a_.per_prompt, a_.gen_steps, a_.guidance, a_.sampler);
+    }
+    std::vector<Score> scores;
+    for (size_t p = 0; p < r.prompts.size(); ++p) {
+      scores.push_back(ScoreImages(Predict(clf_, StackImages(per_prompt[p])), r.prompts[p], r.index, r.reference));
+    }
+    Score total;
+    for (const auto& s : scores) total.Add(s);
+    Log("  %s / %-9s fidelity %4s  alignment %4s  similarity %.3f  (%d images, %.1f s)", r.spec.name.c_str(),
+        method.c_str(), Pct(total.Fidelity()).c_str(), Pct(total.Alignment()).c_str(), total.Similarity(), total.n,
+        std::chrono::duration<double>(Clock::now() - t0).count());
+    r.images[method] = std::move(per_prompt);
+    r.scores[method] = std::move(scores);
+  }
+
+  void GenerateAll(ConceptRun& r) {
+    Log("generating %s: %zu prompts x %d images per method", r.spec.name.c_str(), r.prompts.size(), a_.per_prompt);
+    for (const auto& m : Methods()) {
+      if (!a_.ablations && (m.key == "ti" || m.key == "nolock")) continue;
+      GenerateMethod(r, m.key);
+    }
+  }
+
+  void Sweep() {
+    ConceptRun* r = &runs_[0];
+    for (auto& x : runs_) {
+      if (x.spec.name == a_.sweep_concept) r = &x;
+    }
+    sweep_concept_ = r->spec.name;
+    Log("beta/tau sweep of %s: %zu betas x %zu temperatures", r->spec.name.c_str(), a_.betas.size(), a_.taus.size());
+    for (double tau : a_.taus) {
+      for (double beta : a_.betas) {
+        std::vector<GenerationRequest> reqs;
+        for (size_t p = 0; p < r->prompts.size(); ++p) {
+          GenerationRequest req;
+          req.prompt = r->prompts[p].text;
+          ConceptRef ref;
+          ref.concept = r->perfusion;
+          ref.gate = GateParams{beta, tau};
+          req.concepts[r->spec.name] = ref;
+          req.steps = a_.gen_steps;
+          req.guidance_scale = a_.guidance;
+          req.seed = PromptSeed(p);
+          req.num_images = a_.per_prompt;
+          req.sampler = a_.sampler;
+          reqs.push_back(req);
+        }
+        const auto results = pipe_.Generate(reqs);
+        Score total;
+        for (size_t p = 0; p < r->prompts.size(); ++p) {
+          total.Add(ScoreImages(Predict(clf_, StackImages(results[p].images)), r->prompts[p], r->index, r->reference));
+        }
+        sweep_.push_back({beta, tau, total});
+        Log("  beta %.2f tau %.2f: fidelity %4s alignment %4s", beta, tau, Pct(total.Fidelity()).c_str(),
+            Pct(total.Alignment()).c_str());
+      }
+    }
+  }
+
+  void TwoConcepts() {
+    if (runs_.size() < 2) return;
+    for (size_t a = 0; a + 1 < runs_.size(); a += 2) {
+      const ConceptRun& x = runs_[a];
+      const ConceptRun& y = runs_[a + 1];
+      const auto bgs = ContrastingBackgrounds({x.spec.color, x.spec.color2, y.spec.color, y.spec.color2});
+      const std::string ra = "<" + x.spec.name + ">", rb = "<" + y.spec.name + ">";
+      std::vector<std::string> prompts = {"a " + ra + " and a " + rb, "a " + ra + " to the left of a " + rb};
+      if (!bgs.empty()) prompts.push_back("a " + ra + " above a " + rb + " on a " + ColorName(bgs[0]) + " background");
+      for (bool global : {false, true}) {
+        std::map<std::string, ConceptRef> refs;
+        for (const ConceptRun* c : {&x, &y}) {
+          ConceptRef ref;
+          ref.concept = c->perfusion;
+          ref.gate.temperature = 0;
+          ref.global_key_lock = global;
+          refs[c->spec.name] = ref;
+        }
+        PairResult pr;
+        pr.a = x.spec.name;
+        pr.b = y.spec.name;
+        pr.global = global;
+        for (size_t p = 0; p < prompts.size(); ++p) {
+          const auto imgs = Generate(prompts[p], refs, DeriveSeed(a_.seed, 7000 + p));
+          const auto preds = Predict(clf_, StackImages(imgs));
+          for (const auto& q : preds) {
+            const bool ha = ShowsConcept(q, x.index), hb = ShowsConcept(q, y.index);
+            ++pr.n, pr.both += ha && hb, pr.only_a += ha && !hb, pr.only_b += hb && !ha;
+          }
+          pr.prompts.push_back(prompts[p]);
+          pr.images.push_back(imgs);
+        }
+        Log("two concepts %s + %s (%s key-lock): both present %s, only the first %s, only the second %s",
+            pr.a.c_str(), pr.b.c_str(), global ? "global" : "local", Pct(double(pr.both) / pr.n).c_str(),
+            Pct(double(pr.only_a) / pr.n).c_str(), Pct(double(pr.only_b) / pr.n).c_str());
+        pairs_.push_back(std::move(pr));
+      }
+    }
+  }
+
+  struct SweepPoint {
+    double beta, tau;
+    Score score;
+  };
+  struct PairResult {
+    std::string a, b;
+    bool global = false;
+    int n = 0, both = 0, only_a = 0, only_b = 0;
+    std::vector<std::string> prompts;
+    std::vector<std::vector<at::Tensor>> images;
+  };
+
+  const Args& a_;
+  std::shared_ptr<StableDiffusion> model_;
+  Pipeline pipe_;
+  mutable ShapesClassifier clf_;
+  std::vector<ConceptRun> runs_;
+  std::vector<SweepPoint> sweep_;
+  std::string sweep_concept_;
+  std::vector<PairResult> pairs_;
+  std::array<int, kNumHeads> base_check_generated_{}, base_check_render_{};
+  std::array<std::vector<Image>, 2> base_check_images_;
+  std::vector<std::string> base_check_prompts_;
+};
+
+std::vector<Image> ToImages(const std::vector<at::Tensor>& t) {
+  std::vector<Image> out;
+  for (const auto& x : t) out.push_back(TensorToImage(x));
+  return out;
+}
+
+std::string MdEscape(const std::string& s) { return ReplaceAll(ReplaceAll(s, "<", "&lt;"), ">", "&gt;"); }
+
+void Evaluation::WriteReport(const std::string& command) const {
+  const std::string& out = a_.out;
+  MakeDirs(out);
+  std::ostringstream md;
+  std::time_t now = std::time(nullptr);
+  char date[32];
+  std::strftime(date, sizeof(date), "%Y-%m-%d", std::gmtime(&now));
+  md << "# Perfusion quality report\n\n"
+     << "Reproduce:\n\n```\n" << command << "\n```\n\n"
+     << "Model `" << model_->model_id << "` (" << a_.model << "), classifier `" << a_.classifier << "`, " << date
+     << ", " << Fmt(Elapsed() / 60, 1) << " min on " << at::get_num_threads() << " thread(s).\n\n"
+     << "Each concept: " << a_.images << " training renders, " << a_.steps << " steps of batch " << a_.batch
+     << " per method; " << a_.per_prompt << " images per held-out prompt, " << a_.gen_steps << " " << a_.sampler
+     << " steps, guidance " << a_.guidance << ". Fidelity: the classifier's presence head says the concept's "
+     << "object is in the image. Alignment: every attribute the prompt asks for (background colour, position, size) "
+     << "is what the classifier reads. Similarity: cosine of the classifier's features to the mean features of the "
+     << "training images. See docs/quality.md for the definitions.\n\n";
+
+  // Summary over concepts.
+  md << "## Summary (all concepts)\n\n"
+     << "| method | fidelity | alignment | background | position | size | similarity | train s/concept |\n"
+     << "|---|---|---|---|---|---|---|---|\n";
+  for (const auto& m : Methods()) {
+    Score total;
+    double secs = 0;
+    bool any = false;
+    for (const auto& r : runs_) {
+      auto it = r.scores.find(m.key);
+      if (it == r.scores.end()) continue;
+      any = true;
+      for (const auto& s : it->second) total.Add(s);
+      auto ts = r.train_seconds.find(m.key == "global" ? "perfusion" : m.key);
+      if (ts != r.train_seconds.end()) secs += ts->second;
+    }
+    if (!any) continue;
+    md << "| " << m.title << " | " << Pct(total.Fidelity()) << " | " << Pct(total.Alignment()) << " | "
+       << Pct(Score::Frac(total.bg_ok, total.bg_n)) << " | " << Pct(Score::Frac(total.pos_ok, total.pos_n)) << " | "
+       << Pct(Score::Frac(total.size_ok, total.size_n)) << " | " << Fmt(total.Similarity(), 3) << " | "
+       << (secs == 0 ? std::string("-") : Fmt(secs / runs_.size(), 0)) << " |\n";
+  }
+  md << "\n(" << runs_.size() << " concepts x " << (runs_.empty() ? 0 : runs_[0].prompts.size()) << " prompts x "
+     << a_.per_prompt << " images per method.)\n\n";
+
+  // The base model's own prompt following.
+  md << "## Base model: following its training captions\n\n" << kBaseCheckScenes
+     << " one-object base scenes, each prompted with the caption that names every attribute (one image each). "
+     << "The table gives how often the classifier reads back what the caption says, on the generated image and, "
+     << "for reference, on the true render.\n\n| |";
+  for (int h = 0; h < kNumHeads; ++h) md << " " << HeadName(static_cast<Head>(h)) << " |";
+  md << "\n|---|";
+  for (int h = 0; h < kNumHeads; ++h) md << "---|";
+  md << "\n| generated |";
+  for (int h = 0; h < kNumHeads; ++h) md << " " << Pct(double(base_check_generated_[h]) / kBaseCheckScenes) << " |";
+  md << "\n| true render |";
+  for (int h = 0; h < kNumHeads; ++h) md << " " << Pct(double(base_check_render_[h]) / kBaseCheckScenes) << " |";
+  md << "\n\n![Base model: renders (top) and generations (bottom) for the same captions](base_model.png)\n\n"
+     << "Captions of the grid's columns: ";
+  for (size_t i = 0; i < base_check_prompts_.size(); ++i) md << (i ? "; " : "") << (i + 1) << ". `" << base_check_prompts_[i] << "`";
+  md << ".\n\n";
+  {
+    GridOptions g;
+    g.row_labels = {"render", "generated"};
+    std::vector<std::string> cols;
+    for (size_t i = 0; i < base_check_prompts_.size(); ++i) cols.push_back(std::to_string(i + 1));
+    g.col_labels = cols;
+    g.title = "base model: caption -> image";
+    WritePng(out + "/base_model.png", ImageGrid({base_check_images_[0], base_check_images_[1]}, g));
+  }
+
+  // Per concept.
+  md << "## Per concept (fidelity / alignment)\n\n| concept | training images |";
+  for (const auto& m : Methods()) md << " " << m.key << " |";
+  md << "\n|---|---|";
+  for (size_t i = 0; i < Methods().size(); ++i) md << "---|";
+  md << "\n";
+  for (const auto& r : runs_) {
+    md << "| " << r.spec.name << " | ![](train_" << r.spec.name << ".png) |";
+    for (const auto& m : Methods()) {
+      auto it = r.scores.find(m.key);
+      if (it == r.scores.end()) {
+        md << " - |";
+        continue;
+      }
+      Score t;
+      for (const auto& s : it->second) t.Add(s);
+      md << " " << Pct(t.Fidelity()) << " / " << Pct(t.Alignment()) << " |";
+    }
+    md << "\n";
+    GridOptions tg;
+    tg.scale = 2;
+    tg.pad = 2;
+    WritePng(out + "/train_" + r.spec.name + ".png", ImageGrid({r.train_images}, tg));
+  }
+  md << "\nMethods: ";
+  for (size_t i = 0; i < Methods().size(); ++i) md << (i ? ", " : "") << "`" << Methods()[i].key << "` = " << Methods()[i].title;
+  md << ".\n\n";
+
+  // Per prompt, and the grids.
+  md << "## Generations\n\n";
+  for (const auto& r : runs_) {
+    md << "### " << r.spec.name << "\n\n" << r.spec.description << ".\n\n| prompt | asks for |";
+    for (const auto& m : Methods()) {
+      if (r.scores.count(m.key)) md << " " << m.key << " |";
+    }
+    md << "\n|---|---|";
+    for (const auto& m : Methods()) {
+      if (r.scores.count(m.key)) md << "---|";
+    }
+    md << "\n";
+    for (size_t p = 0; p < r.prompts.size(); ++p) {
+      const auto& ep = r.prompts[p];
+      std::string asks;
+      auto add = [&](const std::string& x) { asks += (asks.empty() ? "" : ", ") + x; };
+      if (ep.background) add("background " + ColorName(*ep.background));
+      if (ep.position) add("position " + PositionName(*ep.position));
+      if (ep.size) add("size " + SizeName(*ep.size));
+      md << "| P" << p + 1 << ": `" << ep.text << "` | " << asks << " |";
+      for (const auto& m : Methods()) {
+        auto it = r.scores.find(m.key);
+        if (it == r.scores.end()) continue;
+        md << " " << Pct(it->second[p].Fidelity()) << " / " << Pct(it->second[p].Alignment()) << " |";
+      }
+      md << "\n";
+    }
+    // Perfusion: every prompt, every image.
+    std::vector<std::vector<Image>> rows;
+    std::vector<std::string> labels;
+    for (size_t p = 0; p < r.prompts.size(); ++p) {
+      rows.push_back(ToImages(r.images.at("perfusion")[p]));
+      labels.push_back("P" + std::to_string(p + 1));
+    }
+    GridOptions g;
+    g.row_labels = labels;
+    g.title = r.spec.name + ": Perfusion, held-out prompts";
+    WritePng(out + "/gen_" + r.spec.name + ".png", ImageGrid(rows, g));
+    // Methods side by side: two images of every prompt per method.
+    std::vector<std::vector<Image>> mrows;
+    std::vector<std::string> mlabels, clabels;
+    for (size_t p = 0; p < r.prompts.size(); ++p) {
+      for (int k = 0; k < std::min(2, a_.per_prompt); ++k) clabels.push_back(k == 0 ? "P" + std::to_string(p + 1) : "");
+    }
+    for (const auto& m : Methods()) {
+      auto it = r.images.find(m.key);
+      if (it == r.images.end()) continue;
+      std::vector<Image> row;
+      for (size_t p = 0; p < r.prompts.size(); ++p) {
+        for (int k = 0; k < std::min(2, a_.per_prompt); ++k) row.push_back(TensorToImage(it->second[p][k]));
+      }
+      mrows.push_back(row);
+      mlabels.push_back(m.key);
+    }
+    GridOptions gm;
+    gm.row_labels = mlabels;
+    gm.col_labels = clabels;
+    gm.title = r.spec.name + ": methods";
+    WritePng(out + "/methods_" + r.spec.name + ".png", ImageGrid(mrows, gm));
+    md << "\n![Perfusion generations](gen_" << r.spec.name << ".png)\n\n![Methods compared](methods_" << r.spec.name
+       << ".png)\n\n";
+  }
+
+  // Sweep.
+  if (!sweep_.empty()) {
+    md << "## Gate sweep (" << sweep_concept_ << ")\n\nbeta is the gate's threshold on the normalised similarity "
+       << "alpha, tau its temperature. Lower beta / higher tau open the gate wider (more of the concept, also on "
+       << "tokens that merely resemble it).\n\n| tau \\ beta |";
+    for (double b : a_.betas) md << " " << Fmt(b) << " |";
+    md << "\n|---|";
+    for (size_t i = 0; i < a_.betas.size(); ++i) md << "---|";
+    md << "\n";
+    std::vector<Series> series;
+    for (size_t t = 0; t < a_.taus.size(); ++t) {
+      Series s;
+      s.label = "perfusion tau=" + Fmt(a_.taus[t]);
+      s.color = PaletteColor(static_cast<int>(t));
+      md << "| " << Fmt(a_.taus[t]) << " |";
+      for (const auto& p : sweep_) {
+        if (p.tau != a_.taus[t]) continue;
+        md << " " << Pct(p.score.Fidelity()) << " / " << Pct(p.score.Alignment()) << " |";
+        s.x.push_back(p.score.Alignment());
+        s.y.push_back(p.score.Fidelity());
+        s.point_labels.push_back("b" + Fmt(p.beta, 2).substr(1));
+      }
+      md << "\n";
+      series.push_back(s);
+    }
+    // The other methods on the same concept, as single points.
+    const ConceptRun* r = nullptr;
+    for (const auto& x : runs_) {
+      if (x.spec.name == sweep_concept_) r = &x;
+    }
+    const Marker markers[] = {Marker::kSquare, Marker::kDiamond, Marker::kTriangle, Marker::kCircle};
+    int k = 0;
+    for (const auto& m : Methods()) {
+      if (m.key == "perfusion" || !r->scores.count(m.key)) continue;
+      Score t;
+      for (const auto& s : r->scores.at(m.key)) t.Add(s);
+      Series s;
+      s.label = m.key;
+      s.x = {t.Alignment()};
+      s.y = {t.Fidelity()};
+      s.line = false;
+      s.marker = markers[k % 4];
+      s.color = PaletteColor(4 + k++);
+      series.push_back(s);
+    }
+    ChartOptions co;
+    co.title = "Fidelity vs alignment: " + sweep_concept_;
+    co.x_label = "prompt alignment";
+    co.y_label = "concept fidelity";
+    co.x_min = -0.02, co.x_max = 1.02, co.y_min = -0.02, co.y_max = 1.02;
+    WritePng(out + "/sweep.png", LineChart(series, co));
+    md << "\n(fidelity / alignment per cell.)\n\n![Gate sweep](sweep.png)\n\n";
+  }
+
+  // Two concepts.
+  if (!pairs_.empty()) {
+    md << "## Two concepts in one prompt\n\n| concepts | key-lock | both present | only the first | only the second | images |\n"
+       << "|---|---|---|---|---|---|\n";
+    for (const auto& p : pairs_) {
+      md << "| " << p.a << " + " << p.b << " | " << (p.global ? "global" : "local") << " | " << Pct(double(p.both) / p.n)
+         << " | " << Pct(double(p.only_a) / p.n) << " | " << Pct(double(p.only_b) / p.n) << " | " << p.n << " |\n";
+    }
+    md << "\nPrompts:";
+    std::vector<std::vector<Image>> rows;
+    std::vector<std::string> labels;
+    for (const auto& p : pairs_) {
+      if (p.global) continue;
+      for (size_t i = 0; i < p.prompts.size(); ++i) {
+        md << " `" << p.prompts[i] << "`;";
+        rows.push_back(ToImages(p.images[i]));
+        labels.push_back(p.a.substr(0, p.a.find('_')) + "+" + p.b.substr(0, p.b.find('_')) + " " + std::to_string(i + 1));
+      }
+    }
+    md << " (local key-lock in the grid).\n\n![Two concepts](two_concepts.png)\n";
+    GridOptions g;
+    g.row_labels = labels;
+    g.title = "two concepts";
+    WritePng(out + "/two_concepts.png", ImageGrid(rows, g));
+  }
+  WriteFileAtomically(out + "/report.md", md.str());
+  Log("wrote %s/report.md", out.c_str());
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Args a;
+  for (int i = 1; i < argc; ++i) {
+    std::string k = argv[i];
+    auto v = [&]() -> std::string {
+      if (i + 1 >= argc) {
+        std::fprintf(stderr, "%s needs a value (see --help)\n", k.c_str());
+        std::exit(2);
+      }
+      return argv[++i];
+    };
+    try {
+      if (k == "--help" || k == "-h") {
+        Usage();
+        return 0;
+      } else if (k == "--model") a.model = v();
+      else if (k == "--classifier") a.classifier = v();
+      else if (k == "--out") a.out = v();
+      else if (k == "--tokenizer-dir") a.tokenizer_dir = v();
+      else if (k == "--concepts") a.concepts = v();
+      else if (k == "--images") a.images = std::stoi(v());
+      else if (k == "--steps") a.steps = std::stoll(v());
+      else if (k == "--batch") a.batch = std::stoll(v());
+      else if (k == "--ti-lr") a.ti_lr = std::stod(v());
+      else if (k == "--per-prompt") a.per_prompt = std::stoi(v());
+      else if (k == "--gen-steps") a.gen_steps = std::stoll(v());
+      else if (k == "--guidance") a.guidance = std::stod(v());
+      else if (k == "--sampler") a.sampler = v();
+      else if (k == "--seed") a.seed = std::stoull(v());
+      else if (k == "--sweep-concept") a.sweep_concept = v();
+      else if (k == "--betas") a.betas = ParseDoubles(v());
+      else if (k == "--taus") a.taus = ParseDoubles(v());
+      else if (k == "--no-ablations") a.ablations = false;
+      else if (k == "--no-sweep") a.sweep = false;
+      else if (k == "--threads") a.threads = std::stoi(v());
+      else {
+        std::fprintf(stderr, "unknown argument %s (see --help)\n", k.c_str());
+        return 2;
+      }
+    } catch (const std::logic_error&) {
+      std::fprintf(stderr, "%s: bad value '%s'\n", k.c_str(), argv[i]);
+      return 2;
+    }
+  }
+  if (a.images < 1 || a.steps < 1 || a.batch < 1 || a.per_prompt < 2 || a.gen_steps < 1 || a.betas.empty() ||
+      a.taus.empty()) {
+    std::fprintf(stderr, "need --images, --steps, --batch, --gen-steps >= 1, --per-prompt >= 2 and non-empty sweeps\n");
+    return 2;
+  }
+  if (a.classifier.empty()) a.classifier = a.model + "/eval/classifier.safetensors";
+  std::string command = "perfusion-evaluate";
+  for (int i = 1; i < argc; ++i) command += std::string(" ") + argv[i];
+  try {
+    if (a.threads > 0) at::set_num_threads(a.threads);
+    std::vector<ConceptSpec> specs;
+    if (a.concepts == "all") {
+      specs = BuiltinConcepts();
+    } else {
+      for (const auto& name : SplitList(a.concepts)) specs.push_back(FindConcept(name));
+    }
+    TORCH_CHECK_VALUE(!specs.empty(), "--concepts: no concepts");
+    if (a.sweep_concept.empty()) a.sweep_concept = specs[0].name;
+    ModelDirOptions mo;
+    mo.tokenizer_dir = a.tokenizer_dir;
+    auto model = LoadModelDir(a.model, mo);
+    TORCH_CHECK_VALUE(model->image_size() == 32, "the shapes harness expects a 32x32 model; ", a.model, " makes ",
+                      model->image_size(), "x", model->image_size(), " images");
+    ShapesClassifier clf = LoadShapesClassifier(a.classifier);
+    Log("model %s (%s), classifier %s, %zu concept(s), %d thread(s)", model->model_id.c_str(), a.model.c_str(),
+        a.classifier.c_str(), specs.size(), at::get_num_threads());
+    Evaluation eval(a, model, clf);
+    eval.Run(specs);
+    eval.WriteReport(command);
+    Log("done in %.1f min", Elapsed() / 60);
+    return 0;
+  } catch (const c10::Error& e) {
+    std::fprintf(stderr, "error: %s\n", e.what_without_backtrace());
+    return 1;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
+    return 1;
+  }
+}
