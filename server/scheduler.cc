@@ -12,6 +12,12 @@
 namespace perfusion::server {
 namespace {
 
+// Every WorkerService call on a lease the scheduler no longer holds answers this.
+absl::Status LeaseNotFound(const std::string& lease_id) {
+  return absl::NotFoundError(
+      absl::StrCat("lease_id: lease \"", lease_id, "\" is unknown or expired; drop the work"));
+}
+
 std::string Secs(absl::Duration d) { return absl::StrCat(absl::ToDoubleSeconds(d)); }
 
 const char* OutcomeOf(JobState s) {
@@ -692,8 +698,7 @@ absl::StatusOr<HeartbeatReply> Scheduler::Heartbeat(const std::string& lease_id,
     absl::MutexLock lock(&mu_);
     auto l = leases_.find(lease_id);
     if (l == leases_.end()) {
-      return absl::NotFoundError(
-          absl::StrCat("lease_id: lease \"", lease_id, "\" is unknown or expired; drop the work"));
+      return LeaseNotFound(lease_id);
     }
     const absl::Time now = clock_->Now();
     Lease& lease = l->second;
@@ -737,8 +742,7 @@ absl::StatusOr<ConceptRecord> Scheduler::CompleteTraining(const std::string& lea
     absl::MutexLock lock(&mu_);
     auto l = leases_.find(lease_id);
     if (l == leases_.end()) {
-      return absl::NotFoundError(
-          absl::StrCat("lease_id: lease \"", lease_id, "\" is unknown or expired; drop the work"));
+      return LeaseNotFound(lease_id);
     }
     if (!l->second.training) {
       return absl::FailedPreconditionError("lease_id: the lease is for a generation item");
@@ -767,8 +771,7 @@ absl::StatusOr<ConceptRecord> Scheduler::CompleteTraining(const std::string& lea
     absl::MutexLock lock(&mu_);
     auto l = leases_.find(lease_id);
     if (l == leases_.end()) {
-      return absl::NotFoundError(
-          absl::StrCat("lease_id: lease \"", lease_id, "\" is unknown or expired; drop the work"));
+      return LeaseNotFound(lease_id);
     }
     const absl::Time now = clock_->Now();
     JobRecord rec = active_[l->second.item_id].rec;
@@ -821,8 +824,7 @@ absl::Status Scheduler::CompleteGeneration(const std::string& lease_id,
     absl::MutexLock lock(&mu_);
     auto l = leases_.find(lease_id);
     if (l == leases_.end()) {
-      return absl::NotFoundError(
-          absl::StrCat("lease_id: lease \"", lease_id, "\" is unknown or expired; drop the work"));
+      return LeaseNotFound(lease_id);
     }
     if (l->second.training) {
       return absl::FailedPreconditionError("lease_id: the lease is for a training job");
@@ -862,8 +864,7 @@ absl::Status Scheduler::FailWork(const std::string& lease_id, const absl::Status
     absl::MutexLock lock(&mu_);
     auto l = leases_.find(lease_id);
     if (l == leases_.end()) {
-      return absl::NotFoundError(
-          absl::StrCat("lease_id: lease \"", lease_id, "\" is unknown or expired"));
+      return LeaseNotFound(lease_id);
     }
     Lease lease = l->second;
     if (lease.orphaned) {
@@ -919,8 +920,7 @@ absl::Status Scheduler::ReturnLease(const std::string& lease_id) {
     absl::MutexLock lock(&mu_);
     auto l = leases_.find(lease_id);
     if (l == leases_.end()) {
-      return absl::NotFoundError(
-          absl::StrCat("lease_id: lease \"", lease_id, "\" is unknown or expired"));
+      return LeaseNotFound(lease_id);
     }
     Lease lease = l->second;
     if (lease.orphaned) {
