@@ -596,28 +596,25 @@ void Agent::RunGenerations(std::vector<std::unique_ptr<HeldItem>> items) {
 }
 
 void Agent::GenerateBatch(const std::vector<HeldItem*>& items) {
-  // One engine request per image: image k of an item is made with seed + k (the API's promise),
-  // and all of them run in one UNet batch.
+  // One engine request per item, all in one UNet batch. The engine makes image k of a request with
+  // seed + k (the API's promise), and encodes each prompt once for all of its images.
   std::vector<GenerateSpec> specs;
-  std::vector<size_t> owner;  // spec -> index in items
+  int64_t image_count = 0;
   for (size_t i = 0; i < items.size(); ++i) {
     const v1::GenerateRequest& r = items[i]->work.generation().request();
-    const int n = std::max(1, r.has_num_images() ? r.num_images() : 1);
-    for (int k = 0; k < n; ++k) {
-      GenerateSpec spec;
-      spec.prompt = r.prompt();
-      spec.negative_prompt = r.negative_prompt();
-      spec.concepts = items[i]->concepts;
-      if (r.has_steps()) spec.steps = r.steps();
-      if (r.has_guidance_scale()) spec.guidance_scale = r.guidance_scale();
-      spec.seed = (r.has_seed() ? r.seed() : 0) + static_cast<uint64_t>(k);
-      spec.num_images = 1;
-      spec.width = r.has_width() ? r.width() : 0;
-      spec.height = r.has_height() ? r.height() : 0;
-      spec.sampler = r.sampler().empty() ? "ddim" : r.sampler();
-      specs.push_back(std::move(spec));
-      owner.push_back(i);
-    }
+    GenerateSpec spec;
+    spec.prompt = r.prompt();
+    spec.negative_prompt = r.negative_prompt();
+    spec.concepts = items[i]->concepts;
+    if (r.has_steps()) spec.steps = r.steps();
+    if (r.has_guidance_scale()) spec.guidance_scale = r.guidance_scale();
+    spec.seed = r.has_seed() ? r.seed() : 0;
+    spec.num_images = std::max(1, r.has_num_images() ? r.num_images() : 1);
+    spec.width = r.has_width() ? r.width() : 0;
+    spec.height = r.has_height() ? r.height() : 0;
+    spec.sampler = r.sampler().empty() ? "ddim" : r.sampler();
+    image_count += spec.num_images;
+    specs.push_back(std::move(spec));
   }
   auto alive = [&](const HeldItem* it) {
     return !it->keeper->cancel_requested() && !it->keeper->lost() && absl::Now() <= it->deadline;
@@ -632,7 +629,7 @@ void Agent::GenerateBatch(const std::vector<HeldItem*>& items) {
     return any && !stopping();
   };
   LogEvent("generation_batch_started", {{"items", std::to_string(items.size())},
-                                        {"images", std::to_string(specs.size())}});
+                                        {"images", std::to_string(image_count)}});
   const absl::Time start = absl::Now();
   absl::StatusOr<std::vector<GenerateResult>> results = engine_->Generate(specs, progress);
   const absl::Duration took = absl::Now() - start;
@@ -642,7 +639,7 @@ void Agent::GenerateBatch(const std::vector<HeldItem*>& items) {
   }
   LogEvent("generation_batch_done",
            {{"items", std::to_string(items.size())},
-            {"images", std::to_string(specs.size())},
+            {"images", std::to_string(image_count)},
             {"seconds", Secs(took)},
             {"code", absl::StatusCodeToString(results.status().code())}});
 
@@ -679,15 +676,15 @@ void Agent::GenerateBatch(const std::vector<HeldItem*>& items) {
     return;
   }
   std::vector<std::vector<v1::GeneratedImage>> images(items.size());
-  for (size_t s = 0; s < results->size() && s < specs.size(); ++s) {
+  for (size_t s = 0; s < results->size() && s < items.size(); ++s) {
     const GenerateResult& r = (*results)[s];
-    for (const std::string& png : r.pngs) {
+    for (size_t k = 0; k < r.pngs.size(); ++k) {
       v1::GeneratedImage img;
-      img.set_png(png);
-      img.set_seed(specs[s].seed);
+      img.set_png(r.pngs[k]);
+      img.set_seed(k < r.seeds.size() ? r.seeds[k] : specs[s].seed + k);
       img.set_width(static_cast<int32_t>(r.width));
       img.set_height(static_cast<int32_t>(r.height));
-      images[owner[s]].push_back(std::move(img));
+      images[s].push_back(std::move(img));
     }
   }
   for (size_t i = 0; i < items.size(); ++i) {
