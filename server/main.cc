@@ -11,6 +11,7 @@
 #include "absl/strings/str_cat.h"
 #include "server/log.h"
 #include "server/server.h"
+#include "server/store_factory.h"
 
 ABSL_FLAG(std::string, listen, "0.0.0.0:50051", "gRPC address host:port (port 0: any free port)");
 ABSL_FLAG(std::string, metrics_listen, "127.0.0.1:9090",
@@ -21,6 +22,12 @@ ABSL_FLAG(std::string, data_dir, "/var/lib/perfusion",
 ABSL_FLAG(std::string, store, "",
           "Store URL: sqlite:///path/perfusion.db, or postgres://user@host:5432/db (shared by "
           "several replicas; password from PGPASSWORD). Empty: SQLite in --data_dir");
+ABSL_FLAG(std::string, shared_store, "auto",
+          "on: several replicas share --store (the queue and leases live in the database, not in "
+          "this process; docs/scaling.md); off: this server owns the queue; auto: on for "
+          "postgres:// stores, off for SQLite");
+ABSL_FLAG(int, shared_poll_ms, 500,
+          "Shared store: how often the queue, expired leases and watched jobs are re-read (ms)");
 ABSL_FLAG(std::string, tokens_file, "",
           "Tenant tokens, one `<token> <tenant>` per line ('#' comments). Required unless "
           "--allow_unauthenticated");
@@ -122,6 +129,23 @@ int main(int argc, char** argv) {
   o.limits.max_image_side = absl::GetFlag(FLAGS_max_image_side);
   o.limits.default_image_side = absl::GetFlag(FLAGS_default_image_side);
 
+  const std::string shared = absl::GetFlag(FLAGS_shared_store);
+  if (shared == "auto") {
+    auto url = perfusion::server::ParseStoreUrl(o.store_url);
+    o.scheduler.shared_store = !o.store_url.empty() && url.ok() &&
+                               url->kind == perfusion::server::StoreUrl::Kind::kPostgres;
+  } else if (shared == "on" || shared == "off") {
+    o.scheduler.shared_store = shared == "on";
+  } else {
+    fprintf(stderr, "perfusion-server: --shared_store must be auto, on or off, got \"%s\"\n",
+            shared.c_str());
+    return 2;
+  }
+  o.scheduler.shared_poll_interval = absl::Milliseconds(absl::GetFlag(FLAGS_shared_poll_ms));
+  if (absl::GetFlag(FLAGS_shared_poll_ms) < 10) {
+    fprintf(stderr, "perfusion-server: --shared_poll_ms must be >= 10\n");
+    return 2;
+  }
   if (o.scheduler.lease_duration <= absl::ZeroDuration() || o.scheduler.max_attempts < 1 ||
       o.limits.min_images < 1 || o.limits.max_images < o.limits.min_images) {
     fprintf(stderr, "perfusion-server: --lease_seconds, --max_attempts must be positive and "

@@ -83,6 +83,10 @@ CREATE TABLE concepts (
 CREATE INDEX concepts_tenant_seq ON concepts(tenant, seq);
 CREATE INDEX concepts_digest ON concepts(digest);
 )sql",
+    // 2: heartbeats and completions find the job by its lease from any replica.
+    R"sql(
+CREATE INDEX jobs_lease ON jobs(lease_id) WHERE lease_id <> '';
+)sql",
 };
 constexpr int kSchemaVersion = sizeof(kMigrations) / sizeof(kMigrations[0]);
 
@@ -430,7 +434,8 @@ absl::Status PostgresStore::UpdateJobIfLeased(const JobRecord& job, const std::s
   std::string set = JobSetList(job, p);
   ASSIGN_OR_RETURN(Result r,
                    c.Exec(absl::StrCat("UPDATE jobs SET ", set, " WHERE id = ", p.Add(job.id),
-                                       " AND lease_id = ", p.Add(lease_id)),
+                                       " AND lease_id = ", p.Add(lease_id),
+                                       " AND state IN (1, 2, 5)"),
                           p));
   if (std::string(PQcmdTuples(r.get())) != "1") {
     Params q;
@@ -448,6 +453,37 @@ absl::Status PostgresStore::UpdateJobIfLeased(const JobRecord& job, const std::s
         c.Exec(absl::StrCat("DELETE FROM job_images WHERE job_id = ", d.Add(job.id)), d).status());
   }
   return c.Commit();
+}
+
+absl::StatusOr<JobRecord> PostgresStore::GetJobByLease(const std::string& lease_id) {
+  ASSIGN_OR_RETURN(Conn c, Borrow());
+  Params p;
+  ASSIGN_OR_RETURN(Result r, c.Exec(absl::StrCat("SELECT ", kJobColumns, " FROM jobs WHERE lease_id = ",
+                                                 p.Add(lease_id),
+                                                 " AND lease_id <> '' AND state IN (2, 5)"),
+                                    p));
+  if (PQntuples(r.get()) == 0) {
+    return absl::NotFoundError(absl::StrCat("no active job holds lease \"", lease_id, "\""));
+  }
+  return ReadJob(Row{r.get(), 0});
+}
+
+absl::StatusOr<JobRecord> PostgresStore::RecordProgress(const std::string& lease_id, int step,
+                                                        int total_steps, float loss,
+                                                        absl::Time lease_deadline,
+                                                        absl::Time now) {
+  ASSIGN_OR_RETURN(Conn c, Borrow());
+  Params p;
+  std::string sql = absl::StrCat(
+      "UPDATE jobs SET step = ", p.Add(int64_t{step}), ", total_steps = ", p.Add(int64_t{total_steps}),
+      ", loss = ", p.Add(static_cast<double>(loss)), ", lease_deadline_us = ", p.AddTime(lease_deadline),
+      ", update_us = ", p.AddTime(now), " WHERE lease_id = ", p.Add(lease_id),
+      " AND lease_id <> '' AND state IN (2, 5) RETURNING ", kJobColumns);
+  ASSIGN_OR_RETURN(Result r, c.Exec(sql, p));
+  if (PQntuples(r.get()) == 0) {
+    return absl::NotFoundError(absl::StrCat("no active job holds lease \"", lease_id, "\""));
+  }
+  return ReadJob(Row{r.get(), 0});
 }
 
 absl::StatusOr<std::optional<JobRecord>> PostgresStore::LeaseNextJob(const LeaseGrant& g) {
@@ -586,9 +622,22 @@ absl::StatusOr<ConceptRecord> PostgresStore::InsertConcept(const ConceptRecord& 
 
 absl::StatusOr<ConceptRecord> PostgresStore::CompleteJobWithConcept(JobRecord job,
                                                                     const ConceptRecord& concept,
-                                                                    const std::string& blob) {
+                                                                    const std::string& blob,
+                                                                    const std::string& lease_id) {
   ASSIGN_OR_RETURN(Conn c, Borrow());
   RETURN_IF_ERROR(c.Begin());
+  if (!lease_id.empty()) {
+    // Row lock: a concurrent LeaseNextJob takeover waits for this transaction, or we see its lease.
+    Params q;
+    ASSIGN_OR_RETURN(Result r, c.Exec(absl::StrCat("SELECT lease_id FROM jobs WHERE id = ",
+                                                   q.Add(job.id), " FOR UPDATE"),
+                                      q));
+    if (PQntuples(r.get()) == 0) return absl::NotFoundError(absl::StrCat("job ", job.id, " not found"));
+    if (std::string(PQgetvalue(r.get(), 0, 0)) != lease_id) {
+      return absl::AbortedError(absl::StrCat("job ", job.id, ": lease ", lease_id,
+                                             " is no longer held (lost to another lease)"));
+    }
+  }
   ASSIGN_OR_RETURN(ConceptRecord out, InsertConceptTxn(c.get(), concept, blob));
   job.concept_id = out.id;
   Params p;

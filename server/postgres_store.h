@@ -65,7 +65,8 @@ class PostgresStore final : public Store {
   absl::StatusOr<ConceptRecord> InsertConcept(const ConceptRecord& concept,
                                               const std::string& blob) override;
   absl::StatusOr<ConceptRecord> CompleteJobWithConcept(JobRecord job, const ConceptRecord& concept,
-                                                       const std::string& blob) override;
+                                                       const std::string& blob,
+                                                       const std::string& lease_id) override;
   absl::StatusOr<ConceptRecord> GetConcept(const std::string& tenant,
                                            const std::string& id) override;
   absl::StatusOr<ConceptRecord> GetConceptByName(const std::string& tenant,
@@ -86,6 +87,10 @@ class PostgresStore final : public Store {
 
   absl::StatusOr<std::optional<JobRecord>> LeaseNextJob(const LeaseGrant& grant) override;
   absl::Status UpdateJobIfLeased(const JobRecord& job, const std::string& lease_id) override;
+  absl::StatusOr<JobRecord> GetJobByLease(const std::string& lease_id) override;
+  absl::StatusOr<JobRecord> RecordProgress(const std::string& lease_id, int step, int total_steps,
+                                           float loss, absl::Time lease_deadline,
+                                           absl::Time now) override;
 
   // Tests only: drops every table of this schema (the next Open migrates from scratch).
   absl::Status TEST_DropAll();

@@ -20,6 +20,51 @@ absl::Status LeaseNotFound(const std::string& lease_id) {
 
 std::string Secs(absl::Duration d) { return absl::StrCat(absl::ToDoubleSeconds(d)); }
 
+// The concept a successful training lease stores.
+ConceptRecord ConceptFor(const JobRecord& rec, const ConceptBlobHeader& header,
+                         const std::string& digest, size_t size, absl::Time now) {
+  ConceptRecord concept;
+  concept.id = NewId("cpt_");
+  concept.tenant = rec.tenant;
+  concept.name = rec.concept_name;
+  concept.superclass = rec.superclass;
+  concept.base_model_id = header.base_model_id;
+  concept.digest = digest;
+  concept.size_bytes = static_cast<int64_t>(size);
+  concept.format_version = header.format_version;
+  concept.dtype = header.dtype;
+  concept.labels = rec.labels;
+  concept.source_job_id = rec.id;
+  concept.create_time = now;
+  return concept;
+}
+
+void MarkSucceeded(JobRecord& rec, float final_loss, int steps, absl::Time now) {
+  rec.state = JobState::kSucceeded;
+  if (steps > 0) rec.step = rec.total_steps = steps;
+  rec.loss = final_loss;
+  rec.end_time = now;
+  rec.update_time = now;
+  rec.error_code = 0;
+  rec.error_message.clear();
+  rec.lease_id.clear();
+  rec.lease_deadline = absl::InfinitePast();
+}
+
+// A blob a worker returned that this server cannot store (OK when usable).
+absl::Status CheckReturnedBlob(const absl::StatusOr<ConceptBlobHeader>& header,
+                               const std::string& base_model_id) {
+  if (!header.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("concept_blob: ", header.status().message()));
+  }
+  if (header->base_model_id != base_model_id) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("concept_blob: base_model_id \"", header->base_model_id,
+                     "\" is not the server's \"", base_model_id, "\""));
+  }
+  return absl::OkStatus();
+}
+
 const char* OutcomeOf(JobState s) {
   switch (s) {
     case JobState::kSucceeded: return "succeeded";
@@ -50,6 +95,21 @@ void Scheduler::Run(Pending& pending) {
 }
 
 absl::Status Scheduler::Load() {
+  if (options_.shared_store) {
+    // Nothing to restore: the store holds the queue and the leases. Take the first snapshot.
+    RETURN_IF_ERROR(store_->ListActiveJobs().status());
+    Pending pending;
+    {
+      absl::MutexLock lock(&mu_);
+      SyncSharedLocked(pending);
+      next_sync_ = clock_->Now() + options_.shared_poll_interval;
+      UpdateGaugesLocked();
+      LogEvent("scheduler_loaded", {{"mode", "shared_store"},
+                                    {"queued", std::to_string(queue_.size())}});
+    }
+    Run(pending);
+    return absl::OkStatus();
+  }
   ASSIGN_OR_RETURN(std::vector<JobRecord> jobs, store_->ListActiveJobs());
   absl::MutexLock lock(&mu_);
   const absl::Time now = clock_->Now();
@@ -108,9 +168,11 @@ JobView Scheduler::ViewLocked(const JobRecord& j) {
   } else if ((j.state == JobState::kRunning || j.state == JobState::kCancelling) && j.step > 0 &&
              j.total_steps >= j.step) {
     auto l = leases_.find(j.lease_id);
-    if (l != leases_.end()) {
-      absl::Duration elapsed = now - l->second.granted;
-      v.eta = elapsed * (static_cast<double>(j.total_steps - j.step) / j.step);
+    const absl::Time granted = l != leases_.end() ? l->second.granted
+                               : options_.shared_store ? j.start_time
+                                                       : absl::InfinitePast();
+    if (granted != absl::InfinitePast() && now > granted) {
+      v.eta = (now - granted) * (static_cast<double>(j.total_steps - j.step) / j.step);
     }
   }
   return v;
@@ -168,6 +230,22 @@ void Scheduler::FinishJobLocked(JobRecord& rec, JobState state, const absl::Stat
   rec.lease_deadline = absl::InfinitePast();
 }
 
+bool Scheduler::ExpireLeaseLocked(JobRecord& rec) {
+  if (rec.state == JobState::kCancelling) {
+    FinishJobLocked(rec, JobState::kCancelled, absl::CancelledError("cancelled by the client"));
+    return false;
+  }
+  if (rec.attempts < options_.max_attempts) {
+    RequeueJobLocked(rec);
+    return true;
+  }
+  FinishJobLocked(rec, JobState::kFailed,
+                  absl::UnavailableError(absl::StrCat("the worker stopped heartbeating on all ",
+                                                      rec.attempts,
+                                                      " attempts (lease expired); giving up")));
+  return false;
+}
+
 void Scheduler::RequeueJobLocked(JobRecord& rec) {
   rec.state = JobState::kQueued;
   rec.lease_id.clear();
@@ -197,13 +275,17 @@ absl::Status Scheduler::SaveJobLocked(JobRecord rec, Pending& out, bool persist)
   if (--active_per_tenant_[rec.tenant] <= 0) active_per_tenant_.erase(rec.tenant);
   active_.erase(it);
   CountOutcome(rec.state);
+  LogJobFinished(rec);
+  return absl::OkStatus();
+}
+
+void Scheduler::LogJobFinished(const JobRecord& rec) {
   LogEvent("job_finished", {{"job", rec.id},
                             {"tenant", rec.tenant},
                             {"state", JobStateName(rec.state)},
                             {"attempts", std::to_string(rec.attempts)},
                             {"concept", rec.concept_id},
                             {"error", rec.error_message}});
-  return absl::OkStatus();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -270,8 +352,20 @@ absl::StatusOr<JobView> Scheduler::SubmitTraining(const std::string& tenant,
     j.image_count = static_cast<int>(request.images.size());
     j.total_steps = request.options.steps.value_or(0);
     j.create_time = j.update_time = clock_->Now();
-    ASSIGN_OR_RETURN(j, store_->InsertJob(j, request.images));
-    active_[j.id] = ActiveJob{j, {}};
+    absl::StatusOr<JobRecord> inserted = store_->InsertJob(j, request.images);
+    if (!inserted.ok() && inserted.status().code() == absl::StatusCode::kAlreadyExists &&
+        !request.request_id.empty()) {
+      // Another replica (or a concurrent call) inserted this request_id a moment ago.
+      ASSIGN_OR_RETURN(std::optional<JobRecord> existing,
+                       store_->FindJobByRequestId(tenant, request.request_id));
+      if (existing && existing->request_hash == hash) {
+        auto a = active_.find(existing->id);
+        return ViewLocked(a != active_.end() ? a->second.rec : *existing);
+      }
+    }
+    RETURN_IF_ERROR(inserted.status());
+    j = *std::move(inserted);
+    if (!options_.shared_store) active_[j.id] = ActiveJob{j, {}};
     ++active_per_tenant_[tenant];
     queue_.insert(KeyOf(j));
     LogEvent("job_submitted", {{"job", j.id},
@@ -323,6 +417,7 @@ absl::StatusOr<Page<JobView>> Scheduler::ListJobs(const std::string& tenant,
 }
 
 absl::StatusOr<JobView> Scheduler::CancelJob(const std::string& tenant, const std::string& id) {
+  if (options_.shared_store) return SharedCancel(tenant, id);
   Pending pending;
   JobView view;
   {
@@ -356,6 +451,7 @@ absl::StatusOr<JobView> Scheduler::CancelJob(const std::string& tenant, const st
 
 absl::StatusOr<uint64_t> Scheduler::Watch(const std::string& tenant, const std::string& id,
                                           WatchCallback fn) {
+  if (options_.shared_store) return SharedWatch(tenant, id, std::move(fn));
   Pending pending;
   uint64_t watch_id = 0;
   {
@@ -388,9 +484,15 @@ void Scheduler::Unwatch(uint64_t watch_id) {
   absl::MutexLock lock(&mu_);
   auto it = watchers_.find(watch_id);
   if (it == watchers_.end()) return;
-  auto a = active_.find(it->second.job_id);
+  const std::string job_id = it->second.job_id;
+  auto a = active_.find(job_id);
   if (a != active_.end()) a->second.watchers.erase(watch_id);
   watchers_.erase(it);
+  if (options_.shared_store &&
+      std::none_of(watchers_.begin(), watchers_.end(),
+                   [&](const auto& w) { return w.second.job_id == job_id; })) {
+    shared_watched_.erase(job_id);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -531,7 +633,8 @@ absl::StatusOr<std::string> Scheduler::RegisterWorker(const std::string& name,
   return w.id;
 }
 
-std::optional<WorkItem> Scheduler::GrantLocked(const Worker& worker, Pending& out) {
+std::optional<WorkItem> Scheduler::GrantLocked(const Worker& worker, Pending& out,
+                                               bool probe_store) {
   const absl::Time now = clock_->Now();
   if (worker.caps.generation && !gen_queue_.empty()) {
     std::string id = gen_queue_.front();
@@ -558,6 +661,12 @@ std::optional<WorkItem> Scheduler::GrantLocked(const Worker& worker, Pending& ou
     w.lease_deadline = l.deadline;
     w.generation = GenerationWorkItem{g.id, g.tenant, g.spec, g.deadline};
     return w;
+  }
+  if (options_.shared_store) {
+    if (worker.caps.training && !draining_ && (probe_store || !queue_.empty())) {
+      return GrantSharedTrainingLocked(worker, out);
+    }
+    return std::nullopt;
   }
   if (worker.caps.training && !draining_ && !queue_.empty()) {
     QueueKey key = *queue_.begin();
@@ -654,7 +763,7 @@ absl::StatusOr<uint64_t> Scheduler::LeaseWork(const std::string& worker_id, absl
     const absl::Time now = clock_->Now();
     w->second.last_seen = now;
     std::optional<WorkItem> item;
-    if (!shut_down_) item = GrantLocked(w->second, pending);
+    if (!shut_down_) item = GrantLocked(w->second, pending, /*probe_store=*/true);
     if (item) {
       pending.push_back(DeliverLease(std::move(done), std::move(item)));
     } else if (draining_ || shut_down_) {
@@ -692,6 +801,14 @@ bool Scheduler::CancelLeaseWait(uint64_t waiter_id) {
 
 absl::StatusOr<HeartbeatReply> Scheduler::Heartbeat(const std::string& lease_id, int step,
                                                     int total_steps, float loss) {
+  if (options_.shared_store) {
+    bool generation;
+    {
+      absl::MutexLock lock(&mu_);
+      generation = IsGenerationLeaseLocked(lease_id);
+    }
+    if (!generation) return SharedHeartbeat(lease_id, step, total_steps, loss);
+  }
   Pending pending;
   HeartbeatReply reply;
   {
@@ -733,11 +850,19 @@ absl::StatusOr<HeartbeatReply> Scheduler::Heartbeat(const std::string& lease_id,
 absl::StatusOr<ConceptRecord> Scheduler::CompleteTraining(const std::string& lease_id,
                                                           const std::string& blob,
                                                           float final_loss, int steps) {
+  if (options_.shared_store) {
+    bool generation;
+    {
+      absl::MutexLock lock(&mu_);
+      generation = IsGenerationLeaseLocked(lease_id);
+    }
+    if (!generation) return SharedCompleteTraining(lease_id, blob, final_loss, steps);
+  }
   absl::StatusOr<ConceptBlobHeader> header = ParseConceptBlob(blob);
   const std::string digest = Sha256Hex(blob);
   Pending pending;
   ConceptRecord concept;
-  absl::Status bad;
+  const absl::Status bad = CheckReturnedBlob(header, options_.base_model_id);
   {
     absl::MutexLock lock(&mu_);
     auto l = leases_.find(lease_id);
@@ -748,13 +873,6 @@ absl::StatusOr<ConceptRecord> Scheduler::CompleteTraining(const std::string& lea
       return absl::FailedPreconditionError("lease_id: the lease is for a generation item");
     }
     JobRecord rec = active_[l->second.item_id].rec;
-    if (!header.ok()) {
-      bad = absl::InvalidArgumentError(absl::StrCat("concept_blob: ", header.status().message()));
-    } else if (header->base_model_id != options_.base_model_id) {
-      bad = absl::FailedPreconditionError(
-          absl::StrCat("concept_blob: base_model_id \"", header->base_model_id,
-                       "\" is not the server's \"", options_.base_model_id, "\""));
-    }
     if (!bad.ok()) {
       FinishJobLocked(rec, JobState::kFailed,
                       absl::InternalError(absl::StrCat("the worker returned an unusable concept: ",
@@ -775,28 +893,9 @@ absl::StatusOr<ConceptRecord> Scheduler::CompleteTraining(const std::string& lea
     }
     const absl::Time now = clock_->Now();
     JobRecord rec = active_[l->second.item_id].rec;
-    concept.id = NewId("cpt_");
-    concept.tenant = rec.tenant;
-    concept.name = rec.concept_name;
-    concept.superclass = rec.superclass;
-    concept.base_model_id = header->base_model_id;
-    concept.digest = digest;
-    concept.size_bytes = static_cast<int64_t>(blob.size());
-    concept.format_version = header->format_version;
-    concept.dtype = header->dtype;
-    concept.labels = rec.labels;
-    concept.source_job_id = rec.id;
-    concept.create_time = now;
-    rec.state = JobState::kSucceeded;
-    if (steps > 0) rec.step = rec.total_steps = steps;
-    rec.loss = final_loss;
-    rec.end_time = now;
-    rec.update_time = now;
-    rec.error_code = 0;
-    rec.error_message.clear();
-    rec.lease_id.clear();
-    rec.lease_deadline = absl::InfinitePast();
-    ASSIGN_OR_RETURN(concept, store_->CompleteJobWithConcept(rec, concept, blob));
+    concept = ConceptFor(rec, *header, digest, blob.size(), now);
+    MarkSucceeded(rec, final_loss, steps, now);
+    ASSIGN_OR_RETURN(concept, store_->CompleteJobWithConcept(rec, concept, blob, /*lease_id=*/""));
     rec.concept_id = concept.id;
     leases_.erase(lease_id);
     RETURN_IF_ERROR(SaveJobLocked(rec, pending, /*persist=*/false));
@@ -859,6 +958,14 @@ absl::Status Scheduler::CompleteGeneration(const std::string& lease_id,
 
 absl::Status Scheduler::FailWork(const std::string& lease_id, const absl::Status& error,
                                  bool retryable) {
+  if (options_.shared_store) {
+    bool generation;
+    {
+      absl::MutexLock lock(&mu_);
+      generation = IsGenerationLeaseLocked(lease_id);
+    }
+    if (!generation) return SharedEndLease(lease_id, error, retryable, /*return_lease=*/false);
+  }
   Pending pending;
   {
     absl::MutexLock lock(&mu_);
@@ -915,6 +1022,16 @@ absl::Status Scheduler::FailWork(const std::string& lease_id, const absl::Status
 }
 
 absl::Status Scheduler::ReturnLease(const std::string& lease_id) {
+  if (options_.shared_store) {
+    bool generation;
+    {
+      absl::MutexLock lock(&mu_);
+      generation = IsGenerationLeaseLocked(lease_id);
+    }
+    if (!generation) {
+      return SharedEndLease(lease_id, absl::OkStatus(), /*retryable=*/true, /*return_lease=*/true);
+    }
+  }
   Pending pending;
   {
     absl::MutexLock lock(&mu_);
@@ -967,7 +1084,11 @@ void Scheduler::Tick() {
   {
     absl::MutexLock lock(&mu_);
     const absl::Time now = clock_->Now();
-    // Expired leases.
+    if (options_.shared_store && now >= next_sync_) {
+      SyncSharedLocked(pending);
+      next_sync_ = now + options_.shared_poll_interval;
+    }
+    // Expired leases (only generation leases in shared-store mode).
     std::vector<Lease> expired;
     for (const auto& [id, l] : leases_) {
       if (l.deadline <= now) expired.push_back(l);
@@ -980,19 +1101,7 @@ void Scheduler::Tick() {
       if (l.training) {
         JobRecord rec = active_[l.item_id].rec;
         if (metrics_) metrics_->lease_expirations->Inc();
-        bool requeue = false;
-        if (rec.state == JobState::kCancelling) {
-          FinishJobLocked(rec, JobState::kCancelled,
-                          absl::CancelledError("cancelled by the client"));
-        } else if (rec.attempts < options_.max_attempts) {
-          RequeueJobLocked(rec);
-          requeue = true;
-        } else {
-          FinishJobLocked(rec, JobState::kFailed,
-                          absl::UnavailableError(absl::StrCat(
-                              "the worker stopped heartbeating on all ", rec.attempts,
-                              " attempts (lease expired); giving up")));
-        }
+        const bool requeue = ExpireLeaseLocked(rec);
         LogEvent("lease_expired", {{"job", rec.id},
                                    {"lease", l.id},
                                    {"worker", l.worker_id},
@@ -1075,6 +1184,7 @@ void Scheduler::StartDrain() {
       });
     }
     watchers_.clear();
+    shared_watched_.clear();
     // Long polls of training-only workers can get nothing now: answer them.
     for (auto it = waiters_.begin(); it != waiters_.end();) {
       auto w = workers_.find(it->second.worker_id);
@@ -1130,6 +1240,7 @@ void Scheduler::Shutdown() {
           [fn = std::move(w.fn)] { fn(absl::UnavailableError("server shutting down")); });
     }
     watchers_.clear();
+    shared_watched_.clear();
   }
   Run(pending);
 }
@@ -1146,6 +1257,325 @@ int Scheduler::GenerationWorkersConnected() const {
   int n = 0;
   for (const auto& [id, w] : workers_) n += ConnectedLocked(w) && w.caps.generation;
   return n;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shared store: several replicas, one database (docs/scaling.md)
+
+void Scheduler::SyncSharedLocked(Pending& out) {
+  absl::StatusOr<std::vector<JobRecord>> jobs = store_->ListActiveJobs();
+  if (!jobs.ok()) {
+    LogEvent("store_error", {{"op", "sync"}, {"error", std::string(jobs.status().message())}});
+    return;
+  }
+  const absl::Time now = clock_->Now();
+  queue_.clear();
+  active_per_tenant_.clear();
+  std::vector<JobRecord> expired;
+  for (const JobRecord& j : *jobs) {
+    ++active_per_tenant_[j.tenant];
+    if (j.state == JobState::kQueued) {
+      queue_.insert(KeyOf(j));
+    } else if (j.lease_deadline <= now) {
+      expired.push_back(j);
+    }
+  }
+  // Leases whose worker (or whose replica) went silent. Every replica may do this: the write is
+  // conditional on the lease, so one wins and the others see ABORTED.
+  for (const JobRecord& held : expired) {
+    JobRecord rec = held;
+    const bool requeue = ExpireLeaseLocked(rec);
+    rec.update_time = now;
+    if (!store_->UpdateJobIfLeased(rec, held.lease_id).ok()) continue;  // someone was first
+    if (metrics_) metrics_->lease_expirations->Inc();
+    LogEvent("lease_expired", {{"job", rec.id},
+                               {"lease", held.lease_id},
+                               {"worker", held.worker_id},
+                               {"attempts", std::to_string(rec.attempts)},
+                               {"requeued", requeue ? "true" : "false"}});
+    if (requeue) queue_.insert(KeyOf(rec));
+    if (IsFinal(rec.state)) SharedFinalLocked(rec);
+    SharedJobChangedLocked(rec, out);
+  }
+  // Watched jobs: whatever replica changed them.
+  std::vector<std::string> watched;
+  for (const auto& [id, view] : shared_watched_) watched.push_back(id);
+  for (const std::string& id : watched) {
+    absl::StatusOr<JobRecord> rec = store_->GetJob(id);
+    auto last = shared_watched_.find(id);
+    if (!rec.ok() || last == shared_watched_.end()) continue;
+    const int position = rec->state == JobState::kQueued ? QueuePositionLocked(*rec) : 0;
+    const JobRecord& was = last->second.job;
+    if (rec->update_time != was.update_time || rec->state != was.state ||
+        position != last->second.queue_position) {
+      SharedJobChangedLocked(*rec, out);
+    }
+  }
+  if (!queue_.empty()) DispatchLocked(out);
+  UpdateGaugesLocked();
+}
+
+std::optional<WorkItem> Scheduler::GrantSharedTrainingLocked(const Worker& worker, Pending& out) {
+  const absl::Time now = clock_->Now();
+  Store::LeaseGrant grant;
+  grant.lease_id = NewId("lease_");
+  grant.worker_id = worker.id;
+  grant.now = now;
+  grant.deadline = now + options_.lease_duration;
+  grant.max_attempts = options_.max_attempts;
+  absl::StatusOr<std::optional<JobRecord>> leased = store_->LeaseNextJob(grant);
+  if (!leased.ok()) {
+    LogEvent("lease_store_error", {{"error", std::string(leased.status().message())}});
+    return std::nullopt;
+  }
+  if (!leased->has_value()) {
+    queue_.clear();  // the snapshot was stale (other replicas leased it); the next sync refreshes
+    UpdateGaugesLocked();
+    return std::nullopt;
+  }
+  JobRecord rec = **std::move(leased);
+  queue_.erase(KeyOf(rec));
+  if (rec.attempts == 1 && metrics_) {
+    metrics_->training_queue_wait->Observe(absl::ToDoubleSeconds(now - rec.create_time));
+  }
+  SharedJobChangedLocked(rec, out);
+  UpdateGaugesLocked();
+  LogEvent("job_leased", {{"job", rec.id},
+                          {"lease", grant.lease_id},
+                          {"worker", worker.id},
+                          {"attempt", std::to_string(rec.attempts)}});
+  WorkItem w;
+  w.lease_id = grant.lease_id;
+  w.lease_deadline = grant.deadline;
+  w.training = TrainingWorkItem{rec, {}};
+  return w;
+}
+
+void Scheduler::SharedJobChangedLocked(const JobRecord& rec, Pending& out) {
+  auto sw = shared_watched_.find(rec.id);
+  if (sw == shared_watched_.end()) return;
+  const JobView v = ViewLocked(rec);
+  sw->second = v;
+  const bool final = IsFinal(rec.state);
+  for (auto it = watchers_.begin(); it != watchers_.end();) {
+    if (it->second.job_id != rec.id) {
+      ++it;
+      continue;
+    }
+    if (final) {
+      out.push_back([fn = std::move(it->second.fn), v] { fn(v); });
+      it = watchers_.erase(it);
+    } else {
+      out.push_back([fn = it->second.fn, v] { fn(v); });
+      ++it;
+    }
+  }
+  if (final) shared_watched_.erase(rec.id);
+}
+
+void Scheduler::SharedFinalLocked(const JobRecord& rec) {
+  auto t = active_per_tenant_.find(rec.tenant);
+  if (t != active_per_tenant_.end() && --t->second <= 0) active_per_tenant_.erase(t);
+  CountOutcome(rec.state);
+  LogJobFinished(rec);
+}
+
+absl::StatusOr<JobView> Scheduler::SharedCancel(const std::string& tenant, const std::string& id) {
+  // Conditional writes: if a replica leases or ends the job between our read and our write, the
+  // write is refused (ABORTED) and we read again.
+  for (int attempt = 0; attempt < 5; ++attempt) {
+    ASSIGN_OR_RETURN(JobRecord rec, store_->GetJob(id));
+    if (rec.tenant != tenant) return absl::NotFoundError(absl::StrCat("job ", id, " not found"));
+    if (IsFinal(rec.state)) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("job ", id, " is already ", JobStateName(rec.state),
+                       "; only QUEUED or RUNNING jobs can be cancelled"));
+    }
+    Pending pending;
+    JobView view;
+    {
+      absl::MutexLock lock(&mu_);
+      if (rec.state == JobState::kCancelling) return ViewLocked(rec);
+      JobRecord next = rec;
+      if (rec.state == JobState::kQueued) {
+        FinishJobLocked(next, JobState::kCancelled, absl::CancelledError("cancelled by the client"));
+      } else {
+        next.state = JobState::kCancelling;
+      }
+      next.update_time = clock_->Now();
+      absl::Status s = store_->UpdateJobIfLeased(next, rec.lease_id);
+      if (s.code() == absl::StatusCode::kAborted) continue;
+      RETURN_IF_ERROR(s);
+      if (IsFinal(next.state)) {
+        queue_.erase(KeyOf(rec));
+        SharedFinalLocked(next);
+      } else {
+        LogEvent("job_cancelling", {{"job", id}, {"tenant", tenant}, {"lease", rec.lease_id}});
+      }
+      SharedJobChangedLocked(next, pending);
+      UpdateGaugesLocked();
+      view = ViewLocked(next);
+    }
+    Run(pending);
+    return view;
+  }
+  return absl::AbortedError(absl::StrCat("job ", id, " kept changing while being cancelled; retry"));
+}
+
+absl::StatusOr<uint64_t> Scheduler::SharedWatch(const std::string& tenant, const std::string& id,
+                                                WatchCallback fn) {
+  {
+    absl::MutexLock lock(&mu_);
+    if (draining_) return absl::UnavailableError("server is draining; retry later");
+  }
+  ASSIGN_OR_RETURN(JobRecord rec, store_->GetJob(id));
+  if (rec.tenant != tenant) return absl::NotFoundError(absl::StrCat("job ", id, " not found"));
+  uint64_t watch_id = 0;
+  JobView v;
+  {
+    absl::MutexLock lock(&mu_);
+    if (draining_) return absl::UnavailableError("server is draining; retry later");
+    v = ViewLocked(rec);
+    if (!IsFinal(rec.state)) {
+      watch_id = next_id_++;
+      watchers_[watch_id] = Watcher{id, fn};
+      shared_watched_.emplace(id, v);  // an older entry stays: the poll compares against it
+    }
+  }
+  fn(v);
+  return watch_id;
+}
+
+absl::StatusOr<HeartbeatReply> Scheduler::SharedHeartbeat(const std::string& lease_id, int step,
+                                                          int total_steps, float loss) {
+  const absl::Time now = clock_->Now();
+  const int s = std::max(0, step);
+  absl::StatusOr<JobRecord> rec = store_->RecordProgress(
+      lease_id, s, std::max(s, total_steps), loss, now + options_.lease_duration, now);
+  if (!rec.ok()) {
+    if (rec.status().code() == absl::StatusCode::kNotFound) return LeaseNotFound(lease_id);
+    return rec.status();
+  }
+  Pending pending;
+  HeartbeatReply reply;
+  {
+    absl::MutexLock lock(&mu_);
+    auto w = workers_.find(rec->worker_id);
+    if (w != workers_.end()) w->second.last_seen = now;
+    reply.cancel_requested = rec->state == JobState::kCancelling;
+    reply.lease_deadline = rec->lease_deadline;
+    SharedJobChangedLocked(*rec, pending);
+  }
+  Run(pending);
+  return reply;
+}
+
+absl::StatusOr<ConceptRecord> Scheduler::SharedCompleteTraining(const std::string& lease_id,
+                                                                const std::string& blob,
+                                                                float final_loss, int steps) {
+  absl::StatusOr<ConceptBlobHeader> header = ParseConceptBlob(blob);
+  const std::string digest = Sha256Hex(blob);
+  absl::StatusOr<JobRecord> held = store_->GetJobByLease(lease_id);
+  if (!held.ok()) {
+    if (held.status().code() == absl::StatusCode::kNotFound) return LeaseNotFound(lease_id);
+    return held.status();
+  }
+  JobRecord rec = *std::move(held);
+  const absl::Time now = clock_->Now();
+  Pending pending;
+  if (absl::Status bad = CheckReturnedBlob(header, options_.base_model_id); !bad.ok()) {
+    {
+      absl::MutexLock lock(&mu_);
+      FinishJobLocked(rec, JobState::kFailed,
+                      absl::InternalError(absl::StrCat("the worker returned an unusable concept: ",
+                                                       bad.message())));
+      rec.update_time = now;
+      if (store_->UpdateJobIfLeased(rec, lease_id).ok()) {
+        SharedFinalLocked(rec);
+        SharedJobChangedLocked(rec, pending);
+      }
+    }
+    Run(pending);
+    return bad;
+  }
+  MarkSucceeded(rec, final_loss, steps, now);
+  absl::StatusOr<ConceptRecord> concept = store_->CompleteJobWithConcept(
+      rec, ConceptFor(rec, *header, digest, blob.size(), now), blob, lease_id);
+  if (!concept.ok()) {
+    // ABORTED: the lease was lost (expired and taken over); the other attempt's result counts.
+    if (concept.status().code() == absl::StatusCode::kAborted) return LeaseNotFound(lease_id);
+    return concept.status();
+  }
+  rec.concept_id = concept->id;
+  {
+    absl::MutexLock lock(&mu_);
+    SharedFinalLocked(rec);
+    SharedJobChangedLocked(rec, pending);
+    const double seconds = absl::ToDoubleSeconds(now - rec.start_time);
+    if (metrics_) metrics_->training_duration->Observe(seconds);
+    avg_training_seconds_ =
+        avg_training_seconds_ == 0 ? seconds : 0.8 * avg_training_seconds_ + 0.2 * seconds;
+    LogEvent("concept_stored", {{"concept", concept->id},
+                                {"job", rec.id},
+                                {"tenant", rec.tenant},
+                                {"name", concept->name},
+                                {"version", std::to_string(concept->version)},
+                                {"bytes", std::to_string(concept->size_bytes)}});
+    UpdateGaugesLocked();
+  }
+  Run(pending);
+  return concept;
+}
+
+absl::Status Scheduler::SharedEndLease(const std::string& lease_id, const absl::Status& error,
+                                       bool retryable, bool return_lease) {
+  absl::StatusOr<JobRecord> held = store_->GetJobByLease(lease_id);
+  if (!held.ok()) {
+    if (held.status().code() == absl::StatusCode::kNotFound) return LeaseNotFound(lease_id);
+    return held.status();
+  }
+  JobRecord rec = *std::move(held);
+  Pending pending;
+  {
+    absl::MutexLock lock(&mu_);
+    bool requeue = false;
+    if (rec.state == JobState::kCancelling) {
+      FinishJobLocked(rec, JobState::kCancelled, absl::CancelledError("cancelled by the client"));
+    } else if (return_lease) {
+      RequeueJobLocked(rec);
+      rec.attempts = std::max(0, rec.attempts - 1);  // a returned lease does not count
+      requeue = true;
+    } else if (retryable && rec.attempts < options_.max_attempts) {
+      RequeueJobLocked(rec);
+      requeue = true;
+    } else {
+      FinishJobLocked(rec, JobState::kFailed, error);
+    }
+    rec.update_time = clock_->Now();
+    absl::Status s = store_->UpdateJobIfLeased(rec, lease_id);
+    if (s.code() == absl::StatusCode::kAborted || s.code() == absl::StatusCode::kNotFound) {
+      return LeaseNotFound(lease_id);
+    }
+    RETURN_IF_ERROR(s);
+    if (return_lease) {
+      LogEvent("lease_returned", {{"job", rec.id}, {"lease", lease_id}});
+    } else {
+      LogEvent("work_failed", {{"job", rec.id},
+                               {"lease", lease_id},
+                               {"code", absl::StatusCodeToString(error.code())},
+                               {"retryable", retryable ? "true" : "false"},
+                               {"error", std::string(error.message())}});
+    }
+    if (requeue) {
+      queue_.insert(KeyOf(rec));
+      DispatchLocked(pending);
+    }
+    if (IsFinal(rec.state)) SharedFinalLocked(rec);
+    SharedJobChangedLocked(rec, pending);
+    UpdateGaugesLocked();
+  }
+  Run(pending);
+  return absl::OkStatus();
 }
 
 }  // namespace perfusion::server

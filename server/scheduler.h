@@ -27,6 +27,17 @@
 // Callbacks (job events, generation progress/results, lease results) are never invoked with
 // the scheduler's lock held; they may run on any thread, before the registering call returns.
 //
+// Shared store (SchedulerOptions::shared_store; PostgreSQL with several server replicas): the
+// store, not this process, holds the training queue and every training lease. A lease is
+// granted with Store::LeaseNextJob (one job to one worker even when replicas race); heartbeats,
+// completions, failures and returns find the job by its lease in the store, so a worker may talk
+// to any replica; every write by a lease holder is conditional on still holding the lease; a
+// cancel through any replica is seen by the worker's next heartbeat. Every
+// shared_poll_interval the replica re-reads the active jobs: the queue snapshot (queue positions,
+// quotas, waking long polls for jobs submitted elsewhere), expired leases (re-queued, or failed
+// once attempts run out) and the jobs its clients watch. Generation stays in memory per replica
+// (docs/scaling.md).
+//
 // Thread safety: every method is safe to call concurrently.
 #ifndef PERFUSION_SERVER_SCHEDULER_H_
 #define PERFUSION_SERVER_SCHEDULER_H_
@@ -75,6 +86,10 @@ struct SchedulerOptions {
   int tenant_max_generations = 16;
   // The longest a generation item may live, whatever the client's deadline.
   absl::Duration max_generation_time = absl::Minutes(10);
+  // Several server replicas share the store (see above). Off: this process owns the queue.
+  bool shared_store = false;
+  // Shared store: how often the queue, expired leases and watched jobs are re-read.
+  absl::Duration shared_poll_interval = absl::Milliseconds(500);
 };
 
 // A job with what only the scheduler knows.
@@ -279,18 +294,53 @@ class Scheduler {
   void FinishJobLocked(JobRecord& rec, JobState state, const absl::Status& error)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void RequeueJobLocked(JobRecord& rec) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // A training lease ran out: CANCELLING -> CANCELLED, else re-queued while attempts remain,
+  // else FAILED (UNAVAILABLE). Returns true when re-queued.
+  bool ExpireLeaseLocked(JobRecord& rec) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void FinishGenLocked(std::string id, absl::StatusOr<GenerationResult> result,
                        const char* outcome, Pending& out) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void DispatchLocked(Pending& out) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Grants a lease on the next item `worker` may take; nullopt when there is none.
-  std::optional<WorkItem> GrantLocked(const Worker& worker, Pending& out)
+  // `probe_store`: in shared-store mode, ask the store even when the queue snapshot is empty (a
+  // worker's own LeaseWork call; waking waiters relies on the snapshot).
+  std::optional<WorkItem> GrantLocked(const Worker& worker, Pending& out, bool probe_store = false)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Wraps `done(item)` for running after the lock: loads a training item's images first.
   std::function<void()> DeliverLease(LeaseCallback done, std::optional<WorkItem> item);
   bool ConnectedLocked(const Worker& w) const ABSL_SHARED_LOCKS_REQUIRED(mu_);
   void UpdateGaugesLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void LogJobFinished(const JobRecord& rec);
   void CountOutcome(JobState state);
   static void Run(Pending& pending);
+
+  // ---- shared store (options_.shared_store) ----
+  // Re-reads the active jobs: queue snapshot, per-tenant counts, expired leases, watched jobs.
+  void SyncSharedLocked(Pending& out) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // A training lease from the store; nullopt when nothing is leasable.
+  std::optional<WorkItem> GrantSharedTrainingLocked(const Worker& worker, Pending& out)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // `rec` was written by this replica (or read fresh): its watchers get the view; a final job's
+  // watchers are dropped after it.
+  void SharedJobChangedLocked(const JobRecord& rec, Pending& out)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // A final write done by this replica: the tenant's active count, outcome metric and log.
+  void SharedFinalLocked(const JobRecord& rec) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::StatusOr<JobView> SharedCancel(const std::string& tenant, const std::string& id);
+  absl::StatusOr<uint64_t> SharedWatch(const std::string& tenant, const std::string& id,
+                                       WatchCallback fn);
+  absl::StatusOr<HeartbeatReply> SharedHeartbeat(const std::string& lease_id, int step,
+                                                 int total_steps, float loss);
+  absl::StatusOr<ConceptRecord> SharedCompleteTraining(const std::string& lease_id,
+                                                       const std::string& blob, float final_loss,
+                                                       int steps);
+  // FailWork (return_lease = false) or ReturnLease (true) of a training lease.
+  absl::Status SharedEndLease(const std::string& lease_id, const absl::Status& error,
+                              bool retryable, bool return_lease);
+  bool IsGenerationLeaseLocked(const std::string& lease_id) const
+      ABSL_SHARED_LOCKS_REQUIRED(mu_) {
+    auto l = leases_.find(lease_id);
+    return l != leases_.end() && !l->second.training;
+  }
 
   Store* const store_;
   const Clock* const clock_;
@@ -314,6 +364,10 @@ class Scheduler {
   std::map<uint64_t, Watcher> watchers_ ABSL_GUARDED_BY(mu_);
   // Exponential moving average of training durations, for queue ETAs (0: none yet).
   double avg_training_seconds_ ABSL_GUARDED_BY(mu_) = 0;
+  // Shared store: when the next SyncSharedLocked is due, and the last record each watched job
+  // was reported with (the poll reports only changes).
+  absl::Time next_sync_ ABSL_GUARDED_BY(mu_) = absl::InfinitePast();
+  std::map<std::string, JobView> shared_watched_ ABSL_GUARDED_BY(mu_);
 };
 
 // A SHA-256 over everything that defines a training request (the idempotency check).

@@ -76,6 +76,10 @@ CREATE TABLE concepts (
 CREATE INDEX concepts_tenant_seq ON concepts(tenant, seq);
 CREATE INDEX concepts_digest ON concepts(digest);
 )sql",
+    // 2: heartbeats and completions find the job by its lease from any replica.
+    R"sql(
+CREATE INDEX jobs_lease ON jobs(lease_id) WHERE lease_id <> '';
+)sql",
 };
 constexpr int kSchemaVersion = sizeof(kMigrations) / sizeof(kMigrations[0]);
 
@@ -450,10 +454,22 @@ absl::StatusOr<ConceptRecord> SqliteStore::InsertConcept(const ConceptRecord& co
 
 absl::StatusOr<ConceptRecord> SqliteStore::CompleteJobWithConcept(JobRecord job,
                                                                   const ConceptRecord& concept,
-                                                                  const std::string& blob) {
+                                                                  const std::string& blob,
+                                                                  const std::string& lease_id) {
   absl::MutexLock lock(&mu_);
   Txn txn(db_);
   RETURN_IF_ERROR(txn.began());
+  if (!lease_id.empty()) {
+    Stmt s(db_, "SELECT lease_id FROM jobs WHERE id = ?");
+    RETURN_IF_ERROR(s.prepared());
+    s.Bind(1, job.id);
+    ASSIGN_OR_RETURN(bool row, s.Step());
+    if (!row) return absl::NotFoundError(absl::StrCat("job ", job.id, " not found"));
+    if (s.Text(0) != lease_id) {
+      return absl::AbortedError(absl::StrCat("job ", job.id, ": lease ", lease_id,
+                                             " is no longer held (lost to another lease)"));
+    }
+  }
   ASSIGN_OR_RETURN(ConceptRecord out, InsertConceptLocked(concept, blob));
   job.concept_id = out.id;
   RETURN_IF_ERROR(UpdateJobLocked(job));
@@ -632,17 +648,52 @@ absl::Status SqliteStore::UpdateJobIfLeased(const JobRecord& job, const std::str
   absl::MutexLock lock(&mu_);
   Txn txn(db_);
   RETURN_IF_ERROR(txn.began());
-  Stmt s(db_, "SELECT lease_id FROM jobs WHERE id = ?");
+  Stmt s(db_, "SELECT lease_id, state FROM jobs WHERE id = ?");
   RETURN_IF_ERROR(s.prepared());
   s.Bind(1, job.id);
   ASSIGN_OR_RETURN(bool row, s.Step());
   if (!row) return absl::NotFoundError(absl::StrCat("job ", job.id, " not found"));
-  if (s.Text(0) != lease_id) {
+  if (s.Text(0) != lease_id || IsFinal(static_cast<JobState>(s.Int(1)))) {
     return absl::AbortedError(absl::StrCat("job ", job.id, ": lease ", lease_id,
                                            " is no longer held (lost to another lease)"));
   }
   RETURN_IF_ERROR(UpdateJobLocked(job));
   return txn.Commit();
+}
+
+absl::StatusOr<JobRecord> SqliteStore::GetJobByLease(const std::string& lease_id) {
+  absl::MutexLock lock(&mu_);
+  return GetJobByLeaseLocked(lease_id);
+}
+
+absl::StatusOr<JobRecord> SqliteStore::GetJobByLeaseLocked(const std::string& lease_id) {
+  Stmt s(db_, absl::StrCat("SELECT ", kJobColumns,
+                           " FROM jobs WHERE lease_id = ? AND lease_id <> '' AND state IN (2, 5)"));
+  RETURN_IF_ERROR(s.prepared());
+  s.Bind(1, lease_id);
+  ASSIGN_OR_RETURN(bool row, s.Step());
+  if (!row) {
+    return absl::NotFoundError(absl::StrCat("no active job holds lease \"", lease_id, "\""));
+  }
+  return ReadJob(s);
+}
+
+absl::StatusOr<JobRecord> SqliteStore::RecordProgress(const std::string& lease_id, int step,
+                                                      int total_steps, float loss,
+                                                      absl::Time lease_deadline, absl::Time now) {
+  absl::MutexLock lock(&mu_);
+  Txn txn(db_);
+  RETURN_IF_ERROR(txn.began());
+  Stmt s(db_,
+         "UPDATE jobs SET step = ?, total_steps = ?, loss = ?, lease_deadline_us = ?, "
+         "update_us = ? WHERE lease_id = ? AND lease_id <> '' AND state IN (2, 5)");
+  RETURN_IF_ERROR(s.prepared());
+  s.Bind(1, int64_t{step}).Bind(2, int64_t{total_steps}).Bind(3, static_cast<double>(loss));
+  s.BindTime(4, lease_deadline).BindTime(5, now).Bind(6, lease_id);
+  RETURN_IF_ERROR(s.Run());
+  ASSIGN_OR_RETURN(JobRecord j, GetJobByLeaseLocked(lease_id));
+  RETURN_IF_ERROR(txn.Commit());
+  return j;
 }
 
 }  // namespace perfusion::server

@@ -48,7 +48,8 @@ class SqliteStore final : public Store {
   absl::StatusOr<ConceptRecord> InsertConcept(const ConceptRecord& concept,
                                               const std::string& blob) override;
   absl::StatusOr<ConceptRecord> CompleteJobWithConcept(JobRecord job, const ConceptRecord& concept,
-                                                       const std::string& blob) override;
+                                                       const std::string& blob,
+                                                       const std::string& lease_id) override;
   absl::StatusOr<ConceptRecord> GetConcept(const std::string& tenant,
                                            const std::string& id) override;
   absl::StatusOr<ConceptRecord> GetConceptByName(const std::string& tenant,
@@ -68,11 +69,17 @@ class SqliteStore final : public Store {
   absl::StatusOr<Totals> ConceptTotals() override;
   absl::StatusOr<std::optional<JobRecord>> LeaseNextJob(const LeaseGrant& grant) override;
   absl::Status UpdateJobIfLeased(const JobRecord& job, const std::string& lease_id) override;
+  absl::StatusOr<JobRecord> GetJobByLease(const std::string& lease_id) override;
+  absl::StatusOr<JobRecord> RecordProgress(const std::string& lease_id, int step, int total_steps,
+                                           float loss, absl::Time lease_deadline,
+                                           absl::Time now) override;
 
  private:
   explicit SqliteStore(sqlite3* db) : db_(db) {}
   absl::Status Migrate() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status Exec(const char* sql) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::StatusOr<JobRecord> GetJobByLeaseLocked(const std::string& lease_id)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status UpdateJobLocked(const JobRecord& job) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::StatusOr<ConceptRecord> InsertConceptLocked(const ConceptRecord& concept,
                                                     const std::string& blob)

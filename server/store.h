@@ -56,10 +56,13 @@ class Store {
   virtual absl::StatusOr<ConceptRecord> InsertConcept(const ConceptRecord& concept,
                                                       const std::string& blob) = 0;
   // Atomically inserts the concept (as InsertConcept) and writes `job` (SUCCEEDED, with
-  // job.concept_id set to the new concept's id by this call).
+  // job.concept_id set to the new concept's id by this call). When `lease_id` is not empty,
+  // nothing is written and ABORTED is returned unless the stored job still holds that lease (a
+  // worker whose lease was taken over by another replica must not add a second concept).
   virtual absl::StatusOr<ConceptRecord> CompleteJobWithConcept(JobRecord job,
                                                                const ConceptRecord& concept,
-                                                               const std::string& blob) = 0;
+                                                               const std::string& blob,
+                                                               const std::string& lease_id) = 0;
   virtual absl::StatusOr<ConceptRecord> GetConcept(const std::string& tenant,
                                                    const std::string& id) = 0;
   // version 0: the newest.
@@ -101,10 +104,21 @@ class Store {
   // set when unset, update_time = now. nullopt when there is none. Callers in one process or in
   // several processes sharing the database never take the same job under live leases.
   virtual absl::StatusOr<std::optional<JobRecord>> LeaseNextJob(const LeaseGrant& grant) = 0;
-  // UpdateJob, but only while the stored job still holds `lease_id` (compare-and-set). ABORTED
-  // when another lease (or none) holds it now: the caller's lease was lost, drop its write.
+  // UpdateJob, but only while the stored job still holds `lease_id` and is not final
+  // (compare-and-set; lease_id "" matches a QUEUED job). ABORTED when another lease (or none)
+  // holds it now or it has ended: the caller's lease was lost, drop its write.
   // NOT_FOUND for an unknown job.
   virtual absl::Status UpdateJobIfLeased(const JobRecord& job, const std::string& lease_id) = 0;
+  // The RUNNING or CANCELLING job that `lease_id` holds, whichever replica granted the lease.
+  // NOT_FOUND when no active job holds it (finished, re-queued, or taken over). lease_id != "".
+  virtual absl::StatusOr<JobRecord> GetJobByLease(const std::string& lease_id) = 0;
+  // A heartbeat's write, atomic: sets step, total_steps, loss, lease_deadline and update_time of
+  // the RUNNING or CANCELLING job that `lease_id` holds and leaves every other field alone, so a
+  // CANCELLING written meanwhile by another replica is kept. Returns the job as stored after the
+  // write (the caller reads the cancel request from its state). NOT_FOUND as GetJobByLease.
+  virtual absl::StatusOr<JobRecord> RecordProgress(const std::string& lease_id, int step,
+                                                   int total_steps, float loss,
+                                                   absl::Time lease_deadline, absl::Time now) = 0;
 };
 
 }  // namespace perfusion::server

@@ -103,6 +103,7 @@ double MetricValue(const std::string& page, const std::string& name, const std::
 
 Cluster::~Cluster() {
   for (auto& w : workers_) w->Kill();
+  for (auto& r : replicas_) r->Kill();
   if (server_) server_->Kill();
   if (!dir_.empty() && std::getenv("PERFUSION_KEEP_TEST_DIRS") == nullptr) {
     std::error_code ec;
@@ -174,9 +175,18 @@ bool Cluster::StartServer(const ServerFlags& flags) {
   if (server_) server_->Kill();
   server_ = std::make_unique<Subprocess>();
   ++server_starts_;
+  if (!LaunchServer(*server_, port_, flags, absl::StrCat(dir_, "/server-", server_starts_, ".log"))) {
+    return false;
+  }
+  server_metrics_port_ = ParseLogInt(server_->Log(), "server_started", "metrics_port");
+  return true;
+}
+
+bool Cluster::LaunchServer(Subprocess& proc, int port, const ServerFlags& flags,
+                           const std::string& log) {
   std::vector<std::string> argv = {
       PERFUSION_SERVER_BIN,
-      "--listen=" + address(),
+      absl::StrCat("--listen=127.0.0.1:", port),
       "--metrics_listen=127.0.0.1:0",
       "--data_dir=" + dir_ + "/data",
       "--tokens_file=" + dir_ + "/tokens.txt",
@@ -190,18 +200,31 @@ bool Cluster::StartServer(const ServerFlags& flags) {
       "--drain_seconds=2",
   };
   for (const std::string& e : flags.extra) argv.push_back(e);
-  const std::string log = absl::StrCat(dir_, "/server-", server_starts_, ".log");
   std::string error;
-  if (!server_->Start(argv, log, {}, &error)) {
+  if (!proc.Start(argv, log, {}, &error)) {
     std::cerr << "cluster: " << error << "\n";
     return false;
   }
-  if (!WaitForLog(*server_, "event=server_started", absl::Seconds(60))) {
-    std::cerr << "cluster: the server did not start:\n" << Tail(server_->Log(), 30) << "\n";
+  if (!WaitForLog(proc, "event=server_started", absl::Seconds(60))) {
+    std::cerr << "cluster: the server did not start:\n" << Tail(proc.Log(), 30) << "\n";
     return false;
   }
-  server_metrics_port_ = ParseLogInt(server_->Log(), "server_started", "metrics_port");
   return true;
+}
+
+int Cluster::StartReplica(const ServerFlags& flags) {
+  const int port = PickFreePort();
+  if (port <= 0) return -1;
+  auto proc = std::make_unique<Subprocess>();
+  const int i = static_cast<int>(replicas_.size());
+  if (!LaunchServer(*proc, port, flags, absl::StrCat(dir_, "/replica-", i, ".log"))) return -1;
+  replicas_.push_back(std::move(proc));
+  replica_ports_.push_back(port);
+  return i;
+}
+
+std::string Cluster::replica_address(int i) const {
+  return absl::StrCat("127.0.0.1:", replica_ports_[i]);
 }
 
 int Cluster::StopServer(absl::Duration timeout) {
@@ -253,9 +276,10 @@ CommandResult Cluster::Ctl(const std::vector<std::string>& args, const std::stri
   return RunCommand(argv, dir_, timeout);
 }
 
-std::unique_ptr<client::Client> Cluster::Client(const std::string& token) {
+std::unique_ptr<client::Client> Cluster::Client(const std::string& token,
+                                                const std::string& server_address) {
   client::ClientOptions o;
-  o.server = address();
+  o.server = server_address.empty() ? address() : server_address;
   o.token = token;
   o.timeout = absl::Seconds(10);
   auto c = client::Client::Connect(o);
@@ -276,6 +300,9 @@ std::string Cluster::RenderConcept(const std::string& concept_name, int n) {
 }
 
 void Cluster::DumpLogs() const {
+  for (size_t i = 0; i < replicas_.size(); ++i) {
+    std::cerr << "---- replica " << i << " log (tail) ----\n" << Tail(replicas_[i]->Log(), 40) << "\n";
+  }
   if (server_) {
     std::cerr << "---- server log (tail) ----\n" << Tail(server_->Log(), 60) << "\n";
   }

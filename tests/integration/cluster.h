@@ -68,7 +68,14 @@ class Cluster {
   int StopServer(absl::Duration timeout = absl::Seconds(30));
   Subprocess& server() { return *server_; }
 
-  // Starts a worker named `name` and waits until it has registered. Returns its index.
+  // Another server replica on its own port (for a shared postgres:// store passed in
+  // flags.extra). Returns its index for replica_address() / replica(); -1 on failure.
+  int StartReplica(const ServerFlags& flags);
+  std::string replica_address(int i) const;
+  Subprocess& replica(int i) { return *replicas_[i]; }
+
+  // Starts a worker named `name` and waits until it has registered. Returns its index. A
+  // "--server=..." in `extra` points it at another replica.
   int StartWorker(const std::string& name, const std::vector<std::string>& extra = {});
   Subprocess& worker(int i) { return *workers_[i]; }
   int worker_metrics_port(int i) const { return worker_metrics_ports_[i]; }
@@ -77,7 +84,8 @@ class Cluster {
   CommandResult Ctl(const std::vector<std::string>& args, const std::string& token = kTokenA,
                     absl::Duration timeout = absl::Minutes(10));
   // A client library handle as tenant A (or `token`).
-  std::unique_ptr<client::Client> Client(const std::string& token = kTokenA);
+  std::unique_ptr<client::Client> Client(const std::string& token = kTokenA,
+                                         const std::string& server_address = "");
 
   // Renders n images of a builtin shapes-world concept into dir()/<concept>/ with
   // perfusion-render-shapes; returns the folder ("" on failure).
@@ -92,6 +100,8 @@ class Cluster {
  private:
   // Waits until `proc`'s log contains `needle` (or the process exits, or the timeout).
   bool WaitForLog(Subprocess& proc, const std::string& needle, absl::Duration timeout);
+  // Starts `proc` as a server listening on `port`, logging to `log`; waits for its start line.
+  bool LaunchServer(Subprocess& proc, int port, const ServerFlags& flags, const std::string& log);
 
   std::string dir_;
   std::string model_dir_;
@@ -101,6 +111,8 @@ class Cluster {
   int server_starts_ = 0;
   std::unique_ptr<Subprocess> server_;
   std::vector<std::unique_ptr<Subprocess>> workers_;
+  std::vector<std::unique_ptr<Subprocess>> replicas_;
+  std::vector<int> replica_ports_;
   std::vector<int> worker_metrics_ports_;
 };
 

@@ -56,7 +56,7 @@ class SqliteStoreTest : public ::testing::Test {
   std::unique_ptr<SqliteStore> store_;
 };
 
-TEST_F(SqliteStoreTest, MigratesToTheLatestSchema) { EXPECT_EQ(store_->schema_version(), 1); }
+TEST_F(SqliteStoreTest, MigratesToTheLatestSchema) { EXPECT_EQ(store_->schema_version(), 2); }
 
 TEST_F(SqliteStoreTest, JobRoundTripsEveryField) {
   ASSERT_THAT(store_->InsertJob(NewJob("job_1", "acme", "r1"), {"img0", "img1"}), IsOk());
@@ -152,14 +152,14 @@ TEST_F(SqliteStoreTest, CompleteJobWithConceptIsAtomic) {
   ASSERT_THAT(store_->InsertJob(NewJob("job_1", "acme"), {"x"}), IsOk());
   JobRecord j = *store_->GetJob("job_1");
   j.state = JobState::kSucceeded;
-  auto c = store_->CompleteJobWithConcept(j, NewConcept("c1", "acme", "teddy"), "blob");
+  auto c = store_->CompleteJobWithConcept(j, NewConcept("c1", "acme", "teddy"), "blob", "");
   ASSERT_THAT(c, IsOk());
   EXPECT_EQ(store_->GetJob("job_1")->concept_id, "c1");
   // A clash on the concept id rolls the job update back.
   ASSERT_THAT(store_->InsertJob(NewJob("job_2", "acme"), {"x"}), IsOk());
   JobRecord j2 = *store_->GetJob("job_2");
   j2.state = JobState::kSucceeded;
-  EXPECT_THAT(store_->CompleteJobWithConcept(j2, NewConcept("c1", "acme", "teddy"), "blob"),
+  EXPECT_THAT(store_->CompleteJobWithConcept(j2, NewConcept("c1", "acme", "teddy"), "blob", ""),
               StatusIs(absl::StatusCode::kAlreadyExists));
   EXPECT_EQ(store_->GetJob("job_2")->state, JobState::kQueued);
 }
@@ -185,7 +185,7 @@ TEST(SqliteStoreFileTest, ReopenKeepsDataAndUsesWal) {
   auto s = SqliteStore::Open(path);
   ASSERT_THAT(s, IsOk());
   EXPECT_THAT((*s)->GetJob("job_1"), IsOk());
-  EXPECT_EQ((*s)->schema_version(), 1);
+  EXPECT_EQ((*s)->schema_version(), 2);
   sqlite3* db = nullptr;
   ASSERT_EQ(sqlite3_open(path.c_str(), &db), SQLITE_OK);
   sqlite3_stmt* st = nullptr;

@@ -318,7 +318,7 @@ TEST_P(StoreConformanceTest, CompleteJobWithConceptIsAtomic) {
   ASSERT_THAT(store_->InsertJob(NewJob("job_1", "acme"), {"a"}), IsOk());
   JobRecord j = *store_->GetJob("job_1");
   j.state = JobState::kSucceeded;
-  auto c = store_->CompleteJobWithConcept(j, NewConcept("cpt_1", "acme", "teddy"), "blob");
+  auto c = store_->CompleteJobWithConcept(j, NewConcept("cpt_1", "acme", "teddy"), "blob", "");
   ASSERT_THAT(c, IsOk());
   auto back = store_->GetJob("job_1");
   EXPECT_EQ(back->state, JobState::kSucceeded);
@@ -327,7 +327,7 @@ TEST_P(StoreConformanceTest, CompleteJobWithConceptIsAtomic) {
   // The job write fails (unknown job): the concept is rolled back with it.
   JobRecord ghost = NewJob("job_ghost", "acme");
   ghost.state = JobState::kSucceeded;
-  EXPECT_THAT(store_->CompleteJobWithConcept(ghost, NewConcept("cpt_2", "acme", "teddy"), "b"),
+  EXPECT_THAT(store_->CompleteJobWithConcept(ghost, NewConcept("cpt_2", "acme", "teddy"), "b", ""),
               StatusIs(absl::StatusCode::kNotFound));
   EXPECT_THAT(store_->GetConcept("acme", "cpt_2"), StatusIs(absl::StatusCode::kNotFound));
   EXPECT_EQ(*store_->CountConcepts("acme"), 1);
@@ -380,6 +380,67 @@ TEST_P(StoreConformanceTest, UpdateJobIfLeasedRejectsALostLease) {
   EXPECT_EQ(store_->GetJob("job_1")->step, 7);
   JobRecord ghost = NewJob("job_x", "acme");
   EXPECT_THAT(store_->UpdateJobIfLeased(ghost, "lease_b"), StatusIs(absl::StatusCode::kNotFound));
+}
+
+TEST_P(StoreConformanceTest, GetJobByLeaseFindsOnlyTheActiveHolder) {
+  ASSERT_THAT(store_->InsertJob(NewJob("job_1", "acme"), {"x"}), IsOk());
+  EXPECT_THAT(store_->GetJobByLease("lease_a"), StatusIs(absl::StatusCode::kNotFound));
+  ASSERT_TRUE(store_->LeaseNextJob(Grant("lease_a", kT0))->has_value());
+  auto a = Another()->GetJobByLease("lease_a");  // another replica finds it too
+  ASSERT_THAT(a, IsOk());
+  EXPECT_EQ(a->id, "job_1");
+  // Taken over: the old lease finds nothing, the new one the job.
+  ASSERT_TRUE(store_->LeaseNextJob(Grant("lease_b", kT0 + absl::Seconds(61)))->has_value());
+  EXPECT_THAT(store_->GetJobByLease("lease_a"), StatusIs(absl::StatusCode::kNotFound));
+  EXPECT_EQ(store_->GetJobByLease("lease_b")->id, "job_1");
+  // Final: no lease holds it any more.
+  JobRecord j = *store_->GetJob("job_1");
+  j.state = JobState::kFailed;
+  j.lease_id.clear();
+  ASSERT_THAT(store_->UpdateJobIfLeased(j, "lease_b"), IsOk());
+  EXPECT_THAT(store_->GetJobByLease("lease_b"), StatusIs(absl::StatusCode::kNotFound));
+  // A final job holds no lease: "" (the QUEUED match) must not overwrite it either.
+  j.state = JobState::kCancelled;
+  j.lease_id.clear();
+  EXPECT_THAT(store_->UpdateJobIfLeased(j, ""), StatusIs(absl::StatusCode::kAborted));
+  EXPECT_EQ(store_->GetJob("job_1")->state, JobState::kFailed);
+}
+
+TEST_P(StoreConformanceTest, RecordProgressKeepsACancelWrittenMeanwhile) {
+  ASSERT_THAT(store_->InsertJob(NewJob("job_1", "acme"), {"x"}), IsOk());
+  JobRecord leased = **store_->LeaseNextJob(Grant("lease_a", kT0));
+  // Another replica cancels the running job.
+  JobRecord c = leased;
+  c.state = JobState::kCancelling;
+  ASSERT_THAT(Another()->UpdateJobIfLeased(c, "lease_a"), IsOk());
+  auto p = store_->RecordProgress("lease_a", 40, 400, 0.25f, kT0 + absl::Seconds(90),
+                                  kT0 + absl::Seconds(30));
+  ASSERT_THAT(p, IsOk());
+  EXPECT_EQ(p->state, JobState::kCancelling) << "the heartbeat must not overwrite the cancel";
+  EXPECT_EQ(p->step, 40);
+  EXPECT_EQ(p->total_steps, 400);
+  EXPECT_FLOAT_EQ(p->loss, 0.25f);
+  EXPECT_EQ(p->lease_deadline, kT0 + absl::Seconds(90));
+  EXPECT_EQ(store_->GetJob("job_1")->update_time, kT0 + absl::Seconds(30));
+  EXPECT_THAT(store_->RecordProgress("lease_zz", 1, 2, 0, kT0, kT0),
+              StatusIs(absl::StatusCode::kNotFound));
+}
+
+TEST_P(StoreConformanceTest, CompleteJobWithConceptUnderALostLeaseWritesNothing) {
+  ASSERT_THAT(store_->InsertJob(NewJob("job_1", "acme"), {"x"}), IsOk());
+  JobRecord a = **store_->LeaseNextJob(Grant("lease_a", kT0));
+  JobRecord b = **Another()->LeaseNextJob(Grant("lease_b", kT0 + absl::Seconds(61)));
+  a.state = JobState::kSucceeded;
+  a.lease_id.clear();
+  EXPECT_THAT(store_->CompleteJobWithConcept(a, NewConcept("cpt_a", "acme", "teddy"), "blob", "lease_a"),
+              StatusIs(absl::StatusCode::kAborted));
+  EXPECT_EQ(*store_->CountConcepts("acme"), 0) << "the stale worker's concept must not be stored";
+  b.state = JobState::kSucceeded;
+  b.lease_id.clear();
+  auto c = Another()->CompleteJobWithConcept(b, NewConcept("cpt_b", "acme", "teddy"), "blob", "lease_b");
+  ASSERT_THAT(c, IsOk());
+  EXPECT_EQ(store_->GetJob("job_1")->concept_id, "cpt_b");
+  EXPECT_EQ(*store_->CountConcepts("acme"), 1);
 }
 
 // Several replicas lease at once: every job goes to exactly one lease.
