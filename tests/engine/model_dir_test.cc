@@ -93,6 +93,44 @@ TEST_F(ModelDirTest, DerivedModelIdChangesWithTheWeights) {
   EXPECT_NE(LoadModelDir(dir_, opts_)->model_id, id1);
 }
 
+// Every scheduler field survives the written scheduler_config.json: a zero-terminal-SNR v-prediction
+// model (the tiny model's schedule) loaded with SD's epsilon defaults would sample garbage.
+TEST(SchedulerConfigJsonTest, EveryFieldRoundTrips) {
+  SchedulerConfig c;
+  c.num_train_timesteps = 10;
+  c.beta_schedule = "linear";
+  c.trained_betas = {0.1, 0.2, 0.3, 0.1, 0.2, 0.3, 0.1, 0.2, 0.3, 0.4};
+  c.rescale_betas_zero_snr = true;
+  c.prediction_type = "v_prediction";
+  c.timestep_spacing = "trailing";
+  c.steps_offset = 0;
+  c.set_alpha_to_one = true;
+  c.clip_sample = true;
+  c.clip_sample_range = 2.5;
+  c.thresholding = true;
+  c.dynamic_thresholding_ratio = 0.9;
+  c.sample_max_value = 3.0;
+  c.use_karras_sigmas = false;
+  c.timestep_type = "discrete";
+  const SchedulerConfig r = SchedulerConfig::FromJson(SchedulerConfigJson(c));
+  EXPECT_EQ(r.num_train_timesteps, c.num_train_timesteps);
+  EXPECT_EQ(r.beta_schedule, c.beta_schedule);
+  EXPECT_EQ(r.trained_betas, c.trained_betas);
+  EXPECT_EQ(r.rescale_betas_zero_snr, c.rescale_betas_zero_snr);
+  EXPECT_EQ(r.prediction_type, c.prediction_type);
+  EXPECT_EQ(r.timestep_spacing, c.timestep_spacing);
+  EXPECT_EQ(r.steps_offset, c.steps_offset);
+  EXPECT_EQ(r.set_alpha_to_one, c.set_alpha_to_one);
+  EXPECT_EQ(r.clip_sample, c.clip_sample);
+  EXPECT_EQ(r.clip_sample_range, c.clip_sample_range);
+  EXPECT_EQ(r.thresholding, c.thresholding);
+  EXPECT_EQ(r.dynamic_thresholding_ratio, c.dynamic_thresholding_ratio);
+  EXPECT_EQ(r.sample_max_value, c.sample_max_value);
+  EXPECT_EQ(r.interpolation_type, c.interpolation_type);
+  EXPECT_EQ(r.use_karras_sigmas, c.use_karras_sigmas);
+  EXPECT_EQ(r.timestep_type, c.timestep_type);
+}
+
 TEST_F(ModelDirTest, MissingFilesAreAllListedInOneError) {
   std::remove((dir_ + "/unet/config.json").c_str());
   std::remove((dir_ + "/perfusion/covariance.safetensors").c_str());

@@ -218,11 +218,20 @@ std::string SchedulerConfigJson(const SchedulerConfig& c) {
   j["beta_start"] = c.beta_start;
   j["beta_end"] = c.beta_end;
   j["beta_schedule"] = c.beta_schedule;
+  if (!c.trained_betas.empty()) j["trained_betas"] = c.trained_betas;
+  j["rescale_betas_zero_snr"] = c.rescale_betas_zero_snr;
   j["prediction_type"] = c.prediction_type;
   if (!c.timestep_spacing.empty()) j["timestep_spacing"] = c.timestep_spacing;
   j["steps_offset"] = c.steps_offset;
   j["set_alpha_to_one"] = c.set_alpha_to_one;
   j["clip_sample"] = c.clip_sample;
+  j["clip_sample_range"] = c.clip_sample_range;
+  j["thresholding"] = c.thresholding;
+  j["dynamic_thresholding_ratio"] = c.dynamic_thresholding_ratio;
+  j["sample_max_value"] = c.sample_max_value;
+  j["interpolation_type"] = c.interpolation_type;
+  j["use_karras_sigmas"] = c.use_karras_sigmas;
+  j["timestep_type"] = c.timestep_type;
   return j.dump(2);
 }
 

@@ -4,7 +4,12 @@
 // Stages (each checkpointed under --work; rerunning the same command resumes where it stopped):
 //   1. vae:   a small AutoencoderKL, 32x32x3 <-> 8x8x4, reconstruction MSE + a small KL term.
 //   2. unet:  a CLIP-style text encoder and a UNet with cross-attention, trained together on the VAE's
-//             latents with the DDPM epsilon loss (10% empty captions, for classifier-free guidance).
+//             latents (10% empty captions, for classifier-free guidance), with an EMA of the weights.
+//             Default schedule: SD's scaled-linear betas rescaled to zero terminal SNR, v-prediction,
+//             trailing timesteps (Lin et al. 2023). On 8x8 latents SD's own schedule leaves the global
+//             colour and layout readable at t = 999, so a model trained on it learns to read them from
+//             the noise instead of the caption, and ignores the text at sampling time (--sd-schedule
+//             keeps it, for comparison).
 //   3. final: the text encoder's covariance over fresh captions (perfusion/covariance.safetensors),
 //             then the folder (fp16 weights) with model_id.
 // Long runs: --max-minutes stops cleanly at a checkpoint; the next run continues.
@@ -46,6 +51,9 @@ struct Args {
   int64_t vae_steps = 2500, vae_batch = 32;
   int64_t unet_steps = 8000, unet_batch = 64;
   double unet_lr = 5e-4;
+  double ema_decay = 0.999;
+  bool sd_schedule = false;
+  std::string model_id = "perfusion-tiny-v2";
   int64_t cov_captions = 6000;
   uint64_t seed = 1;
   double max_minutes = 0;  // 0 = no limit
@@ -63,6 +71,9 @@ void Usage() {
       "  --vae-steps N         VAE steps (default 2500); --vae-batch N (default 32)\n"
       "  --unet-steps N        text encoder + UNet steps (default 8000); --unet-batch N (default 64)\n"
       "  --unet-lr X           learning rate (default 5e-4)\n"
+      "  --ema-decay X         decay of the weights' EMA that is written out (default 0.999; 0 = none)\n"
+      "  --sd-schedule         SD 1.5's epsilon schedule instead of zero-terminal-SNR v-prediction\n"
+      "  --model-id ID         written to perfusion/model_id (default perfusion-tiny-v2)\n"
       "  --cov-captions N      captions for the covariance (default 6000)\n"
       "  --seed S              (default 1)\n"
       "  --max-minutes M       stop at the next checkpoint after M minutes (0 = run to the end)\n"
@@ -170,6 +181,9 @@ int main(int argc, char** argv) {
     else if (k == "--unet-steps") a.unet_steps = std::stoll(v());
     else if (k == "--unet-batch") a.unet_batch = std::stoll(v());
     else if (k == "--unet-lr") a.unet_lr = std::stod(v());
+    else if (k == "--ema-decay") a.ema_decay = std::stod(v());
+    else if (k == "--sd-schedule") a.sd_schedule = true;
+    else if (k == "--model-id") a.model_id = v();
     else if (k == "--cov-captions") a.cov_captions = std::stoll(v());
     else if (k == "--seed") a.seed = std::stoull(v());
     else if (k == "--max-minutes") a.max_minutes = std::stod(v());
@@ -213,7 +227,8 @@ int main(int argc, char** argv) {
         at::Tensor x = data.images.index_select(0, idx).to(at::kFloat);
         DiagonalGaussian post = vae->encode(x);
         at::Tensor recon = vae->decode(post.sample(g));
-        at::Tensor loss = (recon - x).pow(2).mean() + 1e-5 * post.kl().mean();
+        // MSE + L1: L1 keeps the thin stripes and checks of the textures that MSE alone blurs away.
+        at::Tensor loss = (recon - x).pow(2).mean() + 0.5 * (recon - x).abs().mean() + 1e-5 * post.kl().mean();
         opt.zero_grad();
         loss.backward();
         opt.step();
@@ -266,8 +281,26 @@ int main(int argc, char** argv) {
     const std::string opt_path = a.work + "/unet_opt.pt";
     if (Exists(te_path)) LoadStateDict(*te, te_path);
     if (Exists(unet_path)) LoadStateDict(*unet, unet_path);
-    SchedulerConfig sched;  // SD 1.5's DDPM schedule
-    sched.timestep_spacing = "leading";
+    SchedulerConfig sched;  // SD 1.5's DDPM betas
+    if (a.sd_schedule) {
+      sched.timestep_spacing = "leading";
+    } else {
+      sched.rescale_betas_zero_snr = true;
+      sched.prediction_type = "v_prediction";
+      sched.timestep_spacing = "trailing";
+    }
+    // The weights' EMA (what is written out), kept beside the checkpoint.
+    std::vector<at::Tensor> live = te->parameters(), avg;
+    for (auto& p : unet->parameters()) live.push_back(p);
+    const std::string ema_path = a.work + "/ema.pt";
+    if (a.ema_decay > 0) {
+      if (Exists(ema_path)) {
+        torch::load(avg, ema_path);
+        TORCH_CHECK(avg.size() == live.size(), ema_path, " does not match the model");
+      } else {
+        for (auto& p : live) avg.push_back(p.detach().clone());
+      }
+    }
     if (st.stage == "unet") {
       std::vector<at::Tensor> params = te->parameters();
       for (auto& p : unet->parameters()) params.push_back(p);
@@ -289,9 +322,12 @@ int main(int argc, char** argv) {
         std::vector<int64_t> ids;
         for (int64_t b = 0; b < a.unet_batch; ++b) {
           const SceneSpec& scene = data.scenes[idx[b].item<int64_t>()];
-          std::string caption = drop[b].item<float>() < 0.1f
-                                    ? ""
-                                    : Caption(scene, static_cast<int>(tmpl[b].item<int64_t>() % NumCaptionTemplates(scene)));
+          // 10% empty; else the caption naming every attribute (template 0) 30% of the time, as
+          // WorldOptions::full_caption_prob, or another template.
+          const int64_t r = tmpl[b].item<int64_t>();
+          const int n_tmpl = NumCaptionTemplates(scene);
+          const int template_id = (r % 10) < 3 || n_tmpl == 1 ? 0 : 1 + static_cast<int>((r / 10) % (n_tmpl - 1));
+          std::string caption = drop[b].item<float>() < 0.1f ? "" : Caption(scene, template_id);
           auto p = tok->EncodePadded(caption).ids;
           ids.insert(ids.end(), p.begin(), p.end());
         }
@@ -300,10 +336,15 @@ int main(int argc, char** argv) {
         at::Tensor noise = at::randn(x0.sizes(), g);
         at::Tensor t = ddpm.sample_timesteps(a.unet_batch, g);
         at::Tensor pred = unet->forward(ddpm.add_noise(x0, noise, t), t, te->forward(id_t));
-        at::Tensor loss = (pred - noise).pow(2).mean();
+        at::Tensor loss = (pred - ddpm.training_target(x0, noise, t)).pow(2).mean();
         opt.zero_grad();
         loss.backward();
         opt.step();
+        if (!avg.empty()) {
+          torch::NoGradGuard ng;
+          const double d = std::min(a.ema_decay, (1.0 + st.step) / (10.0 + st.step));
+          for (size_t i = 0; i < live.size(); ++i) avg[i].mul_(d).add_(live[i].detach(), 1.0 - d);
+        }
         ema = st.step == 1 ? loss.item<double>() : 0.99 * ema + 0.01 * loss.item<double>();
         if (st.step % 50 == 0 || st.step == a.unet_steps) {
           double sps = std::chrono::duration<double>(Clock::now() - last).count() / since;
@@ -315,6 +356,7 @@ int main(int argc, char** argv) {
           SaveStateDict(*te, te_path);
           SaveStateDict(*unet, unet_path);
           torch::save(opt, opt_path);
+          if (!avg.empty()) torch::save(avg, ema_path);
           SaveState(a.work, st);
           if (out_of_time() && st.step < a.unet_steps) {
             std::printf("time budget reached at unet step %lld; rerun to resume\n", (long long)st.step);
@@ -328,6 +370,9 @@ int main(int argc, char** argv) {
 
     // ---- Stage 3: covariance and the model folder ----------------------------------------------
     torch::NoGradGuard ng;
+    if (!avg.empty()) {
+      for (size_t i = 0; i < live.size(); ++i) live[i].detach().copy_(avg[i]);
+    }
     te->eval();
     unet->eval();
     CovarianceAccumulator cov(TextOptions().hidden_size());
@@ -351,7 +396,7 @@ int main(int argc, char** argv) {
     m.scheduler = sched;
     // A small ridge: the young encoder's final LayerNorm keeps its outputs near a hyperplane.
     m.covariance = cov.Covariance(/*ridge=*/1e-3).to(at::kFloat);
-    m.model_id = "perfusion-tiny-v1";
+    m.model_id = a.model_id;
     ::mkdir(a.out.c_str(), 0755);
     SaveModelDir(m, a.out, at::kHalf);
     st.stage = "done";
