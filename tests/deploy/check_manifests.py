@@ -180,15 +180,32 @@ def check_render(f, where, docs, overlay):
                 and pvc["spec"].get("resources", {}).get("requests", {}).get("storage"),
                 f"{where}: PVC {pvc['metadata']['name']} needs accessModes and a storage request")
 
-    # The server: one replica over SQLite, stopped before its successor starts, with a grace
-    # period longer than its drain. Workers: a grace period that covers a step + ReturnLease.
+    # The server: over SQLite one replica, stopped before its successor starts; over PostgreSQL
+    # (shared-store scheduling) 2+ replicas rolled one at a time with a disruption budget. Both:
+    # a grace period longer than the drain. Workers: a grace period that covers a step +
+    # ReturnLease.
     server = deployments.get("perfusion-server")
     cms = list(by_kind.get("ConfigMap", {}).values())
     if server:
-        f.check(server["spec"].get("replicas", 1) == 1,
-                f"{where}: perfusion-server replicas must be 1 with the SQLite store")
-        f.check(server["spec"].get("strategy", {}).get("type") == "Recreate",
-                f"{where}: perfusion-server strategy must be Recreate (ReadWriteOnce volume)")
+        args = [a for c in server["spec"]["template"]["spec"]["containers"] for a in c.get("args", [])]
+        on_postgres = any(a.startswith("--store=postgres") for a in args)
+        if on_postgres:
+            f.check(server["spec"].get("replicas", 1) >= 2,
+                    f"{where}: perfusion-server on PostgreSQL should run 2+ replicas")
+            strategy = server["spec"].get("strategy", {})
+            f.check(strategy.get("type", "RollingUpdate") == "RollingUpdate"
+                    and str(strategy.get("rollingUpdate", {}).get("maxUnavailable")) == "0",
+                    f"{where}: perfusion-server on PostgreSQL: RollingUpdate with maxUnavailable 0")
+            pdbs = [p for p in by_kind.get("PodDisruptionBudget", {}).values()
+                    if p["spec"].get("selector", {}).get("matchLabels", {}).items()
+                    <= server["spec"]["template"]["metadata"].get("labels", {}).items()]
+            f.check(any(p["spec"].get("minAvailable", 0) >= 1 for p in pdbs),
+                    f"{where}: perfusion-server replicas need a PodDisruptionBudget minAvailable >= 1")
+        else:
+            f.check(server["spec"].get("replicas", 1) == 1,
+                    f"{where}: perfusion-server replicas must be 1 with the SQLite store")
+            f.check(server["spec"].get("strategy", {}).get("type") == "Recreate",
+                    f"{where}: perfusion-server strategy must be Recreate (ReadWriteOnce volume)")
         flags = flags_of(cms, "server.flags")
         if f.check(flags is not None, f"{where}: no ConfigMap with server.flags"):
             drain = int(flags.get("drain_seconds", "30"))
