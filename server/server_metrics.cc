@@ -15,7 +15,9 @@ std::unique_ptr<ServerMetrics> ServerMetrics::Create(metrics::Registry& r) {
                                    metrics::RpcLatencyBuckets());
 
   m->training_queue_depth =
-      &r.AddGauge("perfusion_training_queue_depth", "Training jobs waiting for a worker.")
+      &r.AddGauge("perfusion_training_queue_depth",
+                  "Training jobs waiting for a worker (with a shared store: store-wide, the same "
+                  "on every replica; aggregate with max).")
            .WithLabels({});
   m->training_jobs = &r.AddGauge("perfusion_training_jobs",
                                  "Training jobs in the store, by state.", {"state"});
