@@ -62,8 +62,8 @@ Commands:
   concepts rm REF
   concepts export REF -o FILE         (-o - writes the blob to stdout)
   concepts import FILE [--name NAME] [--label K=V]...
-  generate PROMPT [-o DIR] [--seed S] [--steps N] [--guidance G] [--n N] [--width W]
-        [--height H] [--negative TEXT] [--sampler ddim|euler] [--beta B] [--tau T]
+  generate PROMPT [-o DIR] [--seed S] [--steps N] [--guidance G] [--guidance-rescale PHI]
+        [--n N] [--width W] [--height H] [--negative TEXT] [--sampler ddim|euler] [--beta B] [--tau T]
         [--strength REF=BETA[:TAU]]... [--global-lock] [--prefix P] [--timeout DUR]
       Writes DIR/<prefix>-<seed>.png per image (DIR is created; default ".").
   health [--service NAME]
@@ -95,7 +95,7 @@ const std::vector<FlagSpec>& AllFlags() {
       // jobs / concepts
       {"state", true}, {"limit", true}, {"out", true, "o"},
       // generate
-      {"guidance", true}, {"n", true}, {"width", true}, {"height", true}, {"negative", true},
+      {"guidance", true}, {"guidance-rescale", true}, {"n", true}, {"width", true}, {"height", true}, {"negative", true},
       {"sampler", true}, {"beta", true}, {"tau", true}, {"strength", true},
       {"global-lock", false}, {"prefix", true},
       // health
@@ -124,7 +124,7 @@ const std::map<std::string, std::set<std::string>>& CommandFlags() {
       {"concepts export", {"out"}},
       {"concepts import", {"name", "label"}},
       {"generate",
-       {"out", "seed", "steps", "guidance", "n", "width", "height", "negative", "sampler", "beta",
+       {"out", "seed", "steps", "guidance", "guidance-rescale", "n", "width", "height", "negative", "sampler", "beta",
         "tau", "strength", "global-lock", "prefix", "timeout"}},
       {"health", {"service"}},
       {"help", {}},
@@ -746,12 +746,13 @@ class Cli {
     auto width = args_.GetInt("width", 0);
     auto height = args_.GetInt("height", 0);
     auto guidance = args_.GetDouble("guidance", 0);
+    auto rescale = args_.GetDouble("guidance-rescale", 0);
     auto beta = args_.GetDouble("beta", 0);
     auto tau = args_.GetDouble("tau", 0);
     auto timeout = args_.GetDuration("timeout", absl::Minutes(10));
     for (const absl::Status& s :
          {seed.status(), steps.status(), n.status(), width.status(), height.status(),
-          guidance.status(), beta.status(), tau.status(), timeout.status()}) {
+          guidance.status(), rescale.status(), beta.status(), tau.status(), timeout.status()}) {
       if (!s.ok()) return UsageError(std::string(s.message()));
     }
     if (args_.Has("seed")) req.set_seed(static_cast<uint64_t>(*seed));
@@ -760,6 +761,7 @@ class Cli {
     if (args_.Has("width")) req.set_width(static_cast<int32_t>(*width));
     if (args_.Has("height")) req.set_height(static_cast<int32_t>(*height));
     if (args_.Has("guidance")) req.set_guidance_scale(static_cast<float>(*guidance));
+    if (args_.Has("guidance-rescale")) req.set_guidance_rescale(static_cast<float>(*rescale));
     if (args_.Has("beta")) req.set_beta(static_cast<float>(*beta));
     if (args_.Has("tau")) req.set_tau(static_cast<float>(*tau));
     if (args_.Has("global-lock")) req.set_key_lock(v1::KEY_LOCK_GLOBAL);

@@ -138,6 +138,7 @@ GenerationRequest FromProto(const v1::GenerateRequest& p) {
   if (p.has_seed()) r.seed = p.seed();
   if (p.has_steps()) r.steps = p.steps();
   if (p.has_guidance_scale()) r.guidance_scale = p.guidance_scale();
+  if (p.has_guidance_rescale()) r.guidance_rescale = p.guidance_rescale();
   if (p.has_width()) r.width = p.width();
   if (p.has_height()) r.height = p.height();
   if (p.has_num_images()) r.num_images = p.num_images();
@@ -161,6 +162,7 @@ void ToProto(const GenerationRequest& r, v1::GenerateRequest* p) {
   if (r.seed) p->set_seed(*r.seed);
   if (r.steps) p->set_steps(*r.steps);
   if (r.guidance_scale) p->set_guidance_scale(*r.guidance_scale);
+  if (r.guidance_rescale) p->set_guidance_rescale(*r.guidance_rescale);
   if (r.width) p->set_width(*r.width);
   if (r.height) p->set_height(*r.height);
   if (r.num_images) p->set_num_images(*r.num_images);

@@ -62,6 +62,9 @@ ABSL_FLAG(int, default_train_steps, 400, "TrainingOptions.steps when unset");
 ABSL_FLAG(int, max_prompt_chars, 1000, "Longest prompt (and negative prompt), characters");
 ABSL_FLAG(int, max_concepts_per_prompt, 8, "Most distinct concepts referenced by one prompt");
 ABSL_FLAG(int, max_image_side, 1024, "Largest generated width/height (multiple of 8)");
+ABSL_FLAG(double, default_guidance_rescale, 0.0,
+          "Guidance rescale used when a GenerateRequest leaves guidance_rescale unset, in [0, 1] "
+          "(0.7 suits zero-terminal-SNR models; 0: off)");
 ABSL_FLAG(int, default_image_side, 0,
           "Generated width/height when unset; 0: the worker's model's native size (512 for SD 1.5, "
           "32 for the tiny model)");
@@ -128,6 +131,11 @@ int main(int argc, char** argv) {
   o.limits.max_concepts_per_prompt = absl::GetFlag(FLAGS_max_concepts_per_prompt);
   o.limits.max_image_side = absl::GetFlag(FLAGS_max_image_side);
   o.limits.default_image_side = absl::GetFlag(FLAGS_default_image_side);
+  o.limits.default_guidance_rescale = static_cast<float>(absl::GetFlag(FLAGS_default_guidance_rescale));
+  if (o.limits.default_guidance_rescale < 0 || o.limits.default_guidance_rescale > 1) {
+    fprintf(stderr, "perfusion-server: --default_guidance_rescale must be in [0, 1]\n");
+    return 2;
+  }
 
   const std::string shared = absl::GetFlag(FLAGS_shared_store);
   if (shared == "auto") {

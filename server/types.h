@@ -135,6 +135,7 @@ struct GenerationRequest {
   // Unset: default (set once validated).
   std::optional<int> steps;
   std::optional<float> guidance_scale;
+  std::optional<float> guidance_rescale;
   std::optional<int> width;
   std::optional<int> height;
   std::optional<int> num_images;

@@ -373,6 +373,8 @@ absl::StatusOr<std::vector<ConceptRef>> ValidateGenerationRequest(GenerationRequ
   }
   if (!r.guidance_scale) r.guidance_scale = limits.default_guidance;
   if (auto s = CheckRange("guidance_scale", *r.guidance_scale, 0, 30, false); !s.ok()) return s;
+  if (!r.guidance_rescale) r.guidance_rescale = limits.default_guidance_rescale;
+  if (auto s = CheckRange("guidance_rescale", *r.guidance_rescale, 0, 1, false); !s.ok()) return s;
   if (!r.sampler.empty() && r.sampler != "ddim" && r.sampler != "euler") {
     return Invalid("sampler", absl::StrCat("\"", r.sampler, "\" is not one of ddim, euler"));
   }

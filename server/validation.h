@@ -40,6 +40,7 @@ struct ValidationLimits {
   int max_num_images = 8;
   int max_concepts_per_prompt = 8;
   float default_guidance = 7.5f;
+  float default_guidance_rescale = 0.0f;
   float default_beta = 0.7f;
   float default_tau = 0.15f;
 };

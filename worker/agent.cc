@@ -608,6 +608,7 @@ void Agent::GenerateBatch(const std::vector<HeldItem*>& items) {
     spec.concepts = items[i]->concepts;
     if (r.has_steps()) spec.steps = r.steps();
     if (r.has_guidance_scale()) spec.guidance_scale = r.guidance_scale();
+    if (r.has_guidance_rescale()) spec.guidance_rescale = r.guidance_rescale();
     spec.seed = r.has_seed() ? r.seed() : 0;
     spec.num_images = std::max(1, r.has_num_images() ? r.num_images() : 1);
     spec.width = r.has_width() ? r.width() : 0;

@@ -155,6 +155,7 @@ absl::StatusOr<std::vector<GenerateResult>> Engine::Generate(const std::vector<G
       q.negative_prompt = g.negative_prompt;
       q.steps = g.steps;
       q.guidance_scale = g.guidance_scale;
+      q.guidance_rescale = g.guidance_rescale;
       q.seed = g.seed;
       q.num_images = g.num_images;
       q.width = g.width;

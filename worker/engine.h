@@ -69,6 +69,7 @@ struct GenerateSpec {
   std::vector<ConceptUse> concepts;
   int64_t steps = 30;
   double guidance_scale = 7.5;
+  double guidance_rescale = 0.0;  // [0, 1]; see perfusion::GenerationRequest
   uint64_t seed = 0;              // image n uses seed + n
   int64_t num_images = 1;
   int64_t width = 0, height = 0;  // 0 = the model's native size

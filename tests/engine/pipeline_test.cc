@@ -8,6 +8,7 @@
 
 #include "perfusion/concept.h"
 #include "perfusion/image_io.h"
+#include "perfusion/scheduler.h"
 #include "perfusion/shapes_world.h"
 #include "perfusion/trainer.h"
 #include "tests/engine/test_util.h"
@@ -159,6 +160,39 @@ TEST_F(PipelineTest, ImageNOfARequestEqualsAOneImageRequestWithSeedPlusN) {
   ASSERT_EQ(both.size(), 2u);
   EXPECT_TRUE(AllClose(both[1], second[0], 1e-4, 1e-4, "image 1 vs seed + 1"));
   EXPECT_GT((both[0] - both[1]).abs().mean().item<double>(), 1e-3) << "images of a request differ";
+}
+
+TEST(GuidedPredictionTest, RescaleMatchesTheConditionalStdPerImage) {
+  at::Tensor uncond = at::randn({3, 4, 8, 8}, MakeGenerator(1));
+  at::Tensor cond = at::randn({3, 4, 8, 8}, MakeGenerator(2)) * 0.5;
+  const at::Tensor scale = at::tensor({7.5f, 7.5f, 2.0f}).reshape({3, 1, 1, 1});
+  const at::Tensor plain = uncond + scale * (cond - uncond);
+  EXPECT_TRUE(AllClose(GuidedPrediction(uncond, cond, scale, at::zeros({3, 1, 1, 1})), plain, 1e-6, 1e-6, "phi 0"));
+  const at::Tensor full = GuidedPrediction(uncond, cond, scale, at::ones({3, 1, 1, 1}));
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_NEAR(full[i].std().item<double>(), cond[i].std().item<double>(), 1e-4) << i;
+  }
+  // phi mixes linearly, image by image.
+  const at::Tensor phi = at::tensor({0.7f, 0.0f, 1.0f}).reshape({3, 1, 1, 1});
+  const at::Tensor mixed = GuidedPrediction(uncond, cond, scale, phi);
+  EXPECT_TRUE(AllClose(mixed, phi * full + (1 - phi) * plain, 1e-5, 1e-5, "mix"));
+}
+
+TEST_F(PipelineTest, GuidanceRescaleIsPerRequestInABatch) {
+  Pipeline pipe(model_);
+  GenerationRequest a = Request("a red circle on a blue background", 3);
+  GenerationRequest b = Request("a green square", 4);
+  b.guidance_rescale = 0.7;
+  const auto together = pipe.Generate({a, b});
+  const auto alone = pipe.Generate({b});
+  EXPECT_TRUE(AllClose(together[1].images[0], alone[0].images[0], 1e-4, 1e-4, "rescaled request"));
+  EXPECT_TRUE(AllClose(together[0].images[0], pipe.Generate({a})[0].images[0], 1e-4, 1e-4, "plain request"));
+  GenerationRequest off = b;
+  off.guidance_rescale = 0;
+  EXPECT_GT((alone[0].images[0] - pipe.Generate({off})[0].images[0]).abs().mean().item<double>(), 1e-4);
+  GenerationRequest bad = b;
+  bad.guidance_rescale = 1.5;
+  EXPECT_THROW(pipe.Generate({bad}), c10::ValueError);
 }
 
 TEST_F(PipelineTest, BadPromptsAndForeignConceptsAreRejected) {

@@ -86,11 +86,14 @@ TEST_F(CliRoundTripTest, TrainWatchListGenerateExportImportDelete) {
   }
   EXPECT_EQ(gen["concepts"].size(), 2u);
   EXPECT_GT(gen["compute_seconds"].get<double>(), 0.0);
-  // Text mode prints the paths; --global-lock is accepted.
+  // Text mode prints the paths; --global-lock and --guidance-rescale reach the worker.
   r = cluster_.Ctl({"generate", "a photo of <checker-star>", "-o", out + "2", "--seed", "3",
-                    "--steps", "4", "--global-lock"});
+                    "--steps", "4", "--global-lock", "--guidance-rescale", "0.7"});
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_TRUE(IsPng(out + "2/img-3.png")) << r.out;
+  r = cluster_.Ctl({"generate", "a photo of <checker-star>", "-o", out + "3", "--guidance-rescale", "2"});
+  EXPECT_EQ(r.exit_code, 4) << r.out << r.err;  // INVALID_ARGUMENT naming the field
+  EXPECT_NE(r.err.find("guidance_rescale"), std::string::npos) << r.err;
 
   // Export, then import into the other tenant's registry under a new name.
   const std::string blob = cluster_.dir() + "/star.pfcn";

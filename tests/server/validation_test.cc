@@ -165,6 +165,7 @@ TEST(GenerationValidationTest, FillsDefaultsAndChecksRanges) {
   EXPECT_FALSE(r.width.has_value()) << "unset size: the worker's native size";
   EXPECT_EQ(r.num_images, 1);
   EXPECT_FLOAT_EQ(*r.guidance_scale, 7.5f);
+  EXPECT_FLOAT_EQ(*r.guidance_rescale, 0.0f);
   EXPECT_EQ(r.key_lock, KeyLock::kLocal);
 
   auto check = [&](auto mutate, const std::string& field) {
@@ -182,6 +183,8 @@ TEST(GenerationValidationTest, FillsDefaultsAndChecksRanges) {
   check([](GenerationRequest& g) { g.width = 500; }, "width");
   check([](GenerationRequest& g) { g.num_images = 9; }, "num_images");
   check([](GenerationRequest& g) { g.guidance_scale = 31; }, "guidance_scale");
+  check([](GenerationRequest& g) { g.guidance_rescale = 1.5f; }, "guidance_rescale");
+  check([](GenerationRequest& g) { g.guidance_rescale = -0.1f; }, "guidance_rescale");
   check([](GenerationRequest& g) { g.tau = 0; }, "tau");
   check([](GenerationRequest& g) { g.beta = 1.5f; }, "beta");
   check([](GenerationRequest& g) { g.sampler = "plms"; }, "sampler");

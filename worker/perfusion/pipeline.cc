@@ -219,6 +219,16 @@ std::vector<GenerationResult> Pipeline::Generate(const std::vector<GenerationReq
   return results;
 }
 
+at::Tensor GuidedPrediction(const at::Tensor& uncond, const at::Tensor& cond, const at::Tensor& scale,
+                            const at::Tensor& phi) {
+  const at::Tensor guided = uncond + scale * (cond - uncond);
+  // Per image, so a batch still equals its requests run one by one.
+  const std::vector<int64_t> dims = {1, 2, 3};
+  const at::Tensor ratio = cond.std(dims, /*unbiased=*/true, /*keepdim=*/true) /
+                           guided.std(dims, /*unbiased=*/true, /*keepdim=*/true).clamp_min(1e-12);
+  return phi * (guided * ratio) + (1 - phi) * guided;
+}
+
 std::vector<GenerationResult> Pipeline::GenerateGroup(const std::vector<const GenerationRequest*>& group,
                                                       const ProgressFn& progress) const {
   c10::InferenceMode guard;
@@ -242,6 +252,8 @@ std::vector<GenerationResult> Pipeline::GenerateGroup(const std::vector<const Ge
   for (const GenerationRequest* r : group) {
     TORCH_CHECK_VALUE(r->num_images >= 1 && r->num_images <= 64, "num_images must be in [1, 64], got ", r->num_images);
     TORCH_CHECK_VALUE(r->guidance_scale >= 0, "guidance_scale must be >= 0");
+    TORCH_CHECK_VALUE(r->guidance_rescale >= 0 && r->guidance_rescale <= 1,
+                      "guidance_rescale must be in [0, 1], got ", r->guidance_rescale);
     // Image n of a request draws its noise from seed + n: it equals a one-image request with that seed.
     for (int64_t n = 0; n < r->num_images; ++n) {
       at::Generator gen = MakeGenerator(r->seed + static_cast<uint64_t>(n));
@@ -265,10 +277,16 @@ std::vector<GenerationResult> Pipeline::GenerateGroup(const std::vector<const Ge
     }
     kv[l] = {at::cat(ks).to(dtype), at::cat(vs).to(dtype)};
   }
-  std::vector<double> scale;
+  std::vector<double> scale, rescale;
+  bool any_rescale = false;
   for (size_t r = 0; r < group.size(); ++r) {
-    for (int64_t n = 0; n < counts[r]; ++n) scale.push_back(group[r]->guidance_scale);
+    for (int64_t n = 0; n < counts[r]; ++n) {
+      scale.push_back(group[r]->guidance_scale);
+      rescale.push_back(group[r]->guidance_rescale);
+    }
+    any_rescale = any_rescale || group[r]->guidance_rescale > 0;
   }
+  const at::Tensor phi = at::tensor(rescale, at::TensorOptions().dtype(at::kDouble)).to(dev, at::kFloat).reshape({-1, 1, 1, 1});
   const at::Tensor guidance = at::tensor(scale, at::TensorOptions().dtype(at::kDouble)).to(dev, at::kFloat).reshape({-1, 1, 1, 1});
   const at::Tensor use_cfg = guidance > 1.0;
 
@@ -284,7 +302,8 @@ std::vector<GenerationResult> Pipeline::GenerateGroup(const std::vector<const Ge
     at::Tensor eps = model_->unet->forward(xin.to(dtype), t, kv).to(at::kFloat);
     if (any_cfg) {
       auto parts = eps.chunk(2);
-      at::Tensor guided = parts[0] + guidance * (parts[1] - parts[0]);
+      at::Tensor guided = any_rescale ? GuidedPrediction(parts[0], parts[1], guidance, phi)
+                                      : parts[0] + guidance * (parts[1] - parts[0]);
       eps = at::where(use_cfg, guided, parts[1]);
     }
     x = sampler->step(eps, i, x).prev_sample;

@@ -58,12 +58,22 @@ struct GenerationRequest {
   std::map<std::string, ConceptRef> concepts;   // by the name used in the prompt
   int64_t steps = 30;
   double guidance_scale = 7.5;                  // <= 1: no classifier-free guidance
+  // Guidance rescale phi in [0, 1] (Lin et al. 2023, eq. 16): the guided prediction is rescaled to
+  // the conditional prediction's standard deviation, mixed phi : 1 - phi with the plain guided one.
+  // Counters the over-exposure of strong guidance on zero-terminal-SNR models; 0 = off.
+  double guidance_rescale = 0.0;
   uint64_t seed = 0;                            // image n uses seed + n
   int64_t num_images = 1;
   int64_t width = 0, height = 0;                // 0: the model's native size
   std::string sampler = "ddim";                 // "ddim" | "euler"
   MultiConceptMode multi_concept_mode = MultiConceptMode::kApproximate;
 };
+
+// Classifier-free guidance of one UNet batch's two halves: uncond + scale * (cond - uncond), then
+// rescaled per image to cond's standard deviation with weight phi (GenerationRequest::
+// guidance_rescale; phi = 0 leaves it). scale, phi: scalars or [B, 1, 1, 1].
+at::Tensor GuidedPrediction(const at::Tensor& uncond, const at::Tensor& cond, const at::Tensor& scale,
+                            const at::Tensor& phi);
 
 struct GenerationResult {
   std::vector<at::Tensor> images;  // [3, H, W] float32 in [-1, 1], on the CPU

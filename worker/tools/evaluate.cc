@@ -71,6 +71,7 @@ struct Args {
   int per_prompt = 6;
   int64_t gen_steps = 30;
   double guidance = 7.5;
+  double guidance_rescale = 0.0;
   std::string sampler = "ddim";
   uint64_t seed = 1;
   std::string sweep_concept;  // default: the first concept
@@ -95,6 +96,7 @@ void Usage() {
       "  --ti-lr X             embedding learning rate of the embedding-only ablation (default: the trainer's)\n"
       "  --per-prompt M        images per held-out prompt (default 6)\n"
       "  --gen-steps N         sampling steps (default 30); --guidance X (default 7.5); --sampler ddim|euler\n"
+      "  --guidance-rescale X  guidance rescale phi in [0, 1] (default 0)\n"
       "  --seed S              everything derives from it (default 1)\n"
       "  --sweep-concept NAME  concept of the beta/tau sweep (default: the first)\n"
       "  --betas LIST          sweep betas (default 0.5,0.6,0.7,0.8,0.9)\n"
@@ -412,7 +414,8 @@ std::vector<CrossAttnKV> AblationKV(const Pipeline& pipe, const std::string& pro
 // with its seed exactly as Pipeline::Generate draws it, so methods compare on the same noise.
 std::vector<std::vector<at::Tensor>> SampleWithKV(const Pipeline& pipe, const std::vector<std::vector<CrossAttnKV>>& cond,
                                                   const std::vector<uint64_t>& seeds, int64_t n, int64_t steps,
-                                                  double guidance, const std::string& sampler_name) {
+                                                  double guidance, double guidance_rescale,
+                                                  const std::string& sampler_name) {
   c10::InferenceMode guard;
   StableDiffusion& m = pipe.model();
   const int64_t f = m.vae->downsample_factor(), H = m.image_size(), C = m.latent_channels();
@@ -447,7 +450,7 @@ std::vector<std::vector<at::Tensor>> SampleWithKV(const Pipeline& pipe, const st
     at::Tensor eps = m.unet->forward(xin, sampler->timesteps()[i].expand({xin.size(0)}), kv);
     if (cfg) {
       auto parts = eps.chunk(2);
-      eps = parts[0] + guidance * (parts[1] - parts[0]);
+      eps = GuidedPrediction(parts[0], parts[1], at::scalar_tensor(guidance), at::scalar_tensor(guidance_rescale));
     }
     x = sampler->step(eps, i, x).prev_sample;
   }
@@ -524,6 +527,7 @@ class Evaluation {
     req.concepts = refs;
     req.steps = a_.gen_steps;
     req.guidance_scale = a_.guidance;
+    req.guidance_rescale = a_.guidance_rescale;
     req.seed = seed;
     req.num_images = a_.per_prompt;
     req.sampler = a_.sampler;
@@ -538,11 +542,12 @@ class Evaluation {
     req.prompt = prompt;
     req.steps = 3;
     req.guidance_scale = a_.guidance;
+    req.guidance_rescale = a_.guidance_rescale;
     req.seed = 99;
     req.num_images = 2;
     req.sampler = a_.sampler;
     const auto ref = pipe_.Generate({req})[0].images;
-    const auto mine = SampleWithKV(pipe_, {pipe_.PromptKV(prompt, {})}, {99}, 2, 3, a_.guidance, a_.sampler)[0];
+    const auto mine = SampleWithKV(pipe_, {pipe_.PromptKV(prompt, {})}, {99}, 2, 3, a_.guidance, a_.guidance_rescale, a_.sampler)[0];
     double diff = 0;
     for (size_t i = 0; i < ref.size(); ++i) diff = std::max(diff, (ref[i] - mine[i]).abs().max().item<double>());
     Log("sampler check: the ablation sampler matches Pipeline::Generate to %.2e", diff);
@@ -565,6 +570,7 @@ class Evaluation {
       req.prompt = Caption(s, 0);
       req.steps = a_.gen_steps;
       req.guidance_scale = a_.guidance;
+      req.guidance_rescale = a_.guidance_rescale;
       req.seed = DeriveSeed(a_.seed, 9500 + i);
       req.num_images = 1;
       req.sampler = a_.sampler;
@@ -682,6 +688,7 @@ class Evaluation {
         }
         req.steps = a_.gen_steps;
         req.guidance_scale = a_.guidance;
+        req.guidance_rescale = a_.guidance_rescale;
         req.seed = PromptSeed(p);
         req.num_images = a_.per_prompt;
         req.sampler = a_.sampler;
@@ -697,7 +704,7 @@ class Evaluation {
         kv.push_back(AblationKV(pipe_, r.prompts[p].text, ac, which, ac.concept->default_gate));
         seeds.push_back(PromptSeed(p));
       }
-      per_prompt = SampleWithKV(pipe_, kv, seeds, a_.per_prompt, a_.gen_steps, a_.guidance, a_.sampler);
+      per_prompt = SampleWithKV(pipe_, kv, seeds, a_.per_prompt, a_.gen_steps, a_.guidance, a_.guidance_rescale, a_.sampler);
     }
     std::vector<Score> scores;
     for (size_t p = 0; p < r.prompts.size(); ++p) {
@@ -739,6 +746,7 @@ class Evaluation {
           req.concepts[r->spec.name] = ref;
           req.steps = a_.gen_steps;
           req.guidance_scale = a_.guidance;
+          req.guidance_rescale = a_.guidance_rescale;
           req.seed = PromptSeed(p);
           req.num_images = a_.per_prompt;
           req.sampler = a_.sampler;
@@ -1101,6 +1109,7 @@ int main(int argc, char** argv) {
       else if (k == "--per-prompt") a.per_prompt = std::stoi(v());
       else if (k == "--gen-steps") a.gen_steps = std::stoll(v());
       else if (k == "--guidance") a.guidance = std::stod(v());
+      else if (k == "--guidance-rescale") a.guidance_rescale = std::stod(v());
       else if (k == "--sampler") a.sampler = v();
       else if (k == "--seed") a.seed = std::stoull(v());
       else if (k == "--sweep-concept") a.sweep_concept = v();

@@ -41,6 +41,7 @@ struct Args {
   std::string negative;
   int64_t n = 4, steps = 30;
   double guidance = 7.5;
+  double guidance_rescale = 0.0;
   uint64_t seed = 1;
   std::optional<double> beta, tau;  // unset: each concept's stored default
   bool global_lock = false;
@@ -64,6 +65,8 @@ void Usage() {
       "  --n N                 images (default 4)\n"
       "  --steps N             denoising steps (default 30)\n"
       "  --guidance X          classifier-free guidance scale (default 7.5; <= 1 disables)\n"
+      "  --guidance-rescale X  rescale the guided prediction to the conditional one's std, weight X in\n"
+      "                        [0, 1] (default 0; 0.7 suits zero-terminal-SNR models)\n"
       "  --seed S              noise seed (default 1)\n"
       "  --negative TEXT       negative prompt (default: none)\n"
       "  --beta X --tau X      gate threshold / temperature for every concept (default: each concept's own)\n"
@@ -107,6 +110,7 @@ int main(int argc, char** argv) {
       else if (k == "--n") a.n = std::stoll(v());
       else if (k == "--steps") a.steps = std::stoll(v());
       else if (k == "--guidance") a.guidance = std::stod(v());
+      else if (k == "--guidance-rescale") a.guidance_rescale = std::stod(v());
       else if (k == "--seed") a.seed = std::stoull(v());
       else if (k == "--negative") a.negative = v();
       else if (k == "--beta") a.beta = std::stod(v());
@@ -151,6 +155,7 @@ int main(int argc, char** argv) {
     req.negative_prompt = a.negative;
     req.steps = a.steps;
     req.guidance_scale = a.guidance;
+    req.guidance_rescale = a.guidance_rescale;
     req.seed = a.seed;
     req.num_images = a.n;
     req.sampler = a.sampler;
