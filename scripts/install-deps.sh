@@ -48,5 +48,15 @@ if [[ ${#missing[@]} -eq 0 ]]; then
 fi
 echo "install-deps: installing ${missing[*]}"
 export DEBIAN_FRONTEND=noninteractive
+# The postgresql and prometheus packages are here for their tools (the tests start their own
+# throwaway PostgreSQL; promtool checks the rules). Keep apt from starting their system services:
+# a Prometheus on :9090 would take perfusion-server's default --metrics_listen port.
+# policy-rc.d is Debian's switch for that (invoke-rc.d asks it; 101 = "action not allowed").
+policy=/usr/sbin/policy-rc.d
+if [[ ! -e $policy ]]; then
+  printf '#!/bin/sh\nexit 101\n' | $SUDO tee "$policy" >/dev/null
+  $SUDO chmod 755 "$policy"
+  trap '$SUDO rm -f "$policy"' EXIT
+fi
 $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
