@@ -15,6 +15,7 @@ BUILD_PKGS=(
   libpq-dev postgresql                        # PostgreSQL store (optional) and its tests
   libgtest-dev libgmock-dev libbenchmark-dev
   yamllint python3-yaml prometheus            # deploy/ tests: YAML lint, promtool (rules, alerts)
+  openssl                                     # TLS test: a throwaway self-signed certificate
 )
 RUNTIME_PKGS=(
   libtorch1.13 libopenblas0-openmp libgrpc++1.51 libprotobuf32 libsqlite3-0 libpq5 libpng16-16 ca-certificates
