@@ -9,6 +9,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "grpc/health/v1/health.pb.h"
 #include "server/log.h"
 #include "server/rpc_metrics.h"
 #include "server/sqlite_store.h"
@@ -123,6 +124,10 @@ absl::StatusOr<std::unique_ptr<PerfusionServer>> PerfusionServer::Start(ServerOp
     creds = grpc::InsecureServerCredentials();
   }
 
+  // The built-in health service registers no descriptor; health.proto's generated code does, but
+  // nothing referenced it, so the linker dropped it and reflection listed grpc.health.v1.Health
+  // without being able to describe it (grpcurl could not call it). Referencing it keeps it.
+  (void)grpc::health::v1::HealthCheckRequest::descriptor();
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
