@@ -3,7 +3,7 @@
 // between absl::Status and grpc::Status used at every RPC edge.
 //
 // absl::StatusCode values are google.rpc.Code values, as are grpc::StatusCode values, so the
-// conversion keeps the code and the message unchanged.
+// conversion keeps the code and the message unchanged (and adds machine-readable details).
 #ifndef PERFUSION_SERVER_STATUS_UTIL_H_
 #define PERFUSION_SERVER_STATUS_UTIL_H_
 
@@ -17,11 +17,10 @@
 
 namespace perfusion::server {
 
-// The gRPC status for `s`: same code, same message.
-inline grpc::Status ToGrpcStatus(const absl::Status& s) {
-  if (s.ok()) return grpc::Status::OK;
-  return grpc::Status(static_cast<grpc::StatusCode>(s.code()), std::string(s.message()));
-}
+// The gRPC status for `s`: same code, same message. An INVALID_ARGUMENT or OUT_OF_RANGE whose
+// message is "<field>: <description>" (the server's convention) also carries a google.rpc.Status
+// with a google.rpc.BadRequest naming the field, in the standard grpc-status-details-bin trailer.
+grpc::Status ToGrpcStatus(const absl::Status& s);
 
 // The absl::Status for a gRPC status: same code, same message.
 inline absl::Status FromGrpcStatus(const grpc::Status& s) {

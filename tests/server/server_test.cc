@@ -19,6 +19,8 @@
 
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
+#include "google/rpc/error_details.pb.h"
+#include "google/rpc/status.pb.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "perfusion/v1/concept.grpc.pb.h"
 #include "perfusion/v1/generation.grpc.pb.h"
@@ -26,6 +28,7 @@
 #include "perfusion/v1/worker.grpc.pb.h"
 #include "server/log.h"
 #include "server/server.h"
+#include "server/status_util.h"
 #include "tests/server/server_test_util.h"
 #include "tests/server/status_matchers.h"
 
@@ -389,6 +392,45 @@ TEST_F(ServerTest, BadImagesAreInvalidArgumentNamingTheField) {
   EXPECT_THAT(Create(Job("teddy", 21)), StatusIs(kInvalid, HasSubstr("images: 21 images")));
   EXPECT_THAT(Create(Job("teddy", 2)), StatusIs(kInvalid, HasSubstr("images: 2 images")));
   ExpectHealthy();
+}
+
+TEST_F(ServerTest, InvalidArgumentCarriesAGoogleRpcBadRequestNamingTheField) {
+  auto job = Job("teddy");
+  job.set_images(1, "this is not an image at all");
+  v1::TrainingJob out;
+  grpc::Status s = training_->CreateTrainingJob(Ctx("acme-token").get(), job, &out);
+  ASSERT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  google::rpc::Status details;
+  ASSERT_TRUE(details.ParseFromString(s.error_details())) << "no grpc-status-details-bin";
+  EXPECT_EQ(details.code(), 3);
+  EXPECT_EQ(details.message(), s.error_message());
+  ASSERT_EQ(details.details_size(), 1);
+  EXPECT_EQ(details.details(0).type_url(), "type.googleapis.com/google.rpc.BadRequest");
+  google::rpc::BadRequest bad;
+  ASSERT_TRUE(details.details(0).UnpackTo(&bad));
+  ASSERT_EQ(bad.field_violations_size(), 1);
+  EXPECT_EQ(bad.field_violations(0).field(), "images[1]");
+  EXPECT_THAT(bad.field_violations(0).description(), HasSubstr("not a PNG or JPEG"));
+  // Other codes carry no details.
+  v1::GetTrainingJobRequest get;
+  get.set_id("job_0000000000000000");
+  s = training_->GetTrainingJob(Ctx("acme-token").get(), get, &out);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_TRUE(s.error_details().empty());
+}
+
+TEST(ToGrpcStatusTest, OnlyFieldPrefixedArgumentErrorsGetDetails) {
+  EXPECT_TRUE(ToGrpcStatus(absl::OkStatus()).ok());
+  EXPECT_TRUE(ToGrpcStatus(absl::InvalidArgumentError("no field prefix here")).error_details().empty());
+  EXPECT_TRUE(ToGrpcStatus(absl::InvalidArgumentError("Bad Field: x")).error_details().empty());
+  EXPECT_TRUE(ToGrpcStatus(absl::FailedPreconditionError("job: done")).error_details().empty());
+  grpc::Status s = ToGrpcStatus(absl::OutOfRangeError("options.learning_rate: 2 is outside [0, 1]"));
+  google::rpc::Status d;
+  ASSERT_TRUE(d.ParseFromString(s.error_details()));
+  google::rpc::BadRequest bad;
+  ASSERT_TRUE(d.details(0).UnpackTo(&bad));
+  EXPECT_EQ(bad.field_violations(0).field(), "options.learning_rate");
+  EXPECT_EQ(bad.field_violations(0).description(), "2 is outside [0, 1]");
 }
 
 TEST_F(ServerTest, BadNamesAndSuperclassesAreInvalidArgument) {
