@@ -512,6 +512,7 @@ class Evaluation {
     }
     CheckSampler();
     BaseModelCheck();
+    TextUsageCheck();
     for (size_t i = 0; i < runs_.size(); ++i) Train(runs_[i], i);
     for (auto& r : runs_) GenerateAll(r);
     if (a_.sweep) Sweep();
@@ -601,6 +602,49 @@ class Evaluation {
         line.c_str(), std::chrono::duration<double>(Clock::now() - t0).count());
   }
 
+  // Does the denoiser read its caption, and at which noise levels? The training loss of the
+  // base-check scenes at fixed timesteps with the true caption, no caption, and another scene's
+  // caption (same noise draws). A model that ignores its text has three equal columns where the
+  // layout is decided (high t); one that follows it pays for a wrong caption there.
+  void TextUsageCheck() {
+    c10::InferenceMode guard;
+    std::vector<at::Tensor> images;
+    std::vector<std::string> captions;
+    for (uint64_t i = 0; images.size() < kBaseCheckScenes; ++i) {
+      SceneSpec s = SampleScene(DeriveSeed(a_.seed, 9000 + i));
+      if (s.objects.size() != 1) continue;
+      images.push_back(ImageToTensor(Render(s, static_cast<int>(model_->image_size()))));
+      captions.push_back(Caption(s, 0));
+    }
+    const int64_t n = static_cast<int64_t>(images.size());
+    const at::Tensor x0 = model_->vae->encode(StackImages(images)).mode() * model_->vae->scaling_factor();
+    auto encode = [&](const std::vector<std::string>& texts) {
+      std::vector<int64_t> ids;
+      for (const auto& t : texts) {
+        const auto p = model_->tokenizer->EncodePadded(t).ids;
+        ids.insert(ids.end(), p.begin(), p.end());
+      }
+      return model_->text_encoder->forward(at::tensor(ids, at::TensorOptions().dtype(at::kLong)).reshape({n, -1}));
+    };
+    std::vector<std::string> shuffled(n), empty(n);
+    for (int64_t i = 0; i < n; ++i) shuffled[i] = captions[(i + 7) % n];
+    const std::array<at::Tensor, 3> text = {encode(captions), encode(empty), encode(shuffled)};
+    DDPMScheduler ddpm(model_->scheduler);
+    const int64_t T = model_->scheduler.num_train_timesteps;
+    for (int64_t t : {T / 10, 3 * T / 10, T / 2, 7 * T / 10, 9 * T / 10, T - 10}) {
+      std::array<double, 3> loss{};
+      for (int d = 0; d < 4; ++d) {
+        const at::Tensor noise = at::randn(x0.sizes(), MakeGenerator(DeriveSeed(a_.seed, 9900 + d)));
+        const at::Tensor ts = at::full({n}, t, at::TensorOptions().dtype(at::kLong));
+        const at::Tensor xt = ddpm.add_noise(x0, noise, ts), target = ddpm.training_target(x0, noise, ts);
+        for (int k = 0; k < 3; ++k) loss[k] += (model_->unet->forward(xt, ts, text[k]) - target).pow(2).mean().item<double>() / 4;
+      }
+      text_usage_.push_back({t, loss});
+    }
+    std::string line;
+    for (const auto& [t, l] : text_usage_) line += " t=" + std::to_string(t) + " " + Fmt(l[0], 4) + "/" + Fmt(l[1], 4) + "/" + Fmt(l[2], 4);
+    Log("denoising loss with true/empty/shuffled captions:%s", line.c_str());
+  }
   uint64_t PromptSeed(size_t prompt_index) const { return DeriveSeed(a_.seed, 5000 + prompt_index); }
 
   TrainOptions Options(const ConceptRun& r, size_t i, const char* method) {
@@ -827,6 +871,7 @@ class Evaluation {
   std::array<int, kNumHeads> base_check_generated_{}, base_check_render_{};
   std::array<std::vector<Image>, 2> base_check_images_;
   std::vector<std::string> base_check_prompts_;
+  std::vector<std::pair<int64_t, std::array<double, 3>>> text_usage_;  // timestep, loss true/empty/shuffled
 };
 
 std::vector<Image> ToImages(const std::vector<at::Tensor>& t) {
@@ -892,7 +937,12 @@ void Evaluation::WriteReport(const std::string& command) const {
   for (int h = 0; h < kNumHeads; ++h) md << " " << Pct(double(base_check_generated_[h]) / kBaseCheckScenes) << " |";
   md << "\n| true render |";
   for (int h = 0; h < kNumHeads; ++h) md << " " << Pct(double(base_check_render_[h]) / kBaseCheckScenes) << " |";
-  md << "\n\n![Base model: renders (top) and generations (bottom) for the same captions](base_model.png)\n\n"
+  md << "\n\nDenoising loss of the same scenes (the model's training objective, "
+     << model_->scheduler.prediction_type << ", 4 noise draws) at fixed timesteps with the true caption, no caption, "
+     << "and another scene's caption. Where the columns are equal the model ignores its text.\n\n"
+     << "| timestep | true caption | empty caption | another scene's caption |\n|---|---|---|---|\n";
+  for (const auto& [t, l] : text_usage_) md << "| " << t << " | " << Fmt(l[0], 4) << " | " << Fmt(l[1], 4) << " | " << Fmt(l[2], 4) << " |\n";
+  md << "\n![Base model: renders (top) and generations (bottom) for the same captions](base_model.png)\n\n"
      << "Captions of the grid's columns: ";
   for (size_t i = 0; i < base_check_prompts_.size(); ++i) md << (i ? "; " : "") << (i + 1) << ". `" << base_check_prompts_[i] << "`";
   md << ".\n\n";
