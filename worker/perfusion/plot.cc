@@ -396,7 +396,8 @@ Image LineChart(const std::vector<Series>& series, const ChartOptions& o) {
       }
     }
   }
-  // Legend (top right, inside the plot area).
+  // Legend: inside the plot area, in the corner that hides the fewest data points (top right on
+  // a tie).
   if (o.legend) {
     int n = 0, w = 0;
     for (const Series& s : series) {
@@ -406,7 +407,26 @@ Image LineChart(const std::vector<Series>& series, const ChartOptions& o) {
     }
     if (n > 0) {
       const int lw = w + 34, lh = n * 12 + 6;
-      const int lx = left + pw - lw - 6, ly = top + 6;
+      const int corners[4][2] = {{left + pw - lw - 6, top + 6},
+                                 {left + 6, top + 6},
+                                 {left + pw - lw - 6, top + ph - lh - 6},
+                                 {left + 6, top + ph - lh - 6}};
+      int lx = corners[0][0], ly = corners[0][1], fewest = -1;
+      for (const auto& corner : corners) {
+        int hidden = 0;
+        for (const Series& s : series) {
+          for (size_t i = 0; i < s.x.size(); ++i) {
+            const int x = px(s.x[i]), y = py(s.y[i]);
+            hidden += x >= corner[0] - 8 && x <= corner[0] + lw + 8 && y >= corner[1] - 8 &&
+                      y <= corner[1] + lh + 8;
+          }
+        }
+        if (fewest < 0 || hidden < fewest) {
+          fewest = hidden;
+          lx = corner[0];
+          ly = corner[1];
+        }
+      }
       c.FillRect(lx, ly, lw, lh, {255, 255, 255});
       c.StrokeRect(lx, ly, lw, lh, {160, 160, 160});
       int row = 0;
