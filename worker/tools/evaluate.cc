@@ -50,6 +50,7 @@
 #include "perfusion/shapes_classifier.h"
 #include "perfusion/shapes_world.h"
 #include "perfusion/trainer.h"
+#include "tools/tool_args.h"
 
 using namespace perfusion;
 using Clock = std::chrono::steady_clock;
@@ -1134,20 +1135,8 @@ void Evaluation::WriteReport(const std::string& command) const {
 
 int main(int argc, char** argv) {
   Args a;
-  for (int i = 1; i < argc; ++i) {
-    std::string k = argv[i];
-    auto v = [&]() -> std::string {
-      if (i + 1 >= argc) {
-        std::fprintf(stderr, "%s needs a value (see --help)\n", k.c_str());
-        std::exit(2);
-      }
-      return argv[++i];
-    };
-    try {
-      if (k == "--help" || k == "-h") {
-        Usage();
-        return 0;
-      } else if (k == "--model") a.model = v();
+  if (auto code = ParseToolArgs(argc, argv, Usage, [&](const std::string& k, const NextValue& v) {
+      if (k == "--model") a.model = v();
       else if (k == "--classifier") a.classifier = v();
       else if (k == "--out") a.out = v();
       else if (k == "--tokenizer-dir") a.tokenizer_dir = v();
@@ -1168,14 +1157,10 @@ int main(int argc, char** argv) {
       else if (k == "--no-ablations") a.ablations = false;
       else if (k == "--no-sweep") a.sweep = false;
       else if (k == "--threads") a.threads = std::stoi(v());
-      else {
-        std::fprintf(stderr, "unknown argument %s (see --help)\n", k.c_str());
-        return 2;
-      }
-    } catch (const std::logic_error&) {
-      std::fprintf(stderr, "%s: bad value '%s'\n", k.c_str(), argv[i]);
-      return 2;
-    }
+      else return false;
+      return true;
+    })) {
+    return *code;
   }
   if (a.images < 1 || a.steps < 1 || a.batch < 1 || a.per_prompt < 2 || a.gen_steps < 1 || a.betas.empty() ||
       a.taus.empty()) {

@@ -27,6 +27,7 @@
 #include "perfusion/pipeline.h"
 #include "perfusion/plot.h"
 #include "perfusion/safetensors.h"
+#include "tools/tool_args.h"
 
 using namespace perfusion;
 
@@ -90,20 +91,8 @@ void MakeDirs(const std::string& dir) {
 
 int main(int argc, char** argv) {
   Args a;
-  for (int i = 1; i < argc; ++i) {
-    std::string k = argv[i];
-    auto v = [&]() -> std::string {
-      if (i + 1 >= argc) {
-        std::fprintf(stderr, "%s needs a value (see --help)\n", k.c_str());
-        std::exit(2);
-      }
-      return argv[++i];
-    };
-    try {
-      if (k == "--help" || k == "-h") {
-        Usage();
-        return 0;
-      } else if (k == "--concept") a.concepts.push_back(v());
+  if (auto code = ParseToolArgs(argc, argv, Usage, [&](const std::string& k, const NextValue& v) {
+      if (k == "--concept") a.concepts.push_back(v());
       else if (k == "-o" || k == "--out") a.out = v();
       else if (k == "--model") a.model = v();
       else if (k == "--tokenizer-dir") a.tokenizer_dir = v();
@@ -123,18 +112,12 @@ int main(int argc, char** argv) {
       else if (k == "--grid") a.grid = true;
       else if (k == "--threads") a.threads = std::stoi(v());
       else if (k == "--quiet") a.quiet = true;
-      else if (!k.empty() && k[0] == '-') {
-        std::fprintf(stderr, "unknown option %s (see --help)\n", k.c_str());
-        return 2;
-      } else if (a.prompt.empty()) a.prompt = k;
-      else {
-        std::fprintf(stderr, "unexpected argument '%s': quote the prompt (see --help)\n", k.c_str());
-        return 2;
-      }
-    } catch (const std::logic_error&) {
-      std::fprintf(stderr, "%s: bad value '%s'\n", k.c_str(), argv[i]);
-      return 2;
-    }
+      else if (!k.empty() && k[0] == '-') return false;
+      else if (a.prompt.empty()) a.prompt = k;
+      else throw ToolUsageError("unexpected argument '" + k + "': quote the prompt (see --help)");
+      return true;
+    })) {
+    return *code;
   }
   if (a.prompt.empty()) {
     std::fprintf(stderr, "need a prompt (see --help)\n");

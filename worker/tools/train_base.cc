@@ -37,6 +37,7 @@
 #include "perfusion/safetensors.h"
 #include "perfusion/scheduler.h"
 #include "perfusion/shapes_world.h"
+#include "tools/tool_args.h"
 
 using namespace perfusion;
 using Clock = std::chrono::steady_clock;
@@ -162,34 +163,28 @@ void Log(const char* stage, int64_t step, int64_t total, double loss, double sec
 
 int main(int argc, char** argv) {
   Args a;
-  for (int i = 1; i < argc; ++i) {
-    std::string k = argv[i];
-    auto v = [&]() -> std::string {
-      if (i + 1 >= argc) {
-        std::fprintf(stderr, "%s needs a value\n", k.c_str());
-        std::exit(2);
-      }
-      return argv[++i];
-    };
-    if (k == "--help" || k == "-h") { Usage(); return 0; }
-    else if (k == "--out") a.out = v();
-    else if (k == "--work") a.work = v();
-    else if (k == "--tokenizer-dir") a.tokenizer_dir = v();
-    else if (k == "--samples") a.samples = std::stoll(v());
-    else if (k == "--vae-steps") a.vae_steps = std::stoll(v());
-    else if (k == "--vae-batch") a.vae_batch = std::stoll(v());
-    else if (k == "--unet-steps") a.unet_steps = std::stoll(v());
-    else if (k == "--unet-batch") a.unet_batch = std::stoll(v());
-    else if (k == "--unet-lr") a.unet_lr = std::stod(v());
-    else if (k == "--ema-decay") a.ema_decay = std::stod(v());
-    else if (k == "--sd-schedule") a.sd_schedule = true;
-    else if (k == "--model-id") a.model_id = v();
-    else if (k == "--cov-captions") a.cov_captions = std::stoll(v());
-    else if (k == "--seed") a.seed = std::stoull(v());
-    else if (k == "--max-minutes") a.max_minutes = std::stod(v());
-    else if (k == "--checkpoint-every") a.checkpoint_every = std::stoll(v());
-    else if (k == "--threads") a.threads = std::stoi(v());
-    else { std::fprintf(stderr, "unknown argument %s (see --help)\n", k.c_str()); return 2; }
+  if (auto code = ParseToolArgs(argc, argv, Usage, [&](const std::string& k, const NextValue& v) {
+      if (k == "--out") a.out = v();
+      else if (k == "--work") a.work = v();
+      else if (k == "--tokenizer-dir") a.tokenizer_dir = v();
+      else if (k == "--samples") a.samples = std::stoll(v());
+      else if (k == "--vae-steps") a.vae_steps = std::stoll(v());
+      else if (k == "--vae-batch") a.vae_batch = std::stoll(v());
+      else if (k == "--unet-steps") a.unet_steps = std::stoll(v());
+      else if (k == "--unet-batch") a.unet_batch = std::stoll(v());
+      else if (k == "--unet-lr") a.unet_lr = std::stod(v());
+      else if (k == "--ema-decay") a.ema_decay = std::stod(v());
+      else if (k == "--sd-schedule") a.sd_schedule = true;
+      else if (k == "--model-id") a.model_id = v();
+      else if (k == "--cov-captions") a.cov_captions = std::stoll(v());
+      else if (k == "--seed") a.seed = std::stoull(v());
+      else if (k == "--max-minutes") a.max_minutes = std::stod(v());
+      else if (k == "--checkpoint-every") a.checkpoint_every = std::stoll(v());
+      else if (k == "--threads") a.threads = std::stoi(v());
+      else return false;
+      return true;
+    })) {
+    return *code;
   }
   try {
     std::setvbuf(stdout, nullptr, _IOLBF, 0);  // progress lines reach a log file at once

@@ -37,6 +37,7 @@
 #include "perfusion/scheduler.h"
 #include "perfusion/shapes_classifier.h"
 #include "perfusion/shapes_world.h"
+#include "tools/tool_args.h"
 
 using namespace perfusion;
 using Clock = std::chrono::steady_clock;
@@ -217,20 +218,8 @@ void PrintReport(const char* what, const Report& r) {
 int main(int argc, char** argv) {
   Args a;
   std::string command = "perfusion-train-classifier";
-  for (int i = 1; i < argc; ++i) {
-    std::string k = argv[i];
-    auto v = [&]() -> std::string {
-      if (i + 1 >= argc) {
-        std::fprintf(stderr, "%s needs a value (see --help)\n", k.c_str());
-        std::exit(2);
-      }
-      return argv[++i];
-    };
-    try {
-      if (k == "--help" || k == "-h") {
-        Usage();
-        return 0;
-      } else if (k == "--out") a.out = v();
+  if (auto code = ParseToolArgs(argc, argv, Usage, [&](const std::string& k, const NextValue& v) {
+      if (k == "--out") a.out = v();
       else if (k == "--model") a.model = v();
       else if (k == "--train") a.train = std::stoll(v());
       else if (k == "--test") a.test = std::stoll(v());
@@ -242,14 +231,10 @@ int main(int argc, char** argv) {
       else if (k == "--seed") a.seed = std::stoull(v());
       else if (k == "--threads") a.threads = std::stoi(v());
       else if (k == "--sheet") a.sheet = v();
-      else {
-        std::fprintf(stderr, "unknown argument %s (see --help)\n", k.c_str());
-        return 2;
-      }
-    } catch (const std::logic_error&) {
-      std::fprintf(stderr, "%s: bad value '%s'\n", k.c_str(), argv[i]);
-      return 2;
-    }
+      else return false;
+      return true;
+    })) {
+    return *code;
   }
   for (int i = 1; i < argc; ++i) command += std::string(" ") + argv[i];
   if (a.train < a.batch || a.test < 1 || a.steps < 1 || a.vae_fraction < 0 || a.vae_fraction > 1) {

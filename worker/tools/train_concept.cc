@@ -22,6 +22,7 @@
 #include "perfusion/pipeline.h"
 #include "perfusion/safetensors.h"
 #include "perfusion/trainer.h"
+#include "tools/tool_args.h"
 
 using namespace perfusion;
 
@@ -101,20 +102,8 @@ bool ValidName(const std::string& n) {
 
 int main(int argc, char** argv) {
   Args a;
-  for (int i = 1; i < argc; ++i) {
-    std::string k = argv[i];
-    auto v = [&]() -> std::string {
-      if (i + 1 >= argc) {
-        std::fprintf(stderr, "%s needs a value (see --help)\n", k.c_str());
-        std::exit(2);
-      }
-      return argv[++i];
-    };
-    try {
-      if (k == "--help" || k == "-h") {
-        Usage();
-        return 0;
-      } else if (k == "--superclass") a.superclass = v();
+  if (auto code = ParseToolArgs(argc, argv, Usage, [&](const std::string& k, const NextValue& v) {
+      if (k == "--superclass") a.superclass = v();
       else if (k == "--name") a.name = v();
       else if (k == "--out" || k == "-o") a.out = v();
       else if (k == "--model") a.model = v();
@@ -131,18 +120,12 @@ int main(int argc, char** argv) {
       else if (k == "--dtype") a.dtype = v();
       else if (k == "--threads") a.threads = std::stoi(v());
       else if (k == "--quiet") a.quiet = true;
-      else if (!k.empty() && k[0] == '-') {
-        std::fprintf(stderr, "unknown option %s (see --help)\n", k.c_str());
-        return 2;
-      } else if (a.dir.empty()) a.dir = k;
-      else {
-        std::fprintf(stderr, "unexpected argument '%s': one image folder only (see --help)\n", k.c_str());
-        return 2;
-      }
-    } catch (const std::logic_error&) {
-      std::fprintf(stderr, "%s: bad value '%s'\n", k.c_str(), argv[i]);
-      return 2;
-    }
+      else if (!k.empty() && k[0] == '-') return false;
+      else if (a.dir.empty()) a.dir = k;
+      else throw ToolUsageError("unexpected argument '" + k + "': one image folder only (see --help)");
+      return true;
+    })) {
+    return *code;
   }
   if (a.dir.empty() || a.superclass.empty() || a.name.empty() || a.out.empty()) {
     std::fprintf(stderr, "need DIR, --superclass, --name and --out (see --help)\n");
