@@ -197,11 +197,13 @@ TEST_P(StoreConformanceTest, FinalUpdateDeletesImages) {
   EXPECT_THAT(store_->GetJobImages("job_1"), IsOk());
   j.state = JobState::kFailed;
   j.error_code = 14;
+  j.error_message = "images[0]: undecodable";
   j.end_time = kT0 + absl::Seconds(9);
   ASSERT_THAT(store_->UpdateJob(j), IsOk());
   EXPECT_THAT(store_->GetJobImages("job_1"), StatusIs(absl::StatusCode::kNotFound));
   auto back = store_->GetJob("job_1");
   EXPECT_EQ(back->state, JobState::kFailed);
+  EXPECT_EQ(back->error_message, "images[0]: undecodable");
   EXPECT_EQ(back->step, 5);
   EXPECT_EQ(back->end_time, kT0 + absl::Seconds(9));
   JobRecord ghost = NewJob("job_x", "acme");
@@ -304,6 +306,7 @@ TEST_P(StoreConformanceTest, ConceptListingLabelsDeletionAndTotals) {
   EXPECT_EQ(store_->GetConcept("acme", "cpt_1")->labels.at("k"), "v");
   EXPECT_THAT(store_->SetConceptLabels("globex", "cpt_1", {}),
               StatusIs(absl::StatusCode::kNotFound));
+  EXPECT_THAT(store_->DeleteConcept("globex", "cpt_1"), StatusIs(absl::StatusCode::kNotFound));
 
   EXPECT_EQ(*store_->CountConcepts("acme"), 3);
   auto totals = store_->ConceptTotals();
@@ -331,6 +334,14 @@ TEST_P(StoreConformanceTest, CompleteJobWithConceptIsAtomic) {
               StatusIs(absl::StatusCode::kNotFound));
   EXPECT_THAT(store_->GetConcept("acme", "cpt_2"), StatusIs(absl::StatusCode::kNotFound));
   EXPECT_EQ(*store_->CountConcepts("acme"), 1);
+  // The concept insert fails (its id exists): the job write is rolled back with it.
+  ASSERT_THAT(store_->InsertJob(NewJob("job_2", "acme"), {"a"}), IsOk());
+  JobRecord j2 = *store_->GetJob("job_2");
+  j2.state = JobState::kSucceeded;
+  EXPECT_THAT(store_->CompleteJobWithConcept(j2, NewConcept("cpt_1", "acme", "teddy"), "blob", ""),
+              StatusIs(absl::StatusCode::kAlreadyExists));
+  EXPECT_EQ(store_->GetJob("job_2")->state, JobState::kQueued);
+  EXPECT_THAT(store_->GetJobImages("job_2"), IsOk());
 }
 
 TEST_P(StoreConformanceTest, LeaseNextJobFollowsPriorityThenSubmissionOrder) {
