@@ -215,6 +215,14 @@ std::string JobSetList(const JobRecord& job, Params& p) {
       ", options_json = ", p.Add(TrainingOptionsToJson(job.options)));
 }
 
+// A final job keeps no training images (every write that can end a job calls this in its
+// transaction).
+absl::Status DeleteImagesIfFinal(PGconn* c, const JobRecord& job) {
+  if (!IsFinal(job.state)) return absl::OkStatus();
+  Params p;
+  return Exec(c, absl::StrCat("DELETE FROM job_images WHERE job_id = ", p.Add(job.id)), p).status();
+}
+
 }  // namespace
 
 // A connection borrowed from the pool, with transaction helpers. Returned on destruction (a
@@ -419,11 +427,7 @@ absl::Status PostgresStore::UpdateJob(const JobRecord& job) {
   if (std::string(PQcmdTuples(r.get())) != "1") {
     return absl::NotFoundError(absl::StrCat("job ", job.id, " not found"));
   }
-  if (IsFinal(job.state)) {
-    Params d;
-    RETURN_IF_ERROR(
-        c.Exec(absl::StrCat("DELETE FROM job_images WHERE job_id = ", d.Add(job.id)), d).status());
-  }
+  RETURN_IF_ERROR(DeleteImagesIfFinal(c.get(), job));
   return c.Commit();
 }
 
@@ -447,11 +451,7 @@ absl::Status PostgresStore::UpdateJobIfLeased(const JobRecord& job, const std::s
     return absl::AbortedError(absl::StrCat("job ", job.id, ": lease ", lease_id,
                                            " is no longer held (lost to another lease)"));
   }
-  if (IsFinal(job.state)) {
-    Params d;
-    RETURN_IF_ERROR(
-        c.Exec(absl::StrCat("DELETE FROM job_images WHERE job_id = ", d.Add(job.id)), d).status());
-  }
+  RETURN_IF_ERROR(DeleteImagesIfFinal(c.get(), job));
   return c.Commit();
 }
 
@@ -648,11 +648,7 @@ absl::StatusOr<ConceptRecord> PostgresStore::CompleteJobWithConcept(JobRecord jo
   if (std::string(PQcmdTuples(r.get())) != "1") {
     return absl::NotFoundError(absl::StrCat("job ", job.id, " not found"));
   }
-  if (IsFinal(job.state)) {
-    Params d;
-    RETURN_IF_ERROR(
-        c.Exec(absl::StrCat("DELETE FROM job_images WHERE job_id = ", d.Add(job.id)), d).status());
-  }
+  RETURN_IF_ERROR(DeleteImagesIfFinal(c.get(), job));
   RETURN_IF_ERROR(c.Commit());
   return out;
 }

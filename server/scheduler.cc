@@ -97,11 +97,10 @@ void Scheduler::Run(Pending& pending) {
 absl::Status Scheduler::Load() {
   if (options_.shared_store) {
     // Nothing to restore: the store holds the queue and the leases. Take the first snapshot.
-    RETURN_IF_ERROR(store_->ListActiveJobs().status());
     Pending pending;
     {
       absl::MutexLock lock(&mu_);
-      SyncSharedLocked(pending);
+      RETURN_IF_ERROR(SyncSharedLocked(pending));
       next_sync_ = clock_->Now() + options_.shared_poll_interval;
       UpdateGaugesLocked();
       LogEvent("scheduler_loaded", {{"mode", "shared_store"},
@@ -801,14 +800,7 @@ bool Scheduler::CancelLeaseWait(uint64_t waiter_id) {
 
 absl::StatusOr<HeartbeatReply> Scheduler::Heartbeat(const std::string& lease_id, int step,
                                                     int total_steps, float loss) {
-  if (options_.shared_store) {
-    bool generation;
-    {
-      absl::MutexLock lock(&mu_);
-      generation = IsGenerationLeaseLocked(lease_id);
-    }
-    if (!generation) return SharedHeartbeat(lease_id, step, total_steps, loss);
-  }
+  if (IsSharedTrainingLease(lease_id)) return SharedHeartbeat(lease_id, step, total_steps, loss);
   Pending pending;
   HeartbeatReply reply;
   {
@@ -850,13 +842,8 @@ absl::StatusOr<HeartbeatReply> Scheduler::Heartbeat(const std::string& lease_id,
 absl::StatusOr<ConceptRecord> Scheduler::CompleteTraining(const std::string& lease_id,
                                                           const std::string& blob,
                                                           float final_loss, int steps) {
-  if (options_.shared_store) {
-    bool generation;
-    {
-      absl::MutexLock lock(&mu_);
-      generation = IsGenerationLeaseLocked(lease_id);
-    }
-    if (!generation) return SharedCompleteTraining(lease_id, blob, final_loss, steps);
+  if (IsSharedTrainingLease(lease_id)) {
+    return SharedCompleteTraining(lease_id, blob, final_loss, steps);
   }
   absl::StatusOr<ConceptBlobHeader> header = ParseConceptBlob(blob);
   const std::string digest = Sha256Hex(blob);
@@ -958,13 +945,8 @@ absl::Status Scheduler::CompleteGeneration(const std::string& lease_id,
 
 absl::Status Scheduler::FailWork(const std::string& lease_id, const absl::Status& error,
                                  bool retryable) {
-  if (options_.shared_store) {
-    bool generation;
-    {
-      absl::MutexLock lock(&mu_);
-      generation = IsGenerationLeaseLocked(lease_id);
-    }
-    if (!generation) return SharedEndLease(lease_id, error, retryable, /*return_lease=*/false);
+  if (IsSharedTrainingLease(lease_id)) {
+    return SharedEndLease(lease_id, error, retryable, /*return_lease=*/false);
   }
   Pending pending;
   {
@@ -1022,15 +1004,8 @@ absl::Status Scheduler::FailWork(const std::string& lease_id, const absl::Status
 }
 
 absl::Status Scheduler::ReturnLease(const std::string& lease_id) {
-  if (options_.shared_store) {
-    bool generation;
-    {
-      absl::MutexLock lock(&mu_);
-      generation = IsGenerationLeaseLocked(lease_id);
-    }
-    if (!generation) {
-      return SharedEndLease(lease_id, absl::OkStatus(), /*retryable=*/true, /*return_lease=*/true);
-    }
+  if (IsSharedTrainingLease(lease_id)) {
+    return SharedEndLease(lease_id, absl::OkStatus(), /*retryable=*/true, /*return_lease=*/true);
   }
   Pending pending;
   {
@@ -1085,7 +1060,7 @@ void Scheduler::Tick() {
     absl::MutexLock lock(&mu_);
     const absl::Time now = clock_->Now();
     if (options_.shared_store && now >= next_sync_) {
-      SyncSharedLocked(pending);
+      (void)SyncSharedLocked(pending);  // logged; the next poll retries
       next_sync_ = now + options_.shared_poll_interval;
     }
     // Expired leases (only generation leases in shared-store mode).
@@ -1262,11 +1237,11 @@ int Scheduler::GenerationWorkersConnected() const {
 // ---------------------------------------------------------------------------------------------
 // Shared store: several replicas, one database (docs/scaling.md)
 
-void Scheduler::SyncSharedLocked(Pending& out) {
+absl::Status Scheduler::SyncSharedLocked(Pending& out) {
   absl::StatusOr<std::vector<JobRecord>> jobs = store_->ListActiveJobs();
   if (!jobs.ok()) {
     LogEvent("store_error", {{"op", "sync"}, {"error", std::string(jobs.status().message())}});
-    return;
+    return jobs.status();
   }
   const absl::Time now = clock_->Now();
   queue_.clear();
@@ -1313,6 +1288,7 @@ void Scheduler::SyncSharedLocked(Pending& out) {
   }
   if (!queue_.empty()) DispatchLocked(out);
   UpdateGaugesLocked();
+  return absl::OkStatus();
 }
 
 std::optional<WorkItem> Scheduler::GrantSharedTrainingLocked(const Worker& worker, Pending& out) {
@@ -1371,6 +1347,12 @@ void Scheduler::SharedJobChangedLocked(const JobRecord& rec, Pending& out) {
     }
   }
   if (final) shared_watched_.erase(rec.id);
+}
+
+bool Scheduler::IsSharedTrainingLease(const std::string& lease_id) {
+  if (!options_.shared_store) return false;
+  absl::MutexLock lock(&mu_);
+  return !IsGenerationLeaseLocked(lease_id);
 }
 
 void Scheduler::SharedFinalLocked(const JobRecord& rec) {

@@ -315,7 +315,8 @@ class Scheduler {
 
   // ---- shared store (options_.shared_store) ----
   // Re-reads the active jobs: queue snapshot, per-tenant counts, expired leases, watched jobs.
-  void SyncSharedLocked(Pending& out) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The error of the store read, if it failed (nothing changed then).
+  absl::Status SyncSharedLocked(Pending& out) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // A training lease from the store; nullopt when nothing is leasable.
   std::optional<WorkItem> GrantSharedTrainingLocked(const Worker& worker, Pending& out)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -336,6 +337,9 @@ class Scheduler {
   // FailWork (return_lease = false) or ReturnLease (true) of a training lease.
   absl::Status SharedEndLease(const std::string& lease_id, const absl::Status& error,
                               bool retryable, bool return_lease);
+  // Shared-store mode and `lease_id` is not one of this replica's generation leases: the store
+  // holds it (any replica's training lease).
+  bool IsSharedTrainingLease(const std::string& lease_id);
   bool IsGenerationLeaseLocked(const std::string& lease_id) const
       ABSL_SHARED_LOCKS_REQUIRED(mu_) {
     auto l = leases_.find(lease_id);
