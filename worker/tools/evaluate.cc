@@ -512,8 +512,9 @@ class Evaluation {
       runs_.push_back(std::move(r));
     }
     CheckSampler();
-    BaseModelCheck();
-    TextUsageCheck();
+    const BaseScenes base = SampleBaseScenes();
+    BaseModelCheck(base);
+    TextUsageCheck(base);
     for (size_t i = 0; i < runs_.size(); ++i) Train(runs_[i], i);
     for (auto& r : runs_) GenerateAll(r);
     if (a_.sweep) Sweep();
@@ -560,25 +561,39 @@ class Evaluation {
   // kBaseCheckScenes one-object base scenes, prompted with the caption that names every attribute,
   // read back by the classifier (and the classifier on the true renders, for reference).
   static constexpr int kBaseCheckScenes = 48;
-  void BaseModelCheck() {
-    const auto t0 = Clock::now();
-    std::vector<GenerationRequest> reqs;
+  struct BaseScenes {
     std::vector<SceneSpec> scenes;
+    std::vector<uint64_t> draws;  // the draw each scene came from (seeds its generation)
     std::vector<at::Tensor> renders;
-    for (uint64_t i = 0; scenes.size() < kBaseCheckScenes; ++i) {
+    std::vector<std::string> captions;  // the caption naming every attribute
+  };
+  BaseScenes SampleBaseScenes() const {
+    BaseScenes b;
+    for (uint64_t i = 0; b.scenes.size() < kBaseCheckScenes; ++i) {
       SceneSpec s = SampleScene(DeriveSeed(a_.seed, 9000 + i));
       if (s.objects.size() != 1) continue;
+      b.draws.push_back(i);
+      b.renders.push_back(ImageToTensor(Render(s, static_cast<int>(model_->image_size()))));
+      b.captions.push_back(Caption(s, 0));
+      b.scenes.push_back(std::move(s));
+    }
+    return b;
+  }
+  void BaseModelCheck(const BaseScenes& base) {
+    const auto t0 = Clock::now();
+    const std::vector<SceneSpec>& scenes = base.scenes;
+    const std::vector<at::Tensor>& renders = base.renders;
+    std::vector<GenerationRequest> reqs;
+    for (size_t k = 0; k < scenes.size(); ++k) {
       GenerationRequest req;
-      req.prompt = Caption(s, 0);
+      req.prompt = base.captions[k];
       req.steps = a_.gen_steps;
       req.guidance_scale = a_.guidance;
       req.guidance_rescale = a_.guidance_rescale;
-      req.seed = DeriveSeed(a_.seed, 9500 + i);
+      req.seed = DeriveSeed(a_.seed, 9500 + base.draws[k]);
       req.num_images = 1;
       req.sampler = a_.sampler;
       reqs.push_back(req);
-      renders.push_back(ImageToTensor(Render(s, static_cast<int>(model_->image_size()))));
-      scenes.push_back(s);
     }
     std::vector<at::Tensor> gen;
     for (auto& r : pipe_.Generate(reqs)) gen.push_back(r.images[0]);
@@ -607,18 +622,11 @@ class Evaluation {
   // base-check scenes at fixed timesteps with the true caption, no caption, and another scene's
   // caption (same noise draws). A model that ignores its text has three equal columns where the
   // layout is decided (high t); one that follows it pays for a wrong caption there.
-  void TextUsageCheck() {
+  void TextUsageCheck(const BaseScenes& base) {
     c10::InferenceMode guard;
-    std::vector<at::Tensor> images;
-    std::vector<std::string> captions;
-    for (uint64_t i = 0; images.size() < kBaseCheckScenes; ++i) {
-      SceneSpec s = SampleScene(DeriveSeed(a_.seed, 9000 + i));
-      if (s.objects.size() != 1) continue;
-      images.push_back(ImageToTensor(Render(s, static_cast<int>(model_->image_size()))));
-      captions.push_back(Caption(s, 0));
-    }
-    const int64_t n = static_cast<int64_t>(images.size());
-    const at::Tensor x0 = model_->vae->encode(StackImages(images)).mode() * model_->vae->scaling_factor();
+    const std::vector<std::string>& captions = base.captions;
+    const int64_t n = static_cast<int64_t>(captions.size());
+    const at::Tensor x0 = model_->vae->encode(StackImages(base.renders)).mode() * model_->vae->scaling_factor();
     auto encode = [&](const std::vector<std::string>& texts) {
       std::vector<int64_t> ids;
       for (const auto& t : texts) {
