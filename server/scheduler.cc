@@ -1272,11 +1272,20 @@ absl::Status Scheduler::SyncSharedLocked(Pending& out) {
     if (IsFinal(rec.state)) SharedFinalLocked(rec);
     SharedJobChangedLocked(rec, out);
   }
-  // Watched jobs: whatever replica changed them.
+  // Watched jobs: whatever replica changed them. Active ones are in the snapshot just read; only
+  // those that ended since (no longer active) are read again. Jobs this sweep rewrote were
+  // reported above.
+  std::map<std::string, const JobRecord*> active;
+  for (const JobRecord& j : *jobs) active[j.id] = &j;
+  std::set<std::string> rewritten;
+  for (const JobRecord& j : expired) rewritten.insert(j.id);
   std::vector<std::string> watched;
-  for (const auto& [id, view] : shared_watched_) watched.push_back(id);
+  for (const auto& [id, view] : shared_watched_) {
+    if (!rewritten.count(id)) watched.push_back(id);
+  }
   for (const std::string& id : watched) {
-    absl::StatusOr<JobRecord> rec = store_->GetJob(id);
+    auto a = active.find(id);
+    absl::StatusOr<JobRecord> rec = a != active.end() ? *a->second : store_->GetJob(id);
     auto last = shared_watched_.find(id);
     if (!rec.ok() || last == shared_watched_.end()) continue;
     const int position = rec->state == JobState::kQueued ? QueuePositionLocked(*rec) : 0;
