@@ -16,6 +16,8 @@
 // The trainer has no switch for the last two, so this tool carries its own training loop for them
 // (TrainAblation, a copy of TrainConcept's recipe with the edits changed) and its own sampling loop
 // (the pipeline cannot apply learned K targets); see docs/quality.md.
+// Two concepts in one prompt are scored the same way, with the same two references (both concepts
+// rendered where the prompt puts them, and that render through the VAE).
 #include <ATen/Functions.h>
 #include <ATen/Parallel.h>
 #include <c10/core/InferenceMode.h>
@@ -717,12 +719,7 @@ class Evaluation {
           if (ep.size) scene.objects[0].size = *ep.size;
           imgs.push_back(ImageToTensor(Render(scene, static_cast<int>(model_->image_size()))));
         }
-        if (method == "render_vae") {
-          c10::InferenceMode guard;
-          const at::Tensor x = at::stack(imgs).to(model_->device, model_->dtype);
-          const at::Tensor y = model_->vae->decode(model_->vae->encode(x).mode()).to(at::kFloat).clamp(-1, 1).cpu();
-          for (int k = 0; k < a_.per_prompt; ++k) imgs[k] = y[k].clone();
-        }
+        if (method == "render_vae") imgs = VaeRoundTrip(imgs);
         per_prompt.push_back(imgs);
       }
     } else if (method == "base" || method == "perfusion" || method == "global") {
@@ -825,22 +822,47 @@ class Evaluation {
       const auto bgs = ContrastingBackgrounds({x.spec.color, x.spec.color2, y.spec.color, y.spec.color2});
       const std::string ra = "<" + x.spec.name + ">", rb = "<" + y.spec.name + ">";
       std::vector<std::string> prompts = {"a " + ra + " and a " + rb, "a " + ra + " to the left of a " + rb};
-      if (!bgs.empty()) prompts.push_back("a " + ra + " above a " + rb + " on a " + ColorName(bgs[0]) + " background");
-      for (bool global : {false, true}) {
-        std::map<std::string, ConceptRef> refs;
-        for (const ConceptRun* c : {&x, &y}) {
-          ConceptRef ref;
-          ref.concept = c->perfusion;
-          ref.gate.temperature = 0;
-          ref.global_key_lock = global;
-          refs[c->spec.name] = ref;
-        }
+      // Where the shapes world puts each object for each prompt, for the rendered references.
+      std::vector<std::pair<Position, Position>> layout = {{Position::kLeft, Position::kRight},
+                                                           {Position::kLeft, Position::kRight}};
+      std::vector<std::optional<Color>> prompt_bg = {std::nullopt, std::nullopt};
+      if (!bgs.empty()) {
+        prompts.push_back("a " + ra + " above a " + rb + " on a " + ColorName(bgs[0]) + " background");
+        layout.push_back({Position::kTop, Position::kBottom});
+        prompt_bg.push_back(bgs[0]);
+      }
+      for (const std::string method : {"render", "render_vae", "local", "global"}) {
         PairResult pr;
         pr.a = x.spec.name;
         pr.b = y.spec.name;
-        pr.global = global;
+        pr.method = method;
         for (size_t p = 0; p < prompts.size(); ++p) {
-          const auto imgs = Generate(prompts[p], refs, DeriveSeed(a_.seed, 7000 + p));
+          const uint64_t seed = DeriveSeed(a_.seed, 7000 + p);
+          std::vector<at::Tensor> imgs;
+          if (method == "render" || method == "render_vae") {
+            for (int k = 0; k < a_.per_prompt; ++k) {
+              SceneSpec scene;
+              ObjectSpec oa = SampleConceptScene(x.spec, DeriveSeed(seed, 2 * k)).objects[0];
+              ObjectSpec ob = SampleConceptScene(y.spec, DeriveSeed(seed, 2 * k + 1)).objects[0];
+              oa.size = ob.size = Size::kSmall;
+              oa.position = layout[p].first;
+              ob.position = layout[p].second;
+              scene.objects = {oa, ob};
+              scene.background = prompt_bg[p] ? *prompt_bg[p] : bgs.empty() ? Color::kPlain : bgs[k % bgs.size()];
+              imgs.push_back(ImageToTensor(Render(scene, static_cast<int>(model_->image_size()))));
+            }
+            if (method == "render_vae") imgs = VaeRoundTrip(imgs);
+          } else {
+            std::map<std::string, ConceptRef> refs;
+            for (const ConceptRun* c : {&x, &y}) {
+              ConceptRef ref;
+              ref.concept = c->perfusion;
+              ref.gate.temperature = 0;
+              ref.global_key_lock = method == "global";
+              refs[c->spec.name] = ref;
+            }
+            imgs = Generate(prompts[p], refs, seed);
+          }
           const auto preds = Predict(clf_, StackImages(imgs));
           for (const auto& q : preds) {
             const bool ha = ShowsConcept(q, x.index), hb = ShowsConcept(q, y.index);
@@ -849,12 +871,28 @@ class Evaluation {
           pr.prompts.push_back(prompts[p]);
           pr.images.push_back(imgs);
         }
-        Log("two concepts %s + %s (%s key-lock): both present %s, only the first %s, only the second %s",
-            pr.a.c_str(), pr.b.c_str(), global ? "global" : "local", Pct(double(pr.both) / pr.n).c_str(),
+        Log("two concepts %s + %s (%s): both present %s, only the first %s, only the second %s", pr.a.c_str(),
+            pr.b.c_str(), PairMethodName(method).c_str(), Pct(double(pr.both) / pr.n).c_str(),
             Pct(double(pr.only_a) / pr.n).c_str(), Pct(double(pr.only_b) / pr.n).c_str());
         pairs_.push_back(std::move(pr));
       }
     }
+  }
+
+  // Images [3, H, W] in [-1, 1] encoded and decoded by the model's VAE.
+  std::vector<at::Tensor> VaeRoundTrip(const std::vector<at::Tensor>& imgs) const {
+    c10::InferenceMode guard;
+    const at::Tensor x = at::stack(imgs).to(model_->device, model_->dtype);
+    const at::Tensor y = model_->vae->decode(model_->vae->encode(x).mode()).to(at::kFloat).clamp(-1, 1).cpu();
+    std::vector<at::Tensor> out;
+    for (int64_t k = 0; k < y.size(0); ++k) out.push_back(y[k].clone());
+    return out;
+  }
+
+  static std::string PairMethodName(const std::string& method) {
+    if (method == "render") return "reference: rendered";
+    if (method == "render_vae") return "reference: rendered, through the VAE";
+    return "Perfusion, " + method + " key-lock";
   }
 
   struct SweepPoint {
@@ -863,7 +901,7 @@ class Evaluation {
   };
   struct PairResult {
     std::string a, b;
-    bool global = false;
+    std::string method;  // render, render_vae, local, global
     int n = 0, both = 0, only_a = 0, only_b = 0;
     std::vector<std::string> prompts;
     std::vector<std::vector<at::Tensor>> images;
@@ -1112,24 +1150,32 @@ void Evaluation::WriteReport(const std::string& command) const {
 
   // Two concepts.
   if (!pairs_.empty()) {
-    md << "## Two concepts in one prompt\n\n| concepts | key-lock | both present | only the first | only the second | images |\n"
+    md << "## Two concepts in one prompt\n\n"
+       << "Two references: both concepts rendered small where the prompt puts them (the first on the left or at "
+          "the top), and that render encoded and decoded by the model's VAE, which bounds what generation can "
+          "show.\n\n"
+       << "| concepts | method | both present | only the first | only the second | images |\n"
        << "|---|---|---|---|---|---|\n";
     for (const auto& p : pairs_) {
-      md << "| " << p.a << " + " << p.b << " | " << (p.global ? "global" : "local") << " | " << Pct(double(p.both) / p.n)
+      md << "| " << p.a << " + " << p.b << " | " << PairMethodName(p.method) << " | " << Pct(double(p.both) / p.n)
          << " | " << Pct(double(p.only_a) / p.n) << " | " << Pct(double(p.only_b) / p.n) << " | " << p.n << " |\n";
     }
     md << "\nPrompts:";
     std::vector<std::vector<Image>> rows;
     std::vector<std::string> labels;
     for (const auto& p : pairs_) {
-      if (p.global) continue;
+      if (p.method == "global") continue;
+      const std::string tag = p.method == "render" ? "R " : p.method == "render_vae" ? "V " : "";
       for (size_t i = 0; i < p.prompts.size(); ++i) {
-        md << " `" << p.prompts[i] << "`;";
+        if (p.method == "local") md << " `" << p.prompts[i] << "`;";
+        if (p.method != "local" && i > 0) continue;  // one reference row per pair is enough to see
         rows.push_back(ToImages(p.images[i]));
-        labels.push_back(p.a.substr(0, p.a.find('_')) + "+" + p.b.substr(0, p.b.find('_')) + " " + std::to_string(i + 1));
+        labels.push_back(tag + p.a.substr(0, p.a.find('_')) + "+" + p.b.substr(0, p.b.find('_')) + " " +
+                         std::to_string(i + 1));
       }
     }
-    md << " (local key-lock in the grid).\n\n![Two concepts](two_concepts.png)\n";
+    md << " (grid: local key-lock; rows marked R and V are the rendered reference and its VAE round trip for the "
+          "first prompt).\n\n![Two concepts](two_concepts.png)\n";
     GridOptions g;
     g.row_labels = labels;
     g.title = "two concepts";

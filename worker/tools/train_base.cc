@@ -10,7 +10,11 @@
 //             colour and layout readable at t = 999, so a model trained on it learns to read them from
 //             the noise instead of the caption, and ignores the text at sampling time (--sd-schedule
 //             keeps it, for comparison).
-//   3. final: the text encoder's covariance over fresh captions (perfusion/covariance.safetensors),
+//   3. decoder: the VAE's decoder fine-tuned alone, the encoder frozen (as SD's ft-MSE decoder was).
+//             The latent space stays the UNet's, so this stage may run after the UNet (and be
+//             extended on a finished work folder); it adds an edge term (L1 of image gradients) to
+//             the reconstruction loss, because the joint VAE stage leaves 2-pixel patterns blurred.
+//   4. final: the text encoder's covariance over fresh captions (perfusion/covariance.safetensors),
 //             then the folder (fp16 weights) with model_id.
 // Long runs: --max-minutes stops cleanly at a checkpoint; the next run continues.
 #include <ATen/Functions.h>
@@ -25,6 +29,7 @@
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <string>
@@ -52,6 +57,8 @@ struct Args {
   int64_t vae_steps = 2500, vae_batch = 32;
   int64_t unet_steps = 8000, unet_batch = 64;
   double unet_lr = 5e-4;
+  int64_t decoder_steps = 0, decoder_batch = 32;
+  double decoder_lr = 5e-4, edge_weight = 1.0;
   double ema_decay = 0.999;
   bool sd_schedule = false;
   std::string model_id = "perfusion-tiny-v2";
@@ -72,6 +79,8 @@ void Usage() {
       "  --vae-steps N         VAE steps (default 2500); --vae-batch N (default 32)\n"
       "  --unet-steps N        text encoder + UNet steps (default 8000); --unet-batch N (default 64)\n"
       "  --unet-lr X           learning rate (default 5e-4)\n"
+      "  --decoder-steps N     decoder-only fine-tuning steps, encoder frozen (default 0); --decoder-batch N\n"
+      "                        (default 32); --decoder-lr X (default 5e-4); --edge-weight X (default 1)\n"
       "  --ema-decay X         decay of the weights' EMA that is written out (default 0.999; 0 = none)\n"
       "  --sd-schedule         SD 1.5's epsilon schedule instead of zero-terminal-SNR v-prediction\n"
       "  --model-id ID         written to perfusion/model_id (default perfusion-tiny-v2)\n"
@@ -79,7 +88,9 @@ void Usage() {
       "  --seed S              (default 1)\n"
       "  --max-minutes M       stop at the next checkpoint after M minutes (0 = run to the end)\n"
       "  --checkpoint-every N  steps between checkpoints (default 250)\n"
-      "  --threads N           LibTorch threads (default: all cores)\n");
+      "  --threads N           LibTorch threads (default: all cores)\n\n"
+      "A finished --work folder goes back to the UNet or decoder stage when --unet-steps or\n"
+      "--decoder-steps exceeds the steps it has done, and writes --out again.\n");
 }
 
 bool Exists(const std::string& p) {
@@ -119,6 +130,7 @@ struct State {
   std::string stage = "vae";
   int64_t step = 0;
   double latent_scale = 1.0;
+  int64_t decoder_step = 0;  // decoder fine-tuning steps done (kept after the stage ends)
 };
 State LoadState(const std::string& work) {
   State s;
@@ -127,10 +139,12 @@ State LoadState(const std::string& work) {
   s.stage = j.at("stage");
   s.step = j.at("step");
   s.latent_scale = j.value("latent_scale", 1.0);
+  s.decoder_step = j.value("decoder_step", int64_t{0});
   return s;
 }
 void SaveState(const std::string& work, const State& s) {
-  nlohmann::json j = {{"stage", s.stage}, {"step", s.step}, {"latent_scale", s.latent_scale}};
+  nlohmann::json j = {{"stage", s.stage}, {"step", s.step}, {"latent_scale", s.latent_scale},
+                    {"decoder_step", s.decoder_step}};
   WriteFileAtomically(work + "/state.json", j.dump(2));
 }
 
@@ -159,6 +173,54 @@ void Log(const char* stage, int64_t step, int64_t total, double loss, double sec
   std::fflush(stdout);
 }
 
+// One stage's loop bookkeeping: the loss average and the progress line, checkpoints every
+// --checkpoint-every steps and at the end, and the --max-minutes budget.
+class StageLoop {
+ public:
+  StageLoop(const char* name, int64_t total, int64_t log_every, double loss_decay, int64_t checkpoint_every,
+            std::function<bool()> out_of_time)
+      : name_(name),
+        total_(total),
+        log_every_(log_every),
+        decay_(loss_decay),
+        checkpoint_every_(checkpoint_every),
+        out_of_time_(std::move(out_of_time)) {}
+
+  // After step `step` (1-based) with training loss `loss`: logs, and calls `save` when a checkpoint
+  // is due. Returns false when the time budget stopped the run at that checkpoint.
+  bool AfterStep(int64_t step, double loss, const std::function<void()>& save) {
+    ++since_;
+    avg_ = since_ == 1 && !logged_ ? loss : decay_ * avg_ + (1 - decay_) * loss;
+    if (step % log_every_ == 0 || step == total_) {
+      const double sps = std::chrono::duration<double>(Clock::now() - last_).count() / since_;
+      last_ = Clock::now();
+      since_ = 0;
+      logged_ = true;
+      Log(name_, step, total_, avg_, sps);
+    }
+    const bool stop = out_of_time_();
+    if (step % checkpoint_every_ == 0 || step == total_ || stop) {
+      save();
+      if (stop && step < total_) {
+        std::printf("time budget reached at %s step %lld; rerun to resume\n", name_, (long long)step);
+        return false;
+      }
+    }
+    return true;
+  }
+
+ private:
+  const char* name_;
+  int64_t total_, log_every_;
+  double decay_;
+  int64_t checkpoint_every_;
+  std::function<bool()> out_of_time_;
+  double avg_ = 0;
+  int64_t since_ = 0;
+  bool logged_ = false;
+  Clock::time_point last_ = Clock::now();
+};
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -173,6 +235,10 @@ int main(int argc, char** argv) {
       else if (k == "--unet-steps") a.unet_steps = std::stoll(v());
       else if (k == "--unet-batch") a.unet_batch = std::stoll(v());
       else if (k == "--unet-lr") a.unet_lr = std::stod(v());
+      else if (k == "--decoder-steps") a.decoder_steps = std::stoll(v());
+      else if (k == "--decoder-batch") a.decoder_batch = std::stoll(v());
+      else if (k == "--decoder-lr") a.decoder_lr = std::stod(v());
+      else if (k == "--edge-weight") a.edge_weight = std::stod(v());
       else if (k == "--ema-decay") a.ema_decay = std::stod(v());
       else if (k == "--sd-schedule") a.sd_schedule = true;
       else if (k == "--model-id") a.model_id = v();
@@ -195,6 +261,17 @@ int main(int argc, char** argv) {
       return a.max_minutes > 0 && std::chrono::duration<double>(Clock::now() - t0).count() > a.max_minutes * 60;
     };
     State st = LoadState(a.work);
+    // A finished (or later-stage) folder goes back to the UNet when more UNet steps are asked for:
+    // past the VAE stage, `step` counts UNet steps, and every step's batch derives from its number.
+    if ((st.stage == "decoder" || st.stage == "final" || st.stage == "done") && a.unet_steps > st.step) {
+      std::printf("extending the UNet training: %lld -> %lld steps\n", (long long)st.step, (long long)a.unet_steps);
+      st.stage = "unet";
+    }
+    if (st.stage == "done" && a.decoder_steps > st.decoder_step) {
+      std::printf("extending the finished model's decoder fine-tuning: %lld -> %lld steps\n",
+                  (long long)st.decoder_step, (long long)a.decoder_steps);
+      st.stage = "decoder";
+    }
     if (st.stage == "done") {
       std::printf("already finished: %s\n", a.out.c_str());
       return 0;
@@ -213,8 +290,7 @@ int main(int argc, char** argv) {
     if (st.stage == "vae") {
       torch::optim::AdamW opt(vae->parameters(), torch::optim::AdamWOptions(1e-3).weight_decay(0));
       if (Exists(vae_opt_path)) torch::load(opt, vae_opt_path);
-      double ema = 0;
-      auto last = Clock::now();
+      StageLoop loop("vae", a.vae_steps, 100, 0.98, a.checkpoint_every, out_of_time);
       while (st.step < a.vae_steps) {
         ++st.step;
         at::Generator g = MakeGenerator(DeriveSeed(a.seed, 1000000 + st.step));
@@ -227,20 +303,12 @@ int main(int argc, char** argv) {
         opt.zero_grad();
         loss.backward();
         opt.step();
-        ema = st.step == 1 ? loss.item<double>() : 0.98 * ema + 0.02 * loss.item<double>();
-        if (st.step % 100 == 0 || st.step == a.vae_steps) {
-          double sps = std::chrono::duration<double>(Clock::now() - last).count() / 100;
-          last = Clock::now();
-          Log("vae", st.step, a.vae_steps, ema, sps);
-        }
-        if (st.step % a.checkpoint_every == 0 || st.step == a.vae_steps || out_of_time()) {
-          SaveStateDict(*vae, vae_path);
-          torch::save(opt, vae_opt_path);
-          SaveState(a.work, st);
-          if (out_of_time() && st.step < a.vae_steps) {
-            std::printf("time budget reached at vae step %lld; rerun to resume\n", (long long)st.step);
-            return 0;
-          }
+        if (!loop.AfterStep(st.step, loss.item<double>(), [&] {
+              SaveStateDict(*vae, vae_path);
+              torch::save(opt, vae_opt_path);
+              SaveState(a.work, st);
+            })) {
+          return 0;
         }
       }
       // Latent scale: 1 / std of the latents (SD's 0.18215 plays this role).
@@ -256,9 +324,9 @@ int main(int argc, char** argv) {
     vae->eval();
     for (auto& p : vae->parameters()) p.set_requires_grad(false);
 
-    // Latents of the whole dataset, once.
+    // Latents of the whole dataset, once (only the UNet stage needs them).
     at::Tensor latents;
-    {
+    if (st.stage == "unet") {
       torch::NoGradGuard ng;
       std::vector<at::Tensor> parts;
       for (int64_t i = 0; i < a.samples; i += 512) {
@@ -266,8 +334,8 @@ int main(int argc, char** argv) {
         parts.push_back(vae->encode(data.images.slice(0, i, i + n).to(at::kFloat)).mode() * st.latent_scale);
       }
       latents = at::cat(parts);
+      std::printf("encoded %lld latents %s\n", (long long)a.samples, c10::str(latents.sizes()).c_str());
     }
-    std::printf("encoded %lld latents %s\n", (long long)a.samples, c10::str(latents.sizes()).c_str());
 
     // ---- Stage 2: text encoder + UNet ----------------------------------------------------------
     CLIPTextModel te(TextOptions());
@@ -302,12 +370,9 @@ int main(int argc, char** argv) {
       torch::optim::AdamW opt(params, torch::optim::AdamWOptions(a.unet_lr).weight_decay(0.01));
       if (Exists(opt_path)) torch::load(opt, opt_path);
       DDPMScheduler ddpm(sched);
-      double ema = 0;
-      auto last = Clock::now();
-      int64_t since = 0;
+      StageLoop loop("unet", a.unet_steps, 50, 0.99, a.checkpoint_every, out_of_time);
       while (st.step < a.unet_steps) {
         ++st.step;
-        ++since;
         const double warm = std::min(1.0, st.step / 200.0);
         for (auto& group : opt.param_groups()) static_cast<torch::optim::AdamWOptions&>(group.options()).lr(a.unet_lr * warm);
         at::Generator g = MakeGenerator(DeriveSeed(a.seed, 2000000 + st.step));
@@ -340,30 +405,70 @@ int main(int argc, char** argv) {
           const double d = std::min(a.ema_decay, (1.0 + st.step) / (10.0 + st.step));
           for (size_t i = 0; i < live.size(); ++i) avg[i].mul_(d).add_(live[i].detach(), 1.0 - d);
         }
-        ema = st.step == 1 ? loss.item<double>() : 0.99 * ema + 0.01 * loss.item<double>();
-        if (st.step % 50 == 0 || st.step == a.unet_steps) {
-          double sps = std::chrono::duration<double>(Clock::now() - last).count() / since;
-          last = Clock::now();
-          since = 0;
-          Log("unet", st.step, a.unet_steps, ema, sps);
+        if (!loop.AfterStep(st.step, loss.item<double>(), [&] {
+              SaveStateDict(*te, te_path);
+              SaveStateDict(*unet, unet_path);
+              torch::save(opt, opt_path);
+              if (!avg.empty()) torch::save(avg, ema_path);
+              SaveState(a.work, st);
+            })) {
+          return 0;
         }
-        if (st.step % a.checkpoint_every == 0 || st.step == a.unet_steps || out_of_time()) {
-          SaveStateDict(*te, te_path);
-          SaveStateDict(*unet, unet_path);
-          torch::save(opt, opt_path);
-          if (!avg.empty()) torch::save(avg, ema_path);
-          SaveState(a.work, st);
-          if (out_of_time() && st.step < a.unet_steps) {
-            std::printf("time budget reached at unet step %lld; rerun to resume\n", (long long)st.step);
-            return 0;
-          }
+      }
+      st.stage = a.decoder_steps > st.decoder_step ? "decoder" : "final";
+      SaveState(a.work, st);
+    }
+
+    // ---- Stage 3: decoder fine-tuning ----------------------------------------------------------
+    const std::string vae_ft_path = a.work + "/vae_ft.safetensors", dec_opt_path = a.work + "/decoder_opt.pt";
+    if (st.stage == "decoder") {
+      if (Exists(vae_ft_path)) LoadStateDict(*vae, vae_ft_path);
+      std::vector<at::Tensor> params = vae->decoder->parameters();
+      if (vae->post_quant_conv) {
+        for (auto& p : vae->post_quant_conv->parameters()) params.push_back(p);
+      }
+      for (auto& p : params) p.set_requires_grad(true);
+      torch::optim::AdamW opt(params, torch::optim::AdamWOptions(a.decoder_lr).weight_decay(0));
+      if (Exists(dec_opt_path)) torch::load(opt, dec_opt_path);
+      auto edges = [](const at::Tensor& x) {
+        return std::make_pair(x.slice(3, 1) - x.slice(3, 0, -1), x.slice(2, 1) - x.slice(2, 0, -1));
+      };
+      StageLoop loop("decoder", a.decoder_steps, 100, 0.98, a.checkpoint_every, out_of_time);
+      while (st.decoder_step < a.decoder_steps) {
+        ++st.decoder_step;
+        const double warm = std::min(1.0, st.decoder_step / 100.0);
+        for (auto& group : opt.param_groups()) {
+          static_cast<torch::optim::AdamWOptions&>(group.options()).lr(a.decoder_lr * warm);
+        }
+        at::Generator g = MakeGenerator(DeriveSeed(a.seed, 3000000 + st.decoder_step));
+        at::Tensor idx = at::randint(a.samples, {a.decoder_batch}, g, at::TensorOptions().dtype(at::kLong));
+        at::Tensor x = data.images.index_select(0, idx).to(at::kFloat);
+        at::Tensor z;
+        {
+          torch::NoGradGuard ng;
+          z = vae->encode(x).sample(g);
+        }
+        at::Tensor recon = vae->decode(z);
+        const auto [rx, ry] = edges(recon);
+        const auto [tx, ty] = edges(x);
+        at::Tensor loss = (recon - x).pow(2).mean() + 0.5 * (recon - x).abs().mean() +
+                          a.edge_weight * 0.5 * ((rx - tx).abs().mean() + (ry - ty).abs().mean());
+        opt.zero_grad();
+        loss.backward();
+        opt.step();
+        if (!loop.AfterStep(st.decoder_step, loss.item<double>(), [&] {
+              SaveStateDict(*vae, vae_ft_path);
+              torch::save(opt, dec_opt_path);
+              SaveState(a.work, st);
+            })) {
+          return 0;
         }
       }
       st.stage = "final";
       SaveState(a.work, st);
     }
 
-    // ---- Stage 3: covariance and the model folder ----------------------------------------------
+    // ---- Stage 4: covariance and the model folder ----------------------------------------------
     torch::NoGradGuard ng;
     if (!avg.empty()) {
       for (size_t i = 0; i < live.size(); ++i) live[i].detach().copy_(avg[i]);
@@ -386,7 +491,7 @@ int main(int argc, char** argv) {
     m.text_encoder = te;
     m.unet = unet;
     AutoencoderKL final_vae(VaeOptions(st.latent_scale));
-    LoadStateDict(*final_vae, vae_path);
+    LoadStateDict(*final_vae, Exists(vae_ft_path) ? vae_ft_path : vae_path);
     m.vae = final_vae;
     m.scheduler = sched;
     // A small ridge: the young encoder's final LayerNorm keeps its outputs near a hyperplane.
