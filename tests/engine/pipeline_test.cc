@@ -120,6 +120,28 @@ TEST_F(PipelineTest, TheConceptChangesImagesWhereItsTokenIsUsed) {
   EXPECT_GT((a - b).abs().mean().item<double>(), 1e-3);
 }
 
+TEST_F(PipelineTest, GatesShowWhereEachEditActs) {
+  Pipeline pipe(model_);
+  std::map<std::string, ConceptRef> refs;
+  refs["checker"] = {concept_, {0.7, 0.15}, false};
+  const PromptGates g = pipe.Gates("a photo of a <checker>", refs);
+  ASSERT_TRUE(g.value_gate.defined());
+  ASSERT_EQ(g.value_gate.sizes(), (std::vector<int64_t>{77, 1}));
+  ASSERT_EQ(g.tokens.positions.size(), 1u);
+  const int64_t at = g.tokens.positions[0];
+  // The learned embedding is where i* was measured, so the gate opens there, and only there.
+  EXPECT_GT(g.value_gate[at][0].item<float>(), 0.5f);
+  for (int64_t n = 0; n < 77; ++n) {
+    if (n != at) EXPECT_LT(g.value_gate[n][0].item<float>(), 0.5f) << "token " << n;
+  }
+  // Local key-locking: K and V see the same encodings. Global: K sees the superclass word there.
+  EXPECT_TRUE(at::equal(g.key_gate, g.value_gate));
+  refs["checker"].global_key_lock = true;
+  EXPECT_FALSE(at::equal(pipe.Gates("a photo of a <checker>", refs).key_gate, g.value_gate));
+  // A prompt that does not use the concept has no gates.
+  EXPECT_FALSE(pipe.Gates("a photo of a star", refs).value_gate.defined());
+}
+
 TEST_F(PipelineTest, SavedAndLoadedConceptGivesIdenticalImages) {
   Pipeline pipe(model_);
   auto loaded = std::make_shared<Concept>(DecodeConcept(EncodeConcept(*concept_, {at::kFloat}), model_->model_id));

@@ -109,25 +109,28 @@ PromptTokens Pipeline::Tokenize(const std::string& prompt, const std::map<std::s
   return out;
 }
 
-std::vector<CrossAttnKV> Pipeline::PromptKV(const std::string& prompt, const std::map<std::string, ConceptRef>& concepts,
-                                            MultiConceptMode mode) const {
-  c10::InferenceMode guard;
-  const PromptTokens t = Tokenize(prompt, concepts);
+Pipeline::EditedPrompt Pipeline::PrepareEdits(const std::string& prompt,
+                                               const std::map<std::string, ConceptRef>& concepts,
+                                               MultiConceptMode mode) const {
+  EditedPrompt e;
+  e.tokens = Tokenize(prompt, concepts);
+  const PromptTokens& t = e.tokens;
   const auto dev = model_->device;
   auto ids_tensor = [&](const std::vector<int64_t>& ids) {
     return at::tensor(ids, at::TensorOptions().dtype(at::kLong)).reshape({1, kMaxTokens}).to(dev);
   };
-  if (t.concepts.empty()) return model_->unet->precompute_kv(model_->text_encoder->forward(ids_tensor(t.ids)));
+  if (t.concepts.empty()) {
+    e.X = model_->text_encoder->forward(ids_tensor(t.ids));
+    return e;
+  }
   TORCH_CHECK_VALUE(model_->c_inv.defined(), "model has no perfusion/covariance.safetensors: cannot apply concepts");
-  const int64_t K = static_cast<int64_t>(t.concepts.size());
   std::vector<at::Tensor> vecs, istar, isup;
   std::vector<GateParams> gates;
-  std::vector<const Concept*> cs;
   bool any_global = false;
   std::vector<int64_t> key_ids = t.ids;  // K input: global concepts replaced by their superclass
   for (const auto& name : t.concepts) {
     const ConceptRef& ref = concepts.at(name);
-    cs.push_back(ref.concept.get());
+    e.concepts.push_back(ref.concept.get());
     vecs.push_back(ref.concept->embedding);
     istar.push_back(ref.concept->i_star);
     isup.push_back(ref.concept->i_sup);
@@ -144,29 +147,51 @@ std::vector<CrossAttnKV> Pipeline::PromptKV(const std::string& prompt, const std
   }
   const at::Tensor table = model_->text_encoder->token_embedding_weight();
   const at::Tensor concept_vectors = at::stack(vecs).to(table.device(), table.scalar_type());
-  const at::Tensor X = model_->text_encoder->forward_embeds(EmbedWithConcepts(table, ids_tensor(t.ids), concept_vectors));
-  at::Tensor Xk = X;
-  if (any_global) Xk = model_->text_encoder->forward_embeds(EmbedWithConcepts(table, ids_tensor(key_ids), concept_vectors));
-  const at::Tensor I = at::stack(istar).to(dev);
-  const at::Tensor Isup = at::stack(isup).to(dev, at::kFloat);
-  const ConceptGates g = ComputeConceptGates(X, I, model_->c_inv, gates, mode);
-  const ConceptGates gk = any_global ? ComputeConceptGates(Xk, I, model_->c_inv, gates, mode) : g;
+  e.X = model_->text_encoder->forward_embeds(EmbedWithConcepts(table, ids_tensor(t.ids), concept_vectors));
+  e.Xk = e.X;
+  if (any_global) e.Xk = model_->text_encoder->forward_embeds(EmbedWithConcepts(table, ids_tensor(key_ids), concept_vectors));
+  e.I = at::stack(istar).to(dev);
+  e.Isup = at::stack(isup).to(dev, at::kFloat);
+  e.g = ComputeConceptGates(e.X, e.I, model_->c_inv, gates, mode);
+  e.gk = any_global ? ComputeConceptGates(e.Xk, e.I, model_->c_inv, gates, mode) : e.g;
+  return e;
+}
+
+PromptGates Pipeline::Gates(const std::string& prompt, const std::map<std::string, ConceptRef>& concepts,
+                            MultiConceptMode mode) const {
+  c10::InferenceMode guard;
+  const EditedPrompt e = PrepareEdits(prompt, concepts, mode);
+  PromptGates out;
+  out.tokens = e.tokens;
+  if (!e.concepts.empty()) {
+    out.value_gate = e.g.gate[0].to(at::kCPU, at::kFloat);
+    out.key_gate = e.gk.gate[0].to(at::kCPU, at::kFloat);
+  }
+  return out;
+}
+
+std::vector<CrossAttnKV> Pipeline::PromptKV(const std::string& prompt, const std::map<std::string, ConceptRef>& concepts,
+                                            MultiConceptMode mode) const {
+  c10::InferenceMode guard;
+  const EditedPrompt e = PrepareEdits(prompt, concepts, mode);
+  if (e.concepts.empty()) return model_->unet->precompute_kv(e.X);
+  const auto dev = model_->device;
+  const std::vector<const Concept*>& cs = e.concepts;
   std::vector<CrossAttnKV> kv;
   kv.reserve(layers_.size());
   for (size_t l = 0; l < layers_.size(); ++l) {
     const at::Tensor& Wk = layers_[l].to_k->weight;
     const at::Tensor& Wv = layers_[l].to_v->weight;
     // Locked keys W_k i_sup (or, for a concept trained without key-locking, its learned K targets).
-    at::Tensor Ok = at::matmul(Isup, Wk.to(at::kFloat).t());  // [K, O]
+    at::Tensor Ok = at::matmul(e.Isup, Wk.to(at::kFloat).t());  // [K, O]
     std::vector<at::Tensor> ov;
     for (size_t k = 0; k < cs.size(); ++k) {
       ov.push_back(cs[k]->v_target(l));
       if (cs[k]->k_targets.defined()) Ok[k].copy_(cs[k]->k_target(l).to(Ok.device()));
     }
     const at::Tensor Ov = at::stack(ov).to(dev);
-    kv.push_back({ApplyRank1Edit(Xk, Wk, I, Ok, gk), ApplyRank1Edit(X, Wv, I, Ov, g)});
+    kv.push_back({ApplyRank1Edit(e.Xk, Wk, e.I, Ok, e.gk), ApplyRank1Edit(e.X, Wv, e.I, Ov, e.g)});
   }
-  (void)K;
   return kv;
 }
 

@@ -87,6 +87,14 @@ struct PromptTokens {
   std::vector<int64_t> positions;       // every concept token's position
 };
 
+// Where each concept's edit acts in a prompt: the gate g_c(e) of every token position (1.0: the
+// token's output is replaced by the concept's target; 0: left as the base model's).
+struct PromptGates {
+  PromptTokens tokens;
+  at::Tensor value_gate;  // [77, K] float32 on the CPU, concepts in tokens.concepts order (undefined: K = 0)
+  at::Tensor key_gate;    // the same for the K projections (differs under global key-locking)
+};
+
 class Pipeline {
  public:
   explicit Pipeline(std::shared_ptr<StableDiffusion> model);
@@ -100,6 +108,11 @@ class Pipeline {
   // Cross-attention K/V of every attn2 layer for one prompt ([1, 77, O] each), edits applied.
   std::vector<CrossAttnKV> PromptKV(const std::string& prompt, const std::map<std::string, ConceptRef>& concepts,
                                     MultiConceptMode mode = MultiConceptMode::kApproximate) const;
+
+  // The gates PromptKV applies, per token and concept: to see where a concept's edit acts (the
+  // tokens after the prompt included) when concepts leak into each other or into padding.
+  PromptGates Gates(const std::string& prompt, const std::map<std::string, ConceptRef>& concepts,
+                    MultiConceptMode mode = MultiConceptMode::kApproximate) const;
 
   // Checks that a concept can be applied to this model (base model id, layer names and widths,
   // embedding and encoder widths). Throws c10::ValueError otherwise.
@@ -120,6 +133,16 @@ class Pipeline {
                                          const ProgressFn& progress = {}) const;
 
  private:
+  // A prompt's encodings and gates, shared by PromptKV and Gates.
+  struct EditedPrompt {
+    PromptTokens tokens;
+    std::vector<const Concept*> concepts;  // in tokens.concepts order
+    at::Tensor X, Xk;                      // encodings for V and for K ([1, 77, D])
+    at::Tensor I, Isup;                    // [K, D]
+    ConceptGates g, gk;
+  };
+  EditedPrompt PrepareEdits(const std::string& prompt, const std::map<std::string, ConceptRef>& concepts,
+                            MultiConceptMode mode) const;
   std::vector<GenerationResult> GenerateGroup(const std::vector<const GenerationRequest*>& group,
                                               const ProgressFn& progress) const;
   std::shared_ptr<StableDiffusion> model_;

@@ -52,6 +52,7 @@ struct Args {
   int64_t width = 0, height = 0;
   int threads = 0;
   bool quiet = false;
+  bool show_gates = false;
 };
 
 void Usage() {
@@ -77,13 +78,61 @@ void Usage() {
       "  --width N --height N  image size (default: the model's)\n"
       "  --grid                also write <seed>_grid.png with all images\n"
       "  --threads N           LibTorch threads (default: all cores)\n"
-      "  --quiet               no progress bar\n");
+      "  --quiet               no progress bar\n"
+      "  --show-gates          print each token's gate per concept (where each edit acts) on stderr\n");
 }
 
 void MakeDirs(const std::string& dir) {
   for (size_t p = dir.find('/', 1);; p = dir.find('/', p + 1)) {
     ::mkdir(dir.substr(0, p).c_str(), 0755);
     if (p == std::string::npos) break;
+  }
+}
+
+// One line per prompt token, then the end-of-text padding summarised: the gate of every concept
+// (V projections; K too under global key-locking, where the key input differs).
+void PrintGates(const Pipeline& pipe, const GenerationRequest& req) {
+  const PromptGates pg = pipe.Gates(req.prompt, req.concepts, req.multi_concept_mode);
+  if (!pg.value_gate.defined()) {
+    std::fprintf(stderr, "gates: the prompt uses no concept\n");
+    return;
+  }
+  const auto& names = pg.tokens.concepts;
+  const int64_t vocab = pipe.model().text_encoder->options().vocab_size();
+  const ClipTokenizer& tok = *pipe.model().tokenizer;
+  bool global = false;
+  for (const auto& [name, ref] : req.concepts) global = global || ref.global_key_lock;
+  std::fprintf(stderr, "gates (V%s) per token:\n  %-4s %-22s", global ? ", K in brackets" : "", "pos", "token");
+  for (const auto& n : names) std::fprintf(stderr, " %12s", ("<" + n + ">").substr(0, 12).c_str());
+  std::fprintf(stderr, "\n");
+  auto row = [&](const std::string& label, const std::string& pos, const at::Tensor& v, const at::Tensor& k) {
+    std::fprintf(stderr, "  %-4s %-22s", pos.c_str(), label.substr(0, 22).c_str());
+    for (size_t c = 0; c < names.size(); ++c) {
+      if (global) {
+        std::fprintf(stderr, "  %5.3f[%5.3f]", v[c].item<float>(), k[c].item<float>());
+      } else {
+        std::fprintf(stderr, " %12.3f", v[c].item<float>());
+      }
+    }
+    std::fprintf(stderr, "\n");
+  };
+  const int64_t n_tokens = static_cast<int64_t>(pg.tokens.ids.size());
+  int64_t first_pad = n_tokens;
+  for (int64_t n = 1; n < n_tokens; ++n) {
+    if (pg.tokens.ids[n] == tok.eos_id()) {
+      first_pad = n;
+      break;
+    }
+  }
+  for (int64_t n = 0; n < std::min(first_pad + 1, n_tokens); ++n) {
+    const int64_t id = pg.tokens.ids[n];
+    const std::string label = id >= vocab ? "<" + names[id - vocab] + ">" : tok.IdToToken(id);
+    row(label, std::to_string(n), pg.value_gate[n], pg.key_gate[n]);
+  }
+  if (first_pad + 1 < n_tokens) {
+    const at::Tensor v = pg.value_gate.slice(0, first_pad + 1), k = pg.key_gate.slice(0, first_pad + 1);
+    row("padding, max", std::to_string(first_pad + 1) + "+", std::get<0>(v.max(0)), std::get<0>(k.max(0)));
+    row("padding, mean", "", v.mean(0), k.mean(0));
   }
 }
 
@@ -112,6 +161,7 @@ int main(int argc, char** argv) {
       else if (k == "--grid") a.grid = true;
       else if (k == "--threads") a.threads = std::stoi(v());
       else if (k == "--quiet") a.quiet = true;
+      else if (k == "--show-gates") a.show_gates = true;
       else if (!k.empty() && k[0] == '-') return false;
       else if (a.prompt.empty()) a.prompt = k;
       else throw ToolUsageError("unexpected argument '" + k + "': quote the prompt (see --help)");
@@ -163,6 +213,7 @@ int main(int argc, char** argv) {
                    c->superclass.c_str(), ref.gate.beta, ref.gate.temperature);
       req.concepts[c->name] = ref;
     }
+    if (a.show_gates) PrintGates(pipe, req);
     const bool tty = ::isatty(STDERR_FILENO);
     const auto t0 = std::chrono::steady_clock::now();
     ProgressFn progress = [&](int64_t step, int64_t total) {

@@ -1,0 +1,68 @@
+// The researchers' local CLI on the tiny model: perfusion-train-concept turns a folder of renders
+// into a concept blob; perfusion-generate uses it (and --show-gates prints where its edit acts).
+#include <filesystem>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "tests/integration/cluster.h"
+
+namespace perfusion::testing {
+namespace {
+
+namespace fs = std::filesystem;
+
+class ResearchCliTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (TinyModelDir().empty()) GTEST_SKIP() << "no tiny model";
+    if (TokenizerDir().empty()) GTEST_SKIP() << "no CLIP tokenizer files under the shared data";
+    scratch_ = std::make_unique<ScratchDir>("research-cli");
+    dir_ = scratch_->path();
+    ASSERT_FALSE(dir_.empty()) << "mkdtemp failed";
+  }
+  CommandResult Run(std::vector<std::string> argv) { return RunCommand(argv, dir_, absl::Minutes(3)); }
+  std::unique_ptr<ScratchDir> scratch_;
+  std::string dir_;
+};
+
+TEST_F(ResearchCliTest, TrainAConceptThenGenerateAndShowItsGates) {
+  CommandResult r = Run({PERFUSION_RENDER_SHAPES_BIN, "--out", dir_ + "/imgs", "--n", "4", "--concept", "candy_heart"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  r = Run({PERFUSION_TRAIN_CONCEPT_BIN, dir_ + "/imgs", "--superclass", "heart", "--name", "candy", "--out",
+           dir_ + "/candy.bin", "--model", TinyModelDir(), "--tokenizer-dir", TokenizerDir(), "--steps", "4",
+           "--threads", "1", "--quiet"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  ASSERT_TRUE(fs::exists(dir_ + "/candy.bin"));
+  EXPECT_NE(r.out.find("<candy>, superclass 'heart'"), std::string::npos) << r.out;
+
+  r = Run({PERFUSION_GENERATE_BIN, "a <candy> on a blue background", "--concept", dir_ + "/candy.bin", "--model",
+           TinyModelDir(), "--tokenizer-dir", TokenizerDir(), "-o", dir_ + "/out", "--n", "2", "--steps", "3",
+           "--seed", "4", "--show-gates", "--threads", "1", "--quiet"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_TRUE(fs::exists(dir_ + "/out/4_0.png"));
+  EXPECT_TRUE(fs::exists(dir_ + "/out/4_1.png"));
+  // One row per token up to the end of text, then the padding summarised.
+  EXPECT_NE(r.err.find("gates (V) per token"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("<candy>"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("blue</w>"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("padding, max"), std::string::npos) << r.err;
+
+  // Under global key-locking the K gates are shown too.
+  r = Run({PERFUSION_GENERATE_BIN, "a <candy>", "--concept", dir_ + "/candy.bin", "--model", TinyModelDir(),
+           "--tokenizer-dir", TokenizerDir(), "-o", dir_ + "/out2", "--n", "1", "--steps", "2", "--global-lock",
+           "--show-gates", "--threads", "1", "--quiet"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.err.find("K in brackets"), std::string::npos) << r.err;
+
+  // A prompt naming a concept that was not loaded is an error that names it.
+  r = Run({PERFUSION_GENERATE_BIN, "a <nope>", "--concept", dir_ + "/candy.bin", "--model", TinyModelDir(),
+           "--tokenizer-dir", TokenizerDir(), "-o", dir_ + "/out3", "--threads", "1", "--quiet"});
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("nope"), std::string::npos) << r.err;
+}
+
+}  // namespace
+}  // namespace perfusion::testing
