@@ -105,10 +105,6 @@ Cluster::~Cluster() {
   for (auto& w : workers_) w->Kill();
   for (auto& r : replicas_) r->Kill();
   if (server_) server_->Kill();
-  if (!dir_.empty() && std::getenv("PERFUSION_KEEP_TEST_DIRS") == nullptr) {
-    std::error_code ec;
-    fs::remove_all(dir_, ec);
-  }
 }
 
 bool Cluster::Init() {
@@ -117,12 +113,12 @@ bool Cluster::Init() {
     std::cerr << "cluster: no tiny model\n";
     return false;
   }
-  char tmpl[] = "/tmp/perfusion-it-XXXXXX";
-  if (mkdtemp(tmpl) == nullptr) {
+  scratch_ = std::make_unique<ScratchDir>("perfusion-it");
+  if (scratch_->path().empty()) {
     std::cerr << "cluster: mkdtemp failed\n";
     return false;
   }
-  dir_ = tmpl;
+  dir_ = scratch_->path();
   if (!WriteText(dir_ + "/tokens.txt", absl::StrCat("# test tenants\n", kTokenA, " acme\n",
                                                     kTokenB, " beta\n")) ||
       !WriteText(dir_ + "/worker_tokens.txt", absl::StrCat(kWorkerToken, "\n"))) {

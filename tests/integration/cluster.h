@@ -103,6 +103,7 @@ class Cluster {
   // Starts `proc` as a server listening on `port`, logging to `log`; waits for its start line.
   bool LaunchServer(Subprocess& proc, int port, const ServerFlags& flags, const std::string& log);
 
+  std::unique_ptr<ScratchDir> scratch_;  // destroyed after the destructor has killed the processes
   std::string dir_;
   std::string model_dir_;
   std::string base_model_id_;

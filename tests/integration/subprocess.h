@@ -66,6 +66,20 @@ int PickFreePort();
 // GET http://127.0.0.1:<port><path>; the response body, or "" on failure.
 std::string HttpGet(int port, const std::string& path);
 
+// A fresh directory under /tmp (mkdtemp), removed with its contents on destruction unless
+// PERFUSION_KEEP_TEST_DIRS is set. path() is "" when it could not be made.
+class ScratchDir {
+ public:
+  explicit ScratchDir(const std::string& prefix = "perfusion-test");
+  ~ScratchDir();
+  ScratchDir(const ScratchDir&) = delete;
+  ScratchDir& operator=(const ScratchDir&) = delete;
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+};
+
 // Reads a whole file ("" when missing).
 std::string ReadFileOrEmpty(const std::string& path);
 

@@ -2,6 +2,7 @@
 // the same code as SD 1.5, a stopped run resumes, and a finished work folder extends its UNet and
 // decoder stages when asked for more steps (how perfusion-tiny-v3 was made from v2's run).
 #include <filesystem>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -19,12 +20,9 @@ class TrainBaseToolTest : public ::testing::Test {
  protected:
   void SetUp() override {
     if (TokenizerDir().empty()) GTEST_SKIP() << "no CLIP tokenizer files under the shared data";
-    dir_ = (fs::temp_directory_path() / ("train_base_test_" + std::to_string(::getpid()))).string();
-    fs::remove_all(dir_);
-    fs::create_directories(dir_);
-  }
-  void TearDown() override {
-    if (!dir_.empty() && !std::getenv("PERFUSION_KEEP_TEST_DIRS")) fs::remove_all(dir_);
+    scratch_ = std::make_unique<ScratchDir>("train-base");
+    dir_ = scratch_->path();
+    ASSERT_FALSE(dir_.empty()) << "mkdtemp failed";
   }
 
   CommandResult Train(const std::vector<std::string>& extra) {
@@ -40,24 +38,28 @@ class TrainBaseToolTest : public ::testing::Test {
     return nlohmann::json::parse(ReadFileOrEmpty(dir_ + "/work/state.json"), nullptr, false);
   }
 
+  std::unique_ptr<ScratchDir> scratch_;
   std::string dir_;
 };
 
 TEST_F(TrainBaseToolTest, RunsEveryStageResumesAndExtends) {
   // A budget of zero minutes stops at the first checkpoint.
-  CommandResult r = Train({"--vae-steps", "3", "--unet-steps", "2", "--max-minutes", "0.000001"});
+  CommandResult r =
+      Train({"--vae-steps", "3", "--unet-steps", "2", "--decoder-steps", "0", "--max-minutes", "0.000001"});
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_NE(r.out.find("time budget reached at vae step 1"), std::string::npos) << r.out;
   EXPECT_EQ(State()["stage"], "vae");
   EXPECT_FALSE(fs::exists(dir_ + "/model/unet/config.json"));
 
   // Rerunning resumes at step 2 and runs to the end.
-  r = Train({"--vae-steps", "3", "--unet-steps", "2"});
+  r = Train({"--vae-steps", "3", "--unet-steps", "2", "--decoder-steps", "0"});
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_EQ(r.out.find("[vae] step      1/"), std::string::npos) << "did not resume:\n" << r.out;
   EXPECT_NE(r.out.find("[vae] step      3/3"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("[unet] step      2/2"), std::string::npos) << r.out;
   EXPECT_EQ(State()["stage"], "done");
+  EXPECT_NE(r.out.find("VAE round trip: MSE"), std::string::npos) << r.out;
+  EXPECT_TRUE(fs::exists(dir_ + "/work/vae_check.png"));
   for (const char* f : {"unet/config.json", "vae/config.json", "text_encoder/config.json", "scheduler/scheduler_config.json",
                         "perfusion/covariance.safetensors", "perfusion/model_id", "model_index.json"}) {
     EXPECT_TRUE(fs::exists(dir_ + "/model/" + f)) << f;
@@ -68,7 +70,7 @@ TEST_F(TrainBaseToolTest, RunsEveryStageResumesAndExtends) {
   ASSERT_FALSE(vae_before.empty());
 
   // The same command again has nothing to do.
-  r = Train({"--vae-steps", "3", "--unet-steps", "2"});
+  r = Train({"--vae-steps", "3", "--unet-steps", "2", "--decoder-steps", "0"});
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_NE(r.out.find("already finished"), std::string::npos) << r.out;
 
@@ -79,6 +81,7 @@ TEST_F(TrainBaseToolTest, RunsEveryStageResumesAndExtends) {
   EXPECT_NE(r.out.find("[decoder] step      2/2"), std::string::npos) << r.out;
   EXPECT_EQ(r.out.find("[unet]"), std::string::npos) << r.out;
   EXPECT_EQ(State()["decoder_step"], 2);
+  EXPECT_TRUE(fs::exists(dir_ + "/work/decoder_check.png"));
   EXPECT_NE(ReadFileOrEmpty(dir_ + "/model/vae/diffusion_pytorch_model.safetensors"), vae_before);
   EXPECT_EQ(ReadFileOrEmpty(dir_ + "/model/unet/diffusion_pytorch_model.safetensors"), unet_before);
 
@@ -95,10 +98,16 @@ TEST_F(TrainBaseToolTest, RunsEveryStageResumesAndExtends) {
   EXPECT_EQ(ReadFileOrEmpty(dir_ + "/model/vae/diffusion_pytorch_model.safetensors"), vae_tuned);
 }
 
-TEST_F(TrainBaseToolTest, RejectsUnknownFlags) {
+TEST_F(TrainBaseToolTest, RejectsUnknownFlagsAndBadValues) {
   CommandResult r = RunCommand({PERFUSION_TRAIN_BASE_BIN, "--decoder-stepz", "3"}, dir_, absl::Seconds(30));
   EXPECT_NE(r.exit_code, 0);
   EXPECT_NE(r.err.find("--decoder-stepz"), std::string::npos) << r.err;
+  r = RunCommand({PERFUSION_TRAIN_BASE_BIN, "--two-object-prob", "1.5"}, dir_, absl::Seconds(30));
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_NE(r.err.find("--two-object-prob in [0, 1]"), std::string::npos) << r.err;
+  r = RunCommand({PERFUSION_TRAIN_BASE_BIN, "--unet-batch", "0"}, dir_, absl::Seconds(30));
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_NE(r.err.find("batch sizes >= 1"), std::string::npos) << r.err;
 }
 
 }  // namespace

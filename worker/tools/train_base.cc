@@ -2,7 +2,8 @@
 // procedurally rendered shapes world, and writes it as a diffusers-layout folder (models/tiny).
 //
 // Stages (each checkpointed under --work; rerunning the same command resumes where it stopped):
-//   1. vae:   a small AutoencoderKL, 32x32x3 <-> 8x8x4, reconstruction MSE + a small KL term.
+//   1. vae:   a small AutoencoderKL, 32x32x3 <-> 8x8x4 (--latent-channels), reconstruction MSE + L1 + a
+//             small KL term (+ an optional edge term). Writes vae_check.png: what it keeps.
 //   2. unet:  a CLIP-style text encoder and a UNet with cross-attention, trained together on the VAE's
 //             latents (10% empty captions, for classifier-free guidance), with an EMA of the weights.
 //             Default schedule: SD's scaled-linear betas rescaled to zero terminal SNR, v-prediction,
@@ -14,6 +15,7 @@
 //             The latent space stays the UNet's, so this stage may run after the UNet (and be
 //             extended on a finished work folder); it adds an edge term (L1 of image gradients) to
 //             the reconstruction loss, because the joint VAE stage leaves 2-pixel patterns blurred.
+//             Writes decoder_check.png.
 //   4. final: the text encoder's covariance over fresh captions (perfusion/covariance.safetensors),
 //             then the folder (fp16 weights) with model_id.
 // Long runs: --max-minutes stops cleanly at a checkpoint; the next run continues.
@@ -39,6 +41,7 @@
 #include "perfusion/image_io.h"
 #include "perfusion/model_dir.h"
 #include "perfusion/module_io.h"
+#include "perfusion/plot.h"
 #include "perfusion/safetensors.h"
 #include "perfusion/scheduler.h"
 #include "perfusion/shapes_world.h"
@@ -54,14 +57,17 @@ struct Args {
   std::string work = "build/tiny-train";
   std::string tokenizer_dir = std::string(PERFUSION_DEFAULT_SHARED) + "/data/clip";
   int64_t samples = 30000;
-  int64_t vae_steps = 2500, vae_batch = 32;
-  int64_t unet_steps = 8000, unet_batch = 64;
+  double two_object_prob = WorldOptions().two_object_prob;
+  int64_t vae_steps = 1500, vae_batch = 32;
+  int64_t unet_steps = 9000, unet_batch = 64;
   double unet_lr = 5e-4;
-  int64_t decoder_steps = 0, decoder_batch = 32;
+  int64_t decoder_steps = 4000, decoder_batch = 32;
   double decoder_lr = 5e-4, edge_weight = 1.0;
+  int64_t latent_channels = 4;
+  double vae_edge_weight = 0;
   double ema_decay = 0.999;
   bool sd_schedule = false;
-  std::string model_id = "perfusion-tiny-v2";
+  std::string model_id = "perfusion-tiny-v3";
   int64_t cov_captions = 6000;
   uint64_t seed = 1;
   double max_minutes = 0;  // 0 = no limit
@@ -76,14 +82,17 @@ void Usage() {
       "  --work DIR            checkpoints; rerun to resume (default build/tiny-train)\n"
       "  --tokenizer-dir DIR   folder with CLIP vocab.json + merges.txt (default ../shared/data/clip)\n"
       "  --samples N           rendered training scenes (default 30000)\n"
-      "  --vae-steps N         VAE steps (default 2500); --vae-batch N (default 32)\n"
-      "  --unet-steps N        text encoder + UNet steps (default 8000); --unet-batch N (default 64)\n"
+      "  --two-object-prob X   fraction of scenes with two objects (default 0.2)\n"
+      "  --vae-steps N         VAE steps (default 1500); --vae-batch N (default 32)\n"
+      "  --vae-edge-weight X   edge term (L1 of image gradients) in the VAE stage's loss (default 0)\n"
+      "  --latent-channels N   VAE latent channels = UNet in/out channels (default 4, as SD 1.x)\n"
+      "  --unet-steps N        text encoder + UNet steps (default 9000); --unet-batch N (default 64)\n"
       "  --unet-lr X           learning rate (default 5e-4)\n"
-      "  --decoder-steps N     decoder-only fine-tuning steps, encoder frozen (default 0); --decoder-batch N\n"
+      "  --decoder-steps N     decoder-only fine-tuning steps, encoder frozen (default 4000); --decoder-batch N\n"
       "                        (default 32); --decoder-lr X (default 5e-4); --edge-weight X (default 1)\n"
       "  --ema-decay X         decay of the weights' EMA that is written out (default 0.999; 0 = none)\n"
       "  --sd-schedule         SD 1.5's epsilon schedule instead of zero-terminal-SNR v-prediction\n"
-      "  --model-id ID         written to perfusion/model_id (default perfusion-tiny-v2)\n"
+      "  --model-id ID         written to perfusion/model_id (default perfusion-tiny-v3)\n"
       "  --cov-captions N      captions for the covariance (default 6000)\n"
       "  --seed S              (default 1)\n"
       "  --max-minutes M       stop at the next checkpoint after M minutes (0 = run to the end)\n"
@@ -102,10 +111,10 @@ bool Exists(const std::string& p) {
 CLIPTextModelOptions TextOptions() {
   return CLIPTextModelOptions().hidden_size(64).intermediate_size(256).num_attention_heads(4).num_hidden_layers(3);
 }
-UNetConfig UnetConfig() {
+UNetConfig UnetConfig(int64_t latent_channels) {
   UNetConfig c;
-  c.in_channels = 4;
-  c.out_channels = 4;
+  c.in_channels = latent_channels;
+  c.out_channels = latent_channels;
   c.sample_size = 8;
   c.block_out_channels = {64, 128};
   c.down_block_types = {"CrossAttnDownBlock2D", "CrossAttnDownBlock2D"};
@@ -116,11 +125,11 @@ UNetConfig UnetConfig() {
   c.norm_num_groups = 32;
   return c;
 }
-AutoencoderKLOptions VaeOptions(double scaling) {
+AutoencoderKLOptions VaeOptions(double scaling, int64_t latent_channels) {
   return AutoencoderKLOptions()
       .block_out_channels({32, 64, 64})
       .layers_per_block(1)
-      .latent_channels(4)
+      .latent_channels(latent_channels)
       .norm_num_groups(16)
       .sample_size(32)
       .scaling_factor(scaling);
@@ -153,12 +162,13 @@ struct Dataset {
   at::Tensor images;
   std::vector<SceneSpec> scenes;
 };
-Dataset Render(int64_t n, uint64_t seed) {
+Dataset Render(int64_t n, uint64_t seed, double two_object_prob) {
   Dataset d;
   d.images = at::empty({n, 3, 32, 32}, at::TensorOptions().dtype(at::kHalf));
   d.scenes.reserve(n);
   WorldOptions opts;
   opts.size = 32;
+  opts.two_object_prob = two_object_prob;
   for (int64_t i = 0; i < n; ++i) {
     Sample s = RenderRandom(DeriveSeed(seed, static_cast<uint64_t>(i)), opts);
     d.images[i] = ImageToTensor(s.image).to(at::kHalf);
@@ -171,6 +181,35 @@ void Log(const char* stage, int64_t step, int64_t total, double loss, double sec
   std::printf("[%s] step %6lld/%lld  loss %.5f  %.3f s/step  ETA %.1f min\n", stage, (long long)step, (long long)total,
               loss, sec_per_step, sec_per_step * (total - step) / 60.0);
   std::fflush(stdout);
+}
+
+// Mean L1 distance between the horizontal and vertical pixel differences of two image batches: an
+// edge term that MSE and L1 on pixels underweight, and the part of a 2-pixel pattern a VAE loses.
+at::Tensor EdgeL1(const at::Tensor& y, const at::Tensor& x) {
+  auto dx = [](const at::Tensor& t) { return t.slice(3, 1) - t.slice(3, 0, -1); };
+  auto dy = [](const at::Tensor& t) { return t.slice(2, 1) - t.slice(2, 0, -1); };
+  return 0.5 * ((dx(y) - dx(x)).abs().mean() + (dy(y) - dy(x)).abs().mean());
+}
+
+// What the VAE keeps: 12 fresh base scenes and one render of each builtin concept (which the
+// base model never trains on), above their encode-decode round trips, as a PNG. Returns the
+// round trips' mean squared error.
+double VaeCheck(AutoencoderKL& vae, const std::string& png_path) {
+  torch::NoGradGuard ng;
+  std::vector<at::Tensor> xs;
+  for (int i = 0; i < 12; ++i) xs.push_back(ImageToTensor(Render(SampleScene(DeriveSeed(424242, i)), 32)));
+  for (const auto& c : BuiltinConcepts()) xs.push_back(ImageToTensor(RenderConcept(c, 1, 7, 32)[0].image));
+  const at::Tensor x = at::stack(xs);
+  const at::Tensor y = vae->decode(vae->encode(x).mode()).clamp(-1, 1);
+  std::vector<std::vector<Image>> rows(2);
+  for (int64_t i = 0; i < x.size(0); ++i) {
+    rows[0].push_back(TensorToImage(x[i]));
+    rows[1].push_back(TensorToImage(y[i]));
+  }
+  GridOptions g;
+  g.row_labels = {"render", "vae"};
+  WriteFileAtomically(png_path, EncodePng(ImageGrid(rows, g)));
+  return (y - x).pow(2).mean().item<double>();
 }
 
 // One stage's loop bookkeeping: the loss average and the progress line, checkpoints every
@@ -230,8 +269,11 @@ int main(int argc, char** argv) {
       else if (k == "--work") a.work = v();
       else if (k == "--tokenizer-dir") a.tokenizer_dir = v();
       else if (k == "--samples") a.samples = std::stoll(v());
+      else if (k == "--two-object-prob") a.two_object_prob = std::stod(v());
       else if (k == "--vae-steps") a.vae_steps = std::stoll(v());
       else if (k == "--vae-batch") a.vae_batch = std::stoll(v());
+      else if (k == "--vae-edge-weight") a.vae_edge_weight = std::stod(v());
+      else if (k == "--latent-channels") a.latent_channels = std::stoll(v());
       else if (k == "--unet-steps") a.unet_steps = std::stoll(v());
       else if (k == "--unet-batch") a.unet_batch = std::stoll(v());
       else if (k == "--unet-lr") a.unet_lr = std::stod(v());
@@ -251,6 +293,14 @@ int main(int argc, char** argv) {
       return true;
     })) {
     return *code;
+  }
+  if (a.samples < 1 || a.vae_batch < 1 || a.unet_batch < 1 || a.decoder_batch < 1 || a.vae_steps < 0 ||
+      a.unet_steps < 0 || a.decoder_steps < 0 || a.checkpoint_every < 1 || a.latent_channels < 1 ||
+      !(a.two_object_prob >= 0 && a.two_object_prob <= 1) || a.cov_captions < 1) {
+    std::fprintf(stderr,
+                 "need --samples, --cov-captions, --checkpoint-every, --latent-channels and the batch sizes >= 1, "
+                 "step counts >= 0 and --two-object-prob in [0, 1] (see --help)\n");
+    return 2;
   }
   try {
     std::setvbuf(stdout, nullptr, _IOLBF, 0);  // progress lines reach a log file at once
@@ -279,12 +329,12 @@ int main(int argc, char** argv) {
     auto tok = ClipTokenizer::Load(a.tokenizer_dir);
     std::printf("rendering %lld scenes...\n", (long long)a.samples);
     std::fflush(stdout);
-    Dataset data = Render(a.samples, a.seed);
+    Dataset data = Render(a.samples, a.seed, a.two_object_prob);
     std::printf("rendered in %.1f s\n", std::chrono::duration<double>(Clock::now() - t0).count());
     at::Generator gen = MakeGenerator(a.seed * 7919 + 17);
 
     // ---- Stage 1: VAE --------------------------------------------------------------------------
-    AutoencoderKL vae(VaeOptions(1.0));
+    AutoencoderKL vae(VaeOptions(1.0, a.latent_channels));
     const std::string vae_path = a.work + "/vae.safetensors", vae_opt_path = a.work + "/vae_opt.pt";
     if (Exists(vae_path)) LoadStateDict(*vae, vae_path);
     if (st.stage == "vae") {
@@ -300,6 +350,7 @@ int main(int argc, char** argv) {
         at::Tensor recon = vae->decode(post.sample(g));
         // MSE + L1: L1 keeps the thin stripes and checks of the textures that MSE alone blurs away.
         at::Tensor loss = (recon - x).pow(2).mean() + 0.5 * (recon - x).abs().mean() + 1e-5 * post.kl().mean();
+        if (a.vae_edge_weight > 0) loss = loss + a.vae_edge_weight * EdgeL1(recon, x);
         opt.zero_grad();
         loss.backward();
         opt.step();
@@ -317,6 +368,8 @@ int main(int argc, char** argv) {
       at::Tensor lat = vae->encode(data.images.slice(0, 0, 2048).to(at::kFloat)).mode();
       st.latent_scale = 1.0 / lat.std().item<double>();
       std::printf("latent std %.4f -> scaling_factor %.5f\n", 1.0 / st.latent_scale, st.latent_scale);
+      std::printf("VAE round trip: MSE %.5f on fresh scenes and the builtin concepts (%s)\n",
+                  VaeCheck(vae, a.work + "/vae_check.png"), (a.work + "/vae_check.png").c_str());
       st.stage = "unet";
       st.step = 0;
       SaveState(a.work, st);
@@ -339,7 +392,7 @@ int main(int argc, char** argv) {
 
     // ---- Stage 2: text encoder + UNet ----------------------------------------------------------
     CLIPTextModel te(TextOptions());
-    UNet2DConditionModel unet(UnetConfig());
+    UNet2DConditionModel unet(UnetConfig(a.latent_channels));
     const std::string te_path = a.work + "/text_encoder.safetensors", unet_path = a.work + "/unet.safetensors";
     const std::string opt_path = a.work + "/unet_opt.pt";
     if (Exists(te_path)) LoadStateDict(*te, te_path);
@@ -430,9 +483,6 @@ int main(int argc, char** argv) {
       for (auto& p : params) p.set_requires_grad(true);
       torch::optim::AdamW opt(params, torch::optim::AdamWOptions(a.decoder_lr).weight_decay(0));
       if (Exists(dec_opt_path)) torch::load(opt, dec_opt_path);
-      auto edges = [](const at::Tensor& x) {
-        return std::make_pair(x.slice(3, 1) - x.slice(3, 0, -1), x.slice(2, 1) - x.slice(2, 0, -1));
-      };
       StageLoop loop("decoder", a.decoder_steps, 100, 0.98, a.checkpoint_every, out_of_time);
       while (st.decoder_step < a.decoder_steps) {
         ++st.decoder_step;
@@ -449,10 +499,8 @@ int main(int argc, char** argv) {
           z = vae->encode(x).sample(g);
         }
         at::Tensor recon = vae->decode(z);
-        const auto [rx, ry] = edges(recon);
-        const auto [tx, ty] = edges(x);
-        at::Tensor loss = (recon - x).pow(2).mean() + 0.5 * (recon - x).abs().mean() +
-                          a.edge_weight * 0.5 * ((rx - tx).abs().mean() + (ry - ty).abs().mean());
+        at::Tensor loss =
+            (recon - x).pow(2).mean() + 0.5 * (recon - x).abs().mean() + a.edge_weight * EdgeL1(recon, x);
         opt.zero_grad();
         loss.backward();
         opt.step();
@@ -464,6 +512,8 @@ int main(int argc, char** argv) {
           return 0;
         }
       }
+      std::printf("decoder round trip: MSE %.5f on fresh scenes and the builtin concepts (%s)\n",
+                  VaeCheck(vae, a.work + "/decoder_check.png"), (a.work + "/decoder_check.png").c_str());
       st.stage = "final";
       SaveState(a.work, st);
     }
@@ -490,7 +540,7 @@ int main(int argc, char** argv) {
     StableDiffusion m;
     m.text_encoder = te;
     m.unet = unet;
-    AutoencoderKL final_vae(VaeOptions(st.latent_scale));
+    AutoencoderKL final_vae(VaeOptions(st.latent_scale, a.latent_channels));
     LoadStateDict(*final_vae, Exists(vae_ft_path) ? vae_ft_path : vae_path);
     m.vae = final_vae;
     m.scheduler = sched;
