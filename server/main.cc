@@ -37,7 +37,7 @@ ABSL_FLAG(bool, allow_unauthenticated, false,
           "Development only: without --tokens_file every public call is tenant \"default\"");
 ABSL_FLAG(std::string, tls_cert, "", "PEM certificate chain; with --tls_key enables TLS");
 ABSL_FLAG(std::string, tls_key, "", "PEM private key for --tls_cert");
-ABSL_FLAG(std::string, base_model_id, "perfusion-tiny-v2",
+ABSL_FLAG(std::string, base_model_id, "perfusion-tiny-v3",
           "Id of the base model served; workers must register with it, and concepts of another "
           "base are refused");
 ABSL_FLAG(std::string, vocab, "",
@@ -78,7 +78,7 @@ int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
       "perfusion-server: the perfusion-serve control plane (gRPC API, job queue, concept "
       "registry).\n  perfusion-server --data_dir=/var/lib/perfusion --tokens_file=tokens.txt "
-      "--worker_tokens_file=workers.txt --base_model_id=perfusion-tiny-v2");
+      "--worker_tokens_file=workers.txt --base_model_id=perfusion-tiny-v3");
   absl::FlagsUsageConfig usage;
   // --help lists this file's flags (by default absl lists those of a file named after the binary).
   usage.contains_help_flags = [](absl::string_view file) {

@@ -165,7 +165,7 @@ def run_checks(f, args, tmp, model, worker_ok, ctl, notes):
     tokenizer = args.tokenizer if args.tokenizer and os.path.exists(
         os.path.join(args.tokenizer, "vocab.json")) else None
 
-    base_model_id = "perfusion-tiny-v2"
+    base_model_id = "perfusion-tiny-v3"
     if worker_ok:
         id_file = os.path.join(model, "perfusion", "model_id")
         if os.path.exists(id_file):
