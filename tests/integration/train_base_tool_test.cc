@@ -1,6 +1,6 @@
 // perfusion-train-base end to end at toy sizes: every stage runs, the folder it writes loads through
-// the same code as SD 1.5, a stopped run resumes, and a finished work folder extends its UNet and
-// decoder stages when asked for more steps (how perfusion-tiny-v3 was made from v2's run).
+// the same code as SD 1.5, a stopped run resumes, and a finished work folder extends its UNet,
+// two-object and decoder stages when asked for more steps (how perfusion-tiny-v3 grew from v2's run).
 #include <filesystem>
 #include <memory>
 #include <string>
@@ -96,6 +96,19 @@ TEST_F(TrainBaseToolTest, RunsEveryStageResumesAndExtends) {
   EXPECT_EQ(State()["step"], 3);
   EXPECT_NE(ReadFileOrEmpty(dir_ + "/model/unet/diffusion_pytorch_model.safetensors"), unet_before);
   EXPECT_EQ(ReadFileOrEmpty(dir_ + "/model/vae/diffusion_pytorch_model.safetensors"), vae_tuned);
+
+  // The two-object stage on a finished folder: fresh scenes, all with two objects here.
+  const std::string unet_3 = ReadFileOrEmpty(dir_ + "/model/unet/diffusion_pytorch_model.safetensors");
+  r = Train({"--vae-steps", "3", "--unet-steps", "3", "--decoder-steps", "2", "--pair-steps", "2", "--pair-prob", "1"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("extending the two-object stage: 0 -> 2"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("100% with two objects"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("[pairs] step      2/2"), std::string::npos) << r.out;
+  EXPECT_EQ(r.out.find("[unet]"), std::string::npos) << r.out;
+  EXPECT_EQ(State()["pair_step"], 2);
+  EXPECT_EQ(State()["step"], 3);
+  EXPECT_NE(ReadFileOrEmpty(dir_ + "/model/unet/diffusion_pytorch_model.safetensors"), unet_3);
+  EXPECT_EQ(ReadFileOrEmpty(dir_ + "/model/vae/diffusion_pytorch_model.safetensors"), vae_tuned);
 }
 
 TEST_F(TrainBaseToolTest, RejectsUnknownFlagsAndBadValues) {
@@ -104,7 +117,7 @@ TEST_F(TrainBaseToolTest, RejectsUnknownFlagsAndBadValues) {
   EXPECT_NE(r.err.find("--decoder-stepz"), std::string::npos) << r.err;
   r = RunCommand({PERFUSION_TRAIN_BASE_BIN, "--two-object-prob", "1.5"}, dir_, absl::Seconds(30));
   EXPECT_EQ(r.exit_code, 2);
-  EXPECT_NE(r.err.find("--two-object-prob in [0, 1]"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("--two-object-prob, --pair-prob in [0, 1]"), std::string::npos) << r.err;
   r = RunCommand({PERFUSION_TRAIN_BASE_BIN, "--unet-batch", "0"}, dir_, absl::Seconds(30));
   EXPECT_EQ(r.exit_code, 2);
   EXPECT_NE(r.err.find("batch sizes >= 1"), std::string::npos) << r.err;

@@ -11,6 +11,8 @@
 //             colour and layout readable at t = 999, so a model trained on it learns to read them from
 //             the noise instead of the caption, and ignores the text at sampling time (--sd-schedule
 //             keeps it, for comparison).
+//   2b. pairs: optional (--pair-steps): more of stage 2 on fresh scenes with more two-object ones,
+//             so that each noun of "a star to the left of a heart" binds to its own object.
 //   3. decoder: the VAE's decoder fine-tuned alone, the encoder frozen (as SD's ft-MSE decoder was).
 //             The latent space stays the UNet's, so this stage may run after the UNet (and be
 //             extended on a finished work folder); it adds an edge term (L1 of image gradients) to
@@ -61,6 +63,8 @@ struct Args {
   int64_t vae_steps = 1500, vae_batch = 32;
   int64_t unet_steps = 9000, unet_batch = 64;
   double unet_lr = 5e-4;
+  int64_t pair_steps = 0;
+  double pair_prob = 0.5;
   int64_t decoder_steps = 4000, decoder_batch = 32;
   double decoder_lr = 5e-4, edge_weight = 1.0;
   int64_t latent_channels = 4;
@@ -88,6 +92,9 @@ void Usage() {
       "  --latent-channels N   VAE latent channels = UNet in/out channels (default 4, as SD 1.x)\n"
       "  --unet-steps N        text encoder + UNet steps (default 9000); --unet-batch N (default 64)\n"
       "  --unet-lr X           learning rate (default 5e-4)\n"
+      "  --pair-steps N        then N more text encoder + UNet steps on a fresh set of scenes with\n"
+      "                        --pair-prob X of them two-object (default 0 steps, X 0.5): teaches each\n"
+      "                        noun of 'a star to the left of a heart' to bind to its own object\n"
       "  --decoder-steps N     decoder-only fine-tuning steps, encoder frozen (default 4000); --decoder-batch N\n"
       "                        (default 32); --decoder-lr X (default 5e-4); --edge-weight X (default 1)\n"
       "  --ema-decay X         decay of the weights' EMA that is written out (default 0.999; 0 = none)\n"
@@ -140,6 +147,7 @@ struct State {
   int64_t step = 0;
   double latent_scale = 1.0;
   int64_t decoder_step = 0;  // decoder fine-tuning steps done (kept after the stage ends)
+  int64_t pair_step = 0;     // two-object stage steps done (kept after the stage ends)
 };
 State LoadState(const std::string& work) {
   State s;
@@ -149,11 +157,12 @@ State LoadState(const std::string& work) {
   s.step = j.at("step");
   s.latent_scale = j.value("latent_scale", 1.0);
   s.decoder_step = j.value("decoder_step", int64_t{0});
+  s.pair_step = j.value("pair_step", int64_t{0});
   return s;
 }
 void SaveState(const std::string& work, const State& s) {
   nlohmann::json j = {{"stage", s.stage}, {"step", s.step}, {"latent_scale", s.latent_scale},
-                    {"decoder_step", s.decoder_step}};
+                    {"decoder_step", s.decoder_step}, {"pair_step", s.pair_step}};
   WriteFileAtomically(work + "/state.json", j.dump(2));
 }
 
@@ -278,6 +287,8 @@ int main(int argc, char** argv) {
       else if (k == "--unet-batch") a.unet_batch = std::stoll(v());
       else if (k == "--unet-lr") a.unet_lr = std::stod(v());
       else if (k == "--decoder-steps") a.decoder_steps = std::stoll(v());
+      else if (k == "--pair-steps") a.pair_steps = std::stoll(v());
+      else if (k == "--pair-prob") a.pair_prob = std::stod(v());
       else if (k == "--decoder-batch") a.decoder_batch = std::stoll(v());
       else if (k == "--decoder-lr") a.decoder_lr = std::stod(v());
       else if (k == "--edge-weight") a.edge_weight = std::stod(v());
@@ -295,11 +306,12 @@ int main(int argc, char** argv) {
     return *code;
   }
   if (a.samples < 1 || a.vae_batch < 1 || a.unet_batch < 1 || a.decoder_batch < 1 || a.vae_steps < 0 ||
-      a.unet_steps < 0 || a.decoder_steps < 0 || a.checkpoint_every < 1 || a.latent_channels < 1 ||
-      !(a.two_object_prob >= 0 && a.two_object_prob <= 1) || a.cov_captions < 1) {
+      a.unet_steps < 0 || a.decoder_steps < 0 || a.pair_steps < 0 || a.checkpoint_every < 1 ||
+      a.latent_channels < 1 || !(a.two_object_prob >= 0 && a.two_object_prob <= 1) ||
+      !(a.pair_prob >= 0 && a.pair_prob <= 1) || a.cov_captions < 1) {
     std::fprintf(stderr,
                  "need --samples, --cov-captions, --checkpoint-every, --latent-channels and the batch sizes >= 1, "
-                 "step counts >= 0 and --two-object-prob in [0, 1] (see --help)\n");
+                 "step counts >= 0 and --two-object-prob, --pair-prob in [0, 1] (see --help)\n");
     return 2;
   }
   try {
@@ -316,6 +328,10 @@ int main(int argc, char** argv) {
     if ((st.stage == "decoder" || st.stage == "final" || st.stage == "done") && a.unet_steps > st.step) {
       std::printf("extending the UNet training: %lld -> %lld steps\n", (long long)st.step, (long long)a.unet_steps);
       st.stage = "unet";
+    } else if ((st.stage == "decoder" || st.stage == "final" || st.stage == "done") && a.pair_steps > st.pair_step) {
+      std::printf("extending the two-object stage: %lld -> %lld steps\n", (long long)st.pair_step,
+                  (long long)a.pair_steps);
+      st.stage = "pairs";
     }
     if (st.stage == "done" && a.decoder_steps > st.decoder_step) {
       std::printf("extending the finished model's decoder fine-tuning: %lld -> %lld steps\n",
@@ -377,18 +393,19 @@ int main(int argc, char** argv) {
     vae->eval();
     for (auto& p : vae->parameters()) p.set_requires_grad(false);
 
-    // Latents of the whole dataset, once (only the UNet stage needs them).
-    at::Tensor latents;
-    if (st.stage == "unet") {
+    // Latents of a dataset (the UNet stages train on them; the encoder never changes after stage 1).
+    auto encode_all = [&](const Dataset& d) {
       torch::NoGradGuard ng;
       std::vector<at::Tensor> parts;
-      for (int64_t i = 0; i < a.samples; i += 512) {
-        int64_t n = std::min<int64_t>(512, a.samples - i);
-        parts.push_back(vae->encode(data.images.slice(0, i, i + n).to(at::kFloat)).mode() * st.latent_scale);
+      const int64_t n_all = d.images.size(0);
+      for (int64_t i = 0; i < n_all; i += 512) {
+        int64_t n = std::min<int64_t>(512, n_all - i);
+        parts.push_back(vae->encode(d.images.slice(0, i, i + n).to(at::kFloat)).mode() * st.latent_scale);
       }
-      latents = at::cat(parts);
-      std::printf("encoded %lld latents %s\n", (long long)a.samples, c10::str(latents.sizes()).c_str());
-    }
+      at::Tensor latents = at::cat(parts);
+      std::printf("encoded %lld latents %s\n", (long long)n_all, c10::str(latents.sizes()).c_str());
+      return latents;
+    };
 
     // ---- Stage 2: text encoder + UNet ----------------------------------------------------------
     CLIPTextModel te(TextOptions());
@@ -417,24 +434,33 @@ int main(int argc, char** argv) {
         for (auto& p : live) avg.push_back(p.detach().clone());
       }
     }
-    if (st.stage == "unet") {
+    const char* after_unet = a.pair_steps > st.pair_step ? "pairs" : a.decoder_steps > st.decoder_step ? "decoder" : "final";
+    if (st.stage == "unet" || st.stage == "pairs") {
       std::vector<at::Tensor> params = te->parameters();
       for (auto& p : unet->parameters()) params.push_back(p);
       torch::optim::AdamW opt(params, torch::optim::AdamWOptions(a.unet_lr).weight_decay(0.01));
       if (Exists(opt_path)) torch::load(opt, opt_path);
       DDPMScheduler ddpm(sched);
-      StageLoop loop("unet", a.unet_steps, 50, 0.99, a.checkpoint_every, out_of_time);
-      while (st.step < a.unet_steps) {
-        ++st.step;
-        const double warm = std::min(1.0, st.step / 200.0);
+      auto save = [&] {
+        SaveStateDict(*te, te_path);
+        SaveStateDict(*unet, unet_path);
+        torch::save(opt, opt_path);
+        if (!avg.empty()) torch::save(avg, ema_path);
+        SaveState(a.work, st);
+      };
+      // One step on `d`: a batch, captions, noise and timesteps all drawn from `stream`; `total_step`
+      // counts every text encoder + UNet step so far (warm-up and the EMA's decay follow it).
+      auto train_step = [&](const Dataset& d, const at::Tensor& latents, uint64_t stream, int64_t total_step) {
+        const double warm = std::min(1.0, total_step / 200.0);
         for (auto& group : opt.param_groups()) static_cast<torch::optim::AdamWOptions&>(group.options()).lr(a.unet_lr * warm);
-        at::Generator g = MakeGenerator(DeriveSeed(a.seed, 2000000 + st.step));
-        at::Tensor idx = at::randint(a.samples, {a.unet_batch}, g, at::TensorOptions().dtype(at::kLong));
+        at::Generator g = MakeGenerator(DeriveSeed(a.seed, stream));
+        const int64_t n_data = latents.size(0);
+        at::Tensor idx = at::randint(n_data, {a.unet_batch}, g, at::TensorOptions().dtype(at::kLong));
         at::Tensor drop = at::rand({a.unet_batch}, g);
         at::Tensor tmpl = at::randint(1 << 20, {a.unet_batch}, g, at::TensorOptions().dtype(at::kLong));
         std::vector<int64_t> ids;
         for (int64_t b = 0; b < a.unet_batch; ++b) {
-          const SceneSpec& scene = data.scenes[idx[b].item<int64_t>()];
+          const SceneSpec& scene = d.scenes[idx[b].item<int64_t>()];
           // 10% empty; else the caption naming every attribute (template 0) 30% of the time, as
           // WorldOptions::full_caption_prob, or another template.
           const int64_t r = tmpl[b].item<int64_t>();
@@ -455,21 +481,35 @@ int main(int argc, char** argv) {
         opt.step();
         if (!avg.empty()) {
           torch::NoGradGuard ng;
-          const double d = std::min(a.ema_decay, (1.0 + st.step) / (10.0 + st.step));
-          for (size_t i = 0; i < live.size(); ++i) avg[i].mul_(d).add_(live[i].detach(), 1.0 - d);
+          const double decay = std::min(a.ema_decay, (1.0 + total_step) / (10.0 + total_step));
+          for (size_t i = 0; i < live.size(); ++i) avg[i].mul_(decay).add_(live[i].detach(), 1.0 - decay);
         }
-        if (!loop.AfterStep(st.step, loss.item<double>(), [&] {
-              SaveStateDict(*te, te_path);
-              SaveStateDict(*unet, unet_path);
-              torch::save(opt, opt_path);
-              if (!avg.empty()) torch::save(avg, ema_path);
-              SaveState(a.work, st);
-            })) {
-          return 0;
+        return loss.item<double>();
+      };
+      if (st.stage == "unet") {
+        const at::Tensor latents = encode_all(data);
+        StageLoop loop("unet", a.unet_steps, 50, 0.99, a.checkpoint_every, out_of_time);
+        while (st.step < a.unet_steps) {
+          ++st.step;
+          if (!loop.AfterStep(st.step, train_step(data, latents, 2000000 + st.step, st.step), save)) return 0;
         }
+        st.stage = after_unet;
+        SaveState(a.work, st);
       }
-      st.stage = a.decoder_steps > st.decoder_step ? "decoder" : "final";
-      SaveState(a.work, st);
+      if (st.stage == "pairs") {
+        // Stage 2b: the same training on fresh scenes with more two-object ones.
+        std::printf("rendering %lld scenes, %.0f%% with two objects...\n", (long long)a.samples, 100 * a.pair_prob);
+        const Dataset pairs = Render(a.samples, DeriveSeed(a.seed, 0x9a125), a.pair_prob);
+        const at::Tensor latents = encode_all(pairs);
+        StageLoop loop("pairs", a.pair_steps, 50, 0.99, a.checkpoint_every, out_of_time);
+        while (st.pair_step < a.pair_steps) {
+          ++st.pair_step;
+          const double loss = train_step(pairs, latents, 4000000 + st.pair_step, st.step + st.pair_step);
+          if (!loop.AfterStep(st.pair_step, loss, save)) return 0;
+        }
+        st.stage = a.decoder_steps > st.decoder_step ? "decoder" : "final";
+        SaveState(a.work, st);
+      }
     }
 
     // ---- Stage 3: decoder fine-tuning ----------------------------------------------------------
