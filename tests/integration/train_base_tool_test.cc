@@ -69,6 +69,12 @@ TEST_F(TrainBaseToolTest, RunsEveryStageResumesAndExtends) {
   const std::string unet_before = ReadFileOrEmpty(dir_ + "/model/unet/diffusion_pytorch_model.safetensors");
   ASSERT_FALSE(vae_before.empty());
 
+  // Other data settings on the same work folder are refused, naming the flag.
+  r = Train({"--vae-steps", "3", "--unet-steps", "4", "--decoder-steps", "0", "--two-object-prob", "0.7"});
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_NE(r.err.find("--two-object-prob 0.2, not 0.7"), std::string::npos) << r.err;
+  EXPECT_EQ(State()["step"], 2);
+
   // The same command again has nothing to do.
   r = Train({"--vae-steps", "3", "--unet-steps", "2", "--decoder-steps", "0"});
   ASSERT_EQ(r.exit_code, 0) << r.err;
@@ -109,6 +115,10 @@ TEST_F(TrainBaseToolTest, RunsEveryStageResumesAndExtends) {
   EXPECT_EQ(State()["step"], 3);
   EXPECT_NE(ReadFileOrEmpty(dir_ + "/model/unet/diffusion_pytorch_model.safetensors"), unet_3);
   EXPECT_EQ(ReadFileOrEmpty(dir_ + "/model/vae/diffusion_pytorch_model.safetensors"), vae_tuned);
+  // Once that stage has run, its scene mix is fixed too.
+  r = Train({"--vae-steps", "3", "--unet-steps", "3", "--decoder-steps", "2", "--pair-steps", "3", "--pair-prob", "0.5"});
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_NE(r.err.find("--pair-prob 1.0, not 0.5"), std::string::npos) << r.err;
 }
 
 TEST_F(TrainBaseToolTest, RejectsUnknownFlagsAndBadValues) {

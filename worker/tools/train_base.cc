@@ -105,8 +105,9 @@ void Usage() {
       "  --max-minutes M       stop at the next checkpoint after M minutes (0 = run to the end)\n"
       "  --checkpoint-every N  steps between checkpoints (default 250)\n"
       "  --threads N           LibTorch threads (default: all cores)\n\n"
-      "A finished --work folder goes back to the UNet or decoder stage when --unet-steps or\n"
-      "--decoder-steps exceeds the steps it has done, and writes --out again.\n");
+      "A finished --work folder goes back to the UNet, two-object or decoder stage when --unet-steps,\n"
+      "--pair-steps or --decoder-steps exceeds the steps it has done, and writes --out again. A rerun\n"
+      "must keep --samples, --seed, --two-object-prob, --pair-prob and --latent-channels.\n");
 }
 
 bool Exists(const std::string& p) {
@@ -148,6 +149,8 @@ struct State {
   double latent_scale = 1.0;
   int64_t decoder_step = 0;  // decoder fine-tuning steps done (kept after the stage ends)
   int64_t pair_step = 0;     // two-object stage steps done (kept after the stage ends)
+  // What the checkpoints depend on: a rerun with other values would train on other data or shapes.
+  nlohmann::json data = nlohmann::json::object();
 };
 State LoadState(const std::string& work) {
   State s;
@@ -158,11 +161,12 @@ State LoadState(const std::string& work) {
   s.latent_scale = j.value("latent_scale", 1.0);
   s.decoder_step = j.value("decoder_step", int64_t{0});
   s.pair_step = j.value("pair_step", int64_t{0});
+  s.data = j.value("data", nlohmann::json::object());
   return s;
 }
 void SaveState(const std::string& work, const State& s) {
   nlohmann::json j = {{"stage", s.stage}, {"step", s.step}, {"latent_scale", s.latent_scale},
-                    {"decoder_step", s.decoder_step}, {"pair_step", s.pair_step}};
+                    {"decoder_step", s.decoder_step}, {"pair_step", s.pair_step}, {"data", s.data}};
   WriteFileAtomically(work + "/state.json", j.dump(2));
 }
 
@@ -323,6 +327,22 @@ int main(int argc, char** argv) {
       return a.max_minutes > 0 && std::chrono::duration<double>(Clock::now() - t0).count() > a.max_minutes * 60;
     };
     State st = LoadState(a.work);
+    {
+      // Resuming with other data settings would silently mix two runs: refuse, naming the flag.
+      // (Work folders from before this check have no record; they take the current values.)
+      const nlohmann::json now = {{"--samples", a.samples}, {"--seed", a.seed}, {"--two-object-prob", a.two_object_prob},
+                                  {"--pair-prob", a.pair_prob}, {"--latent-channels", a.latent_channels}};
+      for (const auto& [flag, value] : now.items()) {
+        // --pair-prob matters only once the two-object stage has taken a step.
+        if (flag == "--pair-prob" && st.pair_step == 0) continue;
+        if (st.data.contains(flag) && st.data[flag] != value) {
+          std::fprintf(stderr, "error: %s was made with %s %s, not %s: rerun with that value or use another --work\n",
+                       a.work.c_str(), flag.c_str(), st.data[flag].dump().c_str(), value.dump().c_str());
+          return 2;
+        }
+      }
+      st.data = now;
+    }
     // A finished (or later-stage) folder goes back to the UNet when more UNet steps are asked for:
     // past the VAE stage, `step` counts UNet steps, and every step's batch derives from its number.
     if ((st.stage == "decoder" || st.stage == "final" || st.stage == "done") && a.unet_steps > st.step) {
