@@ -709,7 +709,13 @@ class Evaluation {
     if (method == "render" || method == "render_vae") {
       // What a perfect model would draw: the concept in the prompt's context, rendered by the world
       // (and, for render_vae, encoded and decoded by the model's VAE: the best its decoder can show).
+      // render_vae round-trips the renders of "render" (Methods() lists it first).
+      const auto rendered = r.images.find("render");
       for (size_t p = 0; p < r.prompts.size(); ++p) {
+        if (method == "render_vae" && rendered != r.images.end()) {
+          per_prompt.push_back(VaeRoundTrip(rendered->second[p]));
+          continue;
+        }
         std::vector<at::Tensor> imgs;
         for (int k = 0; k < a_.per_prompt; ++k) {
           SceneSpec scene = SampleConceptScene(r.spec, DeriveSeed(PromptSeed(p), k));
@@ -839,7 +845,10 @@ class Evaluation {
         for (size_t p = 0; p < prompts.size(); ++p) {
           const uint64_t seed = DeriveSeed(a_.seed, 7000 + p);
           std::vector<at::Tensor> imgs;
-          if (method == "render" || method == "render_vae") {
+          if (method == "render_vae") {
+            TORCH_CHECK(pairs_.back().method == "render", "render_vae must follow render");
+            imgs = VaeRoundTrip(pairs_.back().images[p]);
+          } else if (method == "render") {
             for (int k = 0; k < a_.per_prompt; ++k) {
               SceneSpec scene;
               ObjectSpec oa = SampleConceptScene(x.spec, DeriveSeed(seed, 2 * k)).objects[0];
@@ -851,7 +860,6 @@ class Evaluation {
               scene.background = prompt_bg[p] ? *prompt_bg[p] : bgs.empty() ? Color::kPlain : bgs[k % bgs.size()];
               imgs.push_back(ImageToTensor(Render(scene, static_cast<int>(model_->image_size()))));
             }
-            if (method == "render_vae") imgs = VaeRoundTrip(imgs);
           } else {
             std::map<std::string, ConceptRef> refs;
             for (const ConceptRun* c : {&x, &y}) {

@@ -204,6 +204,13 @@ at::Tensor EdgeL1(const at::Tensor& y, const at::Tensor& x) {
   return 0.5 * ((dx(y) - dx(x)).abs().mean() + (dy(y) - dy(x)).abs().mean());
 }
 
+// The VAE's reconstruction loss: MSE + 0.5 L1 (L1 keeps the thin stripes and checks of the textures
+// that MSE alone blurs away), plus the edge term when edge_weight > 0.
+at::Tensor ReconstructionLoss(const at::Tensor& recon, const at::Tensor& x, double edge_weight) {
+  at::Tensor loss = (recon - x).pow(2).mean() + 0.5 * (recon - x).abs().mean();
+  return edge_weight > 0 ? loss + edge_weight * EdgeL1(recon, x) : loss;
+}
+
 // What the VAE keeps: 12 fresh base scenes and one render of each builtin concept (which the
 // base model never trains on), above their encode-decode round trips, as a PNG. Returns the
 // round trips' mean squared error.
@@ -384,9 +391,7 @@ int main(int argc, char** argv) {
         at::Tensor x = data.images.index_select(0, idx).to(at::kFloat);
         DiagonalGaussian post = vae->encode(x);
         at::Tensor recon = vae->decode(post.sample(g));
-        // MSE + L1: L1 keeps the thin stripes and checks of the textures that MSE alone blurs away.
-        at::Tensor loss = (recon - x).pow(2).mean() + 0.5 * (recon - x).abs().mean() + 1e-5 * post.kl().mean();
-        if (a.vae_edge_weight > 0) loss = loss + a.vae_edge_weight * EdgeL1(recon, x);
+        at::Tensor loss = ReconstructionLoss(recon, x, a.vae_edge_weight) + 1e-5 * post.kl().mean();
         opt.zero_grad();
         loss.backward();
         opt.step();
@@ -559,8 +564,7 @@ int main(int argc, char** argv) {
           z = vae->encode(x).sample(g);
         }
         at::Tensor recon = vae->decode(z);
-        at::Tensor loss =
-            (recon - x).pow(2).mean() + 0.5 * (recon - x).abs().mean() + a.edge_weight * EdgeL1(recon, x);
+        at::Tensor loss = ReconstructionLoss(recon, x, a.edge_weight);
         opt.zero_grad();
         loss.backward();
         opt.step();
