@@ -2,6 +2,8 @@
 //   BM_Generate/K: one 32x32 image, 20 DDIM steps with guidance, a prompt using K concepts (0, 1, 4):
 //                  what concepts add to generation time (their K/V edits run once per prompt).
 //   BM_PromptKV/K: the per-prompt part alone (text encoder + gates + every attn2 K/V).
+//   BM_GenerateRegions/R: BM_Generate/2 with R regional prompts side by side (0, 2, 4): each region
+//                  adds one UNet pass per image, so expect about (2 + R) / 2 times R = 0.
 //   BM_TrainConcept: Perfusion training of one concept, 400 steps, batch 4, 8 images.
 #include <ATen/Functions.h>
 #include <benchmark/benchmark.h>
@@ -63,6 +65,20 @@ void BM_Generate(benchmark::State& state) {
   for (auto _ : state) benchmark::DoNotOptimize(pipe.Generate({r}));
 }
 
+void BM_GenerateRegions(benchmark::State& state) {
+  Pipeline pipe(Model());
+  GenerationRequest r;
+  r.prompt = Prompt(2);
+  r.concepts = Concepts(2);
+  r.steps = 20;
+  const int64_t R = state.range(0);
+  for (int64_t j = 0; j < R; ++j) {
+    r.regions.push_back({"a small <c" + std::to_string(j % 2) + ">", static_cast<double>(j) / R, 0,
+                         static_cast<double>(j + 1) / R, 1});
+  }
+  for (auto _ : state) benchmark::DoNotOptimize(pipe.Generate({r}));
+}
+
 void BM_PromptKV(benchmark::State& state) {
   Pipeline pipe(Model());
   auto concepts = Concepts(state.range(0));
@@ -81,6 +97,7 @@ void BM_TrainConcept(benchmark::State& state) {
 }
 
 BENCHMARK(BM_Generate)->Arg(0)->Arg(1)->Arg(4)->Unit(benchmark::kMillisecond)->MinTime(2);
+BENCHMARK(BM_GenerateRegions)->Arg(0)->Arg(2)->Arg(4)->Unit(benchmark::kMillisecond)->MinTime(2);
 BENCHMARK(BM_PromptKV)->Arg(0)->Arg(1)->Arg(4)->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_TrainConcept)->Unit(benchmark::kSecond)->Iterations(1);
 

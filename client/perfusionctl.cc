@@ -31,6 +31,7 @@
 #include "absl/time/time.h"
 #include "client/cli_args.h"
 #include "client/client.h"
+#include "client/region_spec.h"
 
 namespace {
 
@@ -41,6 +42,8 @@ using perfusion::client::ExitCodeFor;
 using perfusion::client::FlagSpec;
 using perfusion::client::ParsedArgs;
 namespace v1 = perfusion::v1;
+using perfusion::ParseRegionText;
+using perfusion::RegionText;
 namespace pc = perfusion::client;
 
 constexpr char kUsage[] = R"(perfusionctl: command-line client of perfusion-serve.
@@ -64,8 +67,13 @@ Commands:
   concepts import FILE [--name NAME] [--label K=V]...
   generate PROMPT [-o DIR] [--seed S] [--steps N] [--guidance G] [--guidance-rescale PHI]
         [--n N] [--width W] [--height H] [--negative TEXT] [--sampler ddim|euler] [--beta B] [--tau T]
-        [--strength REF=BETA[:TAU]]... [--global-lock] [--prefix P] [--timeout DUR]
+        [--strength REF=BETA[:TAU]]... [--global-lock] [--region BOX:PROMPT]... [--prefix P]
+        [--timeout DUR]
       Writes DIR/<prefix>-<seed>.png per image (DIR is created; default ".").
+      --region: inside BOX the image follows PROMPT instead (one more UNet pass per region);
+      BOX is x0,y0,x1,y1 in fractions of the image or left, right, top, bottom, top_left,
+      top_right, bottom_left, bottom_right. Places concepts side by side:
+        generate "a <rex> and a <bike>" --region "left:a <rex>" --region "right:a <bike>"
   health [--service NAME]
   help
 
@@ -97,7 +105,7 @@ const std::vector<FlagSpec>& AllFlags() {
       // generate
       {"guidance", true}, {"guidance-rescale", true}, {"n", true}, {"width", true}, {"height", true}, {"negative", true},
       {"sampler", true}, {"beta", true}, {"tau", true}, {"strength", true},
-      {"global-lock", false}, {"prefix", true},
+      {"global-lock", false}, {"prefix", true}, {"region", true},
       // health
       {"service", true},
   };
@@ -125,7 +133,7 @@ const std::map<std::string, std::set<std::string>>& CommandFlags() {
       {"concepts import", {"name", "label"}},
       {"generate",
        {"out", "seed", "steps", "guidance", "guidance-rescale", "n", "width", "height", "negative", "sampler", "beta",
-        "tau", "strength", "global-lock", "prefix", "timeout"}},
+        "tau", "strength", "global-lock", "prefix", "timeout", "region"}},
       {"health", {"service"}},
       {"help", {}},
   };
@@ -781,6 +789,16 @@ class Cli {
       }
       cs->set_beta(static_cast<float>(b));
       if (parts.size() == 2) cs->set_tau(static_cast<float>(t));
+    }
+    for (const std::string& s : args_.GetAll("region")) {
+      RegionText text;
+      if (std::string error = ParseRegionText(s, &text); !error.empty()) return UsageError(error);
+      auto* region = req.add_regions();
+      region->set_prompt(text.prompt);
+      region->set_x0(static_cast<float>(text.box[0]));
+      region->set_y0(static_cast<float>(text.box[1]));
+      region->set_x1(static_cast<float>(text.box[2]));
+      region->set_y1(static_cast<float>(text.box[3]));
     }
     const std::string out_dir = args_.Get("out", ".");
     const std::string prefix = args_.Get("prefix", "img");

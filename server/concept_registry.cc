@@ -133,7 +133,7 @@ absl::StatusOr<std::vector<WorkConcept>> ConceptRegistry::Resolve(
     w.size_bytes = c->size_bytes;
     w.beta = request.beta.value_or(0.7f);
     w.tau = request.tau.value_or(0.15f);
-    w.key_lock = request.key_lock == KeyLock::kUnspecified ? KeyLock::kLocal : request.key_lock;
+    w.key_lock = request.key_lock;  // unspecified: the worker's model decides (perfusion/inference.json)
     for (const ConceptStrength& s : request.concepts) {
       if (s.name != ref.reference) continue;
       if (s.beta) w.beta = *s.beta;

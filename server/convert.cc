@@ -146,6 +146,7 @@ GenerationRequest FromProto(const v1::GenerateRequest& p) {
   if (p.has_beta()) r.beta = p.beta();
   if (p.has_tau()) r.tau = p.tau();
   r.key_lock = static_cast<KeyLock>(p.key_lock());
+  for (const auto& g : p.regions()) r.regions.push_back({g.prompt(), g.x0(), g.y0(), g.x1(), g.y1()});
   return r;
 }
 
@@ -170,6 +171,14 @@ void ToProto(const GenerationRequest& r, v1::GenerateRequest* p) {
   if (r.beta) p->set_beta(*r.beta);
   if (r.tau) p->set_tau(*r.tau);
   p->set_key_lock(static_cast<v1::KeyLockMode>(r.key_lock));
+  for (const auto& g : r.regions) {
+    auto* q = p->add_regions();
+    q->set_prompt(g.prompt);
+    q->set_x0(g.x0);
+    q->set_y0(g.y0);
+    q->set_x1(g.x1);
+    q->set_y1(g.y1);
+  }
 }
 
 void ToProto(const WorkConcept& c, v1::WorkConcept* p) {

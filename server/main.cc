@@ -61,6 +61,9 @@ ABSL_FLAG(int, max_train_steps, 5000, "Largest TrainingOptions.steps");
 ABSL_FLAG(int, default_train_steps, 400, "TrainingOptions.steps when unset");
 ABSL_FLAG(int, max_prompt_chars, 1000, "Longest prompt (and negative prompt), characters");
 ABSL_FLAG(int, max_concepts_per_prompt, 8, "Most distinct concepts referenced by one prompt");
+ABSL_FLAG(int, max_regions, 4,
+          "Most regional prompts per generation, 0..8 (each costs one more UNet pass per image; 0 "
+          "refuses regions)");
 ABSL_FLAG(int, max_image_side, 1024, "Largest generated width/height (multiple of 8)");
 ABSL_FLAG(double, default_guidance_rescale, 0.0,
           "Guidance rescale used when a GenerateRequest leaves guidance_rescale unset, in [0, 1] "
@@ -129,6 +132,11 @@ int main(int argc, char** argv) {
   o.limits.default_train_steps = absl::GetFlag(FLAGS_default_train_steps);
   o.limits.max_prompt_chars = absl::GetFlag(FLAGS_max_prompt_chars);
   o.limits.max_concepts_per_prompt = absl::GetFlag(FLAGS_max_concepts_per_prompt);
+  o.limits.max_regions = absl::GetFlag(FLAGS_max_regions);
+  if (o.limits.max_regions < 0 || o.limits.max_regions > 8) {
+    fprintf(stderr, "perfusion-server: --max_regions must be in [0, 8] (the worker's limit)\n");
+    return 2;
+  }
   o.limits.max_image_side = absl::GetFlag(FLAGS_max_image_side);
   o.limits.default_image_side = absl::GetFlag(FLAGS_default_image_side);
   o.limits.default_guidance_rescale = static_cast<float>(absl::GetFlag(FLAGS_default_guidance_rescale));

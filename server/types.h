@@ -126,6 +126,12 @@ struct ConceptStrength {
   KeyLock key_lock = KeyLock::kUnspecified;
 };
 
+// perfusion.v1.PromptRegion.
+struct PromptRegion {
+  std::string prompt;
+  float x0 = 0, y0 = 0, x1 = 0, y1 = 0;
+};
+
 // The input of Generate (perfusion.v1.GenerateRequest).
 struct GenerationRequest {
   std::string prompt;
@@ -143,6 +149,7 @@ struct GenerationRequest {
   std::optional<float> beta;
   std::optional<float> tau;
   KeyLock key_lock = KeyLock::kUnspecified;
+  std::vector<PromptRegion> regions;
 };
 
 // A concept resolved for one generation (perfusion.v1.WorkConcept).

@@ -341,9 +341,36 @@ absl::StatusOr<std::vector<ConceptRef>> ValidateGenerationRequest(GenerationRequ
   }
   auto refs = ParsePromptReferences(r.prompt, "prompt");
   if (!refs.ok()) return refs.status();
+  if (r.regions.size() > static_cast<size_t>(limits.max_regions)) {
+    return Invalid("regions", absl::StrCat(r.regions.size(), " regions (max ", limits.max_regions, ")"));
+  }
+  for (size_t i = 0; i < r.regions.size(); ++i) {
+    const PromptRegion& g = r.regions[i];
+    const std::string field = absl::StrCat("regions[", i, "]");
+    if (g.prompt.empty()) return Invalid(field + ".prompt", "empty");
+    if (Utf8Chars(g.prompt) > static_cast<size_t>(limits.max_prompt_chars)) {
+      return Invalid(field + ".prompt",
+                     absl::StrCat("exceeds the limit of ", limits.max_prompt_chars, " characters"));
+    }
+    auto more = ParsePromptReferences(g.prompt, field + ".prompt");
+    if (!more.ok()) return more.status();
+    for (auto& ref : *more) {
+      bool seen = false;
+      for (const auto& have : *refs) seen = seen || have.reference == ref.reference;
+      if (!seen) refs->push_back(std::move(ref));
+    }
+    const bool box_ok = std::isfinite(g.x0) && std::isfinite(g.y0) && std::isfinite(g.x1) &&
+                        std::isfinite(g.y1) && g.x0 >= 0 && g.y0 >= 0 && g.x1 <= 1 && g.y1 <= 1 &&
+                        g.x0 < g.x1 && g.y0 < g.y1;
+    if (!box_ok) {
+      return Invalid(field, absl::StrCat("box (x0, y0, x1, y1) = (", g.x0, ", ", g.y0, ", ", g.x1, ", ",
+                                         g.y1, ") must satisfy 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1"));
+    }
+  }
   if (refs->size() > static_cast<size_t>(limits.max_concepts_per_prompt)) {
-    return Invalid("prompt", absl::StrCat(refs->size(), " concepts referenced (max ",
-                                          limits.max_concepts_per_prompt, ")"));
+    return Invalid(r.regions.empty() ? "prompt" : "regions",
+                   absl::StrCat(refs->size(), " concepts referenced (max ", limits.max_concepts_per_prompt,
+                                r.regions.empty() ? ")" : ", the prompt's and its regions' together)"));
   }
   if (Utf8Chars(r.negative_prompt) > static_cast<size_t>(limits.max_prompt_chars)) {
     return Invalid("negative_prompt",
@@ -382,7 +409,6 @@ absl::StatusOr<std::vector<ConceptRef>> ValidateGenerationRequest(GenerationRequ
   if (!r.tau) r.tau = limits.default_tau;
   if (auto s = CheckRange("beta", *r.beta, 0, 1, false); !s.ok()) return s;
   if (auto s = CheckRange("tau", *r.tau, 0, 1, true); !s.ok()) return s;
-  if (r.key_lock == KeyLock::kUnspecified) r.key_lock = KeyLock::kLocal;
   for (size_t i = 0; i < r.concepts.size(); ++i) {
     const ConceptStrength& c = r.concepts[i];
     std::string field = absl::StrCat("concepts[", i, "]");
@@ -390,8 +416,8 @@ absl::StatusOr<std::vector<ConceptRef>> ValidateGenerationRequest(GenerationRequ
     for (const auto& ref : *refs) referenced = referenced || ref.reference == c.name;
     if (!referenced) {
       return Invalid(absl::StrCat(field, ".name"),
-                     absl::StrCat("\"", c.name, "\" is not referenced in the prompt as <", c.name,
-                                  ">"));
+                     absl::StrCat("\"", c.name, "\" is not referenced in the prompt",
+                                  r.regions.empty() ? "" : " or its regions", " as <", c.name, ">"));
     }
     for (size_t j = 0; j < i; ++j) {
       if (r.concepts[j].name == c.name) {

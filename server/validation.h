@@ -39,6 +39,7 @@ struct ValidationLimits {
   int default_image_side = 0;  // 0: the worker's native size
   int max_num_images = 8;
   int max_concepts_per_prompt = 8;
+  int max_regions = 4;  // PromptRegions per generation (each costs one more UNet pass per image)
   float default_guidance = 7.5f;
   float default_guidance_rescale = 0.0f;
   float default_beta = 0.7f;

@@ -562,7 +562,7 @@ absl::Status Agent::FetchConcepts(HeldItem* item) {
     u.digest = wc.digest();
     u.beta = wc.beta();
     u.temperature = wc.tau();
-    u.global_key_lock = wc.key_lock() == v1::KEY_LOCK_GLOBAL;
+    if (wc.key_lock() != v1::KEY_LOCK_MODE_UNSPECIFIED) u.global_key_lock = wc.key_lock() == v1::KEY_LOCK_GLOBAL;
     item->concepts.push_back(std::move(u));
   }
   return absl::OkStatus();
@@ -614,6 +614,7 @@ void Agent::GenerateBatch(const std::vector<HeldItem*>& items) {
     spec.width = r.has_width() ? r.width() : 0;
     spec.height = r.has_height() ? r.height() : 0;
     spec.sampler = r.sampler().empty() ? "ddim" : r.sampler();
+    for (const auto& g : r.regions()) spec.regions.push_back({g.prompt(), g.x0(), g.y0(), g.x1(), g.y1()});
     image_count += spec.num_images;
     specs.push_back(std::move(spec));
   }

@@ -162,6 +162,7 @@ absl::StatusOr<std::vector<GenerateResult>> Engine::Generate(const std::vector<G
       q.height = g.height;
       q.sampler = g.sampler.empty() ? "ddim" : g.sampler;
       q.multi_concept_mode = g.exact_multi_concept ? MultiConceptMode::kExact : MultiConceptMode::kApproximate;
+      for (const RegionSpec& region : g.regions) q.regions.push_back({region.prompt, region.x0, region.y0, region.x1, region.y1});
       for (const ConceptUse& u : g.concepts) {
         ConceptRef ref;
         try {
@@ -172,7 +173,7 @@ absl::StatusOr<std::vector<GenerateResult>> Engine::Generate(const std::vector<G
         ref.gate = GateParams{u.beta, u.temperature};
         if (u.temperature <= 0) ref.gate = ref.concept->default_gate;
         if (u.beta > 0 && u.temperature <= 0) ref.gate.beta = u.beta;
-        ref.global_key_lock = u.global_key_lock;
+        ref.global_key_lock = u.global_key_lock.value_or(impl_->model->default_global_key_lock);
         q.concepts[u.reference] = ref;
       }
       reqs.push_back(std::move(q));

@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -60,7 +61,13 @@ struct ConceptUse {
   std::string blob;       // the concept blob (from the worker's cache)
   std::string digest;     // cache key of the decoded concept (SHA-256 hex); "" = do not cache
   double beta = 0, temperature = 0;  // 0 = the concept's own default
-  bool global_key_lock = false;
+  std::optional<bool> global_key_lock;  // unset: the model's default (perfusion/inference.json)
+};
+
+// A regional prompt (perfusion::PromptRegion): box in fractions of the image.
+struct RegionSpec {
+  std::string prompt;
+  double x0 = 0, y0 = 0, x1 = 1, y1 = 1;
 };
 
 struct GenerateSpec {
@@ -75,6 +82,7 @@ struct GenerateSpec {
   int64_t width = 0, height = 0;  // 0 = the model's native size
   std::string sampler = "ddim";
   bool exact_multi_concept = false;
+  std::vector<RegionSpec> regions;
 };
 
 struct GenerateResult {

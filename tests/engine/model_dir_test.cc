@@ -191,6 +191,21 @@ TEST_F(ModelDirTest, MalformedConfigIsRejected) {
   EXPECT_NE(Error().find("config.json"), std::string::npos);
 }
 
+TEST_F(ModelDirTest, InferenceDefaultsChooseTheKeyLocking) {
+  EXPECT_FALSE(LoadModelDir(dir_, opts_)->default_global_key_lock) << "no inference.json: local, the paper's default";
+  model_.default_global_key_lock = true;
+  SaveModelDir(model_, dir_);
+  EXPECT_TRUE(LoadModelDir(dir_, opts_)->default_global_key_lock);
+  WriteFileAtomically(dir_ + "/perfusion/inference.json", "{\"key_lock\": \"local\"}");
+  EXPECT_FALSE(LoadModelDir(dir_, opts_)->default_global_key_lock);
+  WriteFileAtomically(dir_ + "/perfusion/inference.json", "{\"key_lock\": \"sideways\"}");
+  EXPECT_NE(Error().find("key_lock must be \"global\" or \"local\""), std::string::npos) << Error();
+  WriteFileAtomically(dir_ + "/perfusion/inference.json", "{\"beta\": 0.5}");
+  EXPECT_NE(Error().find("unknown key \"beta\""), std::string::npos) << Error();
+  WriteFileAtomically(dir_ + "/perfusion/inference.json", "[1");
+  EXPECT_NE(Error().find("perfusion/inference.json"), std::string::npos) << Error();
+}
+
 TEST_F(ModelDirTest, ACovarianceOfTheWrongWidthIsRejected) {
   SaveCovariance(dir_ + "/perfusion/covariance.safetensors", at::eye(16));
   EXPECT_NE(Error().find("covariance"), std::string::npos);

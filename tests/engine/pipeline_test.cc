@@ -55,6 +55,19 @@ class PipelineTest : public ::testing::Test {
     r.guidance_scale = 3.0;
     return r;
   }
+  // Runs `reqs` in one batch and one by one; the images must agree. Returns the batch's results.
+  static std::vector<GenerationResult> ExpectBatchEqualsOneByOne(const Pipeline& pipe,
+                                                                 const std::vector<GenerationRequest>& reqs) {
+    auto together = pipe.Generate(reqs);
+    for (size_t r = 0; r < reqs.size(); ++r) {
+      auto alone = pipe.Generate({reqs[r]});
+      EXPECT_EQ(alone[0].images.size(), together[r].images.size());
+      for (size_t n = 0; n < std::min(alone[0].images.size(), together[r].images.size()); ++n) {
+        EXPECT_TRUE(AllClose(together[r].images[n], alone[0].images[n], 1e-4, 1e-4, "request " + std::to_string(r)));
+      }
+    }
+    return together;
+  }
   static std::shared_ptr<StableDiffusion> model_;
   static std::shared_ptr<Concept> concept_;
 };
@@ -163,14 +176,7 @@ TEST_F(PipelineTest, BatchOfDifferentConceptsEqualsRequestsRunOneByOne) {
   reqs[2].concepts["checker"] = {concept_, {0.6, 0.15}, true};
   reqs[2].concepts["other"] = {second, {}, false};
   reqs[2].num_images = 2;
-  auto together = pipe.Generate(reqs);
-  for (size_t r = 0; r < reqs.size(); ++r) {
-    auto alone = pipe.Generate({reqs[r]});
-    ASSERT_EQ(alone[0].images.size(), together[r].images.size());
-    for (size_t n = 0; n < alone[0].images.size(); ++n) {
-      EXPECT_TRUE(AllClose(together[r].images[n], alone[0].images[n], 1e-4, 1e-4, "request " + std::to_string(r)));
-    }
-  }
+  ExpectBatchEqualsOneByOne(pipe, reqs);
 }
 
 TEST_F(PipelineTest, ImageNOfARequestEqualsAOneImageRequestWithSeedPlusN) {
@@ -215,6 +221,86 @@ TEST_F(PipelineTest, GuidanceRescaleIsPerRequestInABatch) {
   GenerationRequest bad = b;
   bad.guidance_rescale = 1.5;
   EXPECT_THROW(pipe.Generate({bad}), c10::ValueError);
+}
+
+TEST(RegionMaskTest, EachCellGetsTheFractionOfItInsideTheBox) {
+  const at::Tensor left = RegionMask({"x", 0, 0, 0.5, 1}, 2, 4);
+  ASSERT_EQ(left.sizes(), (std::vector<int64_t>{1, 1, 2, 4}));
+  EXPECT_TRUE(at::equal(left[0][0], at::tensor({1.f, 1.f, 0.f, 0.f}).repeat({2, 1})));
+  // x in [0.3, 1], y in [0, 0.25] on 4x4 cells of width 0.25: column 1 is 80 % inside, row 0 whole.
+  const at::Tensor part = RegionMask({"x", 0.3, 0, 1, 0.25}, 4, 4)[0][0];
+  EXPECT_NEAR(part[0][0].item<float>(), 0.0f, 1e-6);
+  EXPECT_NEAR(part[0][1].item<float>(), 0.8f, 1e-6);
+  EXPECT_NEAR(part[0][3].item<float>(), 1.0f, 1e-6);
+  EXPECT_NEAR(part[1].sum().item<float>(), 0.0f, 1e-6);
+  EXPECT_NEAR(RegionMask({"x", 0, 0, 1, 1}, 3, 5).sum().item<float>(), 15.0f, 1e-5);
+  for (const PromptRegion& bad : {PromptRegion{"x", 0.5, 0, 0.5, 1}, PromptRegion{"x", -0.1, 0, 1, 1},
+                                  PromptRegion{"x", 0, 0, 1, 1.5}, PromptRegion{"x", 0, 0.6, 1, 0.2}}) {
+    EXPECT_THROW(RegionMask(bad, 4, 4), c10::ValueError);
+  }
+}
+
+TEST_F(PipelineTest, RegionsFollowTheirOwnPromptInsideTheirBox) {
+  Pipeline pipe(model_);
+  // A region over the whole image replaces the prompt everywhere: the region's prompt's image.
+  GenerationRequest whole = Request("a blue square on a yellow background", 6);
+  whole.concepts["checker"] = {concept_, {}, true};
+  whole.regions = {{"a photo of a <checker>", 0, 0, 1, 1}};
+  GenerationRequest direct = Request("a photo of a <checker>", 6);
+  direct.concepts["checker"] = {concept_, {}, true};
+  EXPECT_TRUE(AllClose(pipe.Generate({whole})[0].images[0], pipe.Generate({direct})[0].images[0], 1e-5, 1e-5,
+                       "whole-image region"));
+  // A region over the left half draws its own object there: a red circle on the right of a blue
+  // image, plus (from the region) a yellow star on the left. Object pixels are the ones whose red
+  // channel is well above the blue background's.
+  GenerationRequest plain = Request("a small red circle on the right on a blue background", 7);
+  plain.num_images = 4;
+  GenerationRequest left = plain;
+  left.regions = {{"a small yellow star on the left on a blue background", 0, 0, 0.5, 1}};
+  const auto a = pipe.Generate({plain})[0].images, b = pipe.Generate({left})[0].images;
+  auto object_pixels = [](const at::Tensor& img, int64_t from, int64_t to) {
+    return (img[0].slice(1, from, to) > 0).sum().item<int64_t>();
+  };
+  for (size_t i = 0; i < a.size(); ++i) {
+    EXPECT_LT(object_pixels(a[i], 0, 16), 3) << "image " << i << ": nothing on the left without the region";
+    EXPECT_GT(object_pixels(b[i], 0, 16), 12) << "image " << i << ": the region's object on the left";
+    EXPECT_GT(object_pixels(b[i], 16, 32), 12) << "image " << i << ": the prompt's object still on the right";
+  }
+}
+
+TEST_F(PipelineTest, RequestsWithRegionsBatchLikeRequestsRunOneByOne) {
+  Pipeline pipe(model_);
+  std::vector<GenerationRequest> reqs = {Request("a <checker> and a green circle", 1), Request("a blue square", 2),
+                                         Request("a red heart", 3)};
+  reqs[0].concepts["checker"] = {concept_, {}, true};
+  reqs[0].regions = {{"a small <checker> on the left", 0, 0, 0.5, 1}, {"a small green circle on the right", 0.5, 0, 1, 1}};
+  reqs[0].num_images = 2;
+  reqs[2].regions = {{"a purple triangle", 0.25, 0.25, 0.75, 0.75}};
+  reqs[2].guidance_scale = 1.0;  // no classifier-free guidance: the regions still apply
+  const auto together = ExpectBatchEqualsOneByOne(pipe, reqs);
+  EXPECT_GT((together[2].images[0] - pipe.Generate({Request("a red heart", 3)})[0].images[0]).abs().mean().item<double>(),
+            1e-3);
+}
+
+TEST_F(PipelineTest, BadRegionsAreRejected) {
+  Pipeline pipe(model_);
+  auto expect_error = [&](const GenerationRequest& r, const std::string& words) {
+    try {
+      pipe.Generate({r});
+      ADD_FAILURE() << "no error; expected one with \"" << words << "\"";
+    } catch (const c10::ValueError& e) {
+      EXPECT_NE(std::string(e.what_without_backtrace()).find(words), std::string::npos) << e.what_without_backtrace();
+    }
+  };
+  GenerationRequest r = Request("a red circle");
+  r.regions = {{"a <nobody>", 0, 0, 0.5, 1}};
+  expect_error(r, "<nobody>");
+  r.regions = {{"", 0, 0, 0.5, 1}};
+  expect_error(r, "region's prompt is empty");
+  r.regions = {{"a star", 0.5, 0, 0.2, 1}};
+  expect_error(r, "region box");
+  r.regions.assign(kMaxRegions + 1, {"a star", 0, 0, 1, 1});
+  expect_error(r, "at most 8 regions");
 }
 
 TEST_F(PipelineTest, BadPromptsAndForeignConceptsAreRejected) {

@@ -94,6 +94,23 @@ TEST_F(CliRoundTripTest, TrainWatchListGenerateExportImportDelete) {
   r = cluster_.Ctl({"generate", "a photo of <checker-star>", "-o", out + "3", "--guidance-rescale", "2"});
   EXPECT_EQ(r.exit_code, 4) << r.out << r.err;  // INVALID_ARGUMENT naming the field
   EXPECT_NE(r.err.find("guidance_rescale"), std::string::npos) << r.err;
+  // Regional prompts reach the worker; a concept used only in a region is resolved too.
+  r = cluster_.Ctl({"generate", "a photo of <checker-star>", "-o", out + "4", "--seed", "3", "--steps", "4",
+                    "--global-lock", "--guidance-rescale", "0.7", "--region",
+                    "right:a small <candy-heart> on the right", "--output", "json"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  gen = ParseJson(r);
+  ASSERT_EQ(gen["images"].size(), 1u);
+  EXPECT_EQ(gen["concepts"].size(), 2u) << gen.dump();
+  const std::string regional = ReadFileOrEmpty(gen["images"][0]["file"]);
+  EXPECT_TRUE(IsPng(gen["images"][0]["file"]));
+  EXPECT_NE(regional, ReadFileOrEmpty(out + "2/img-3.png")) << "the region changed the image";
+  r = cluster_.Ctl({"generate", "a photo of <checker-star>", "-o", out + "5", "--region", "0.6,0,0.2,1:a star"});
+  EXPECT_EQ(r.exit_code, 4) << r.out << r.err;
+  EXPECT_NE(r.err.find("regions[0]"), std::string::npos) << r.err;
+  r = cluster_.Ctl({"generate", "a photo of <checker-star>", "-o", out + "5", "--region", "middle:a star"});
+  EXPECT_EQ(r.exit_code, 2) << r.out << r.err;  // usage: not a box
+  EXPECT_NE(r.err.find("x0,y0,x1,y1"), std::string::npos) << r.err;
 
   // Export, then import into the other tenant's registry under a new name.
   const std::string blob = cluster_.dir() + "/star.pfcn";

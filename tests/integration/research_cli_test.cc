@@ -40,8 +40,9 @@ TEST_F(ResearchCliTest, TrainAConceptThenGenerateAndShowItsGates) {
 
   r = Run({PERFUSION_GENERATE_BIN, "a <candy> on a blue background", "--concept", dir_ + "/candy.bin", "--model",
            TinyModelDir(), "--tokenizer-dir", TokenizerDir(), "-o", dir_ + "/out", "--n", "2", "--steps", "3",
-           "--seed", "4", "--show-gates", "--threads", "1", "--quiet"});
+           "--seed", "4", "--show-gates", "--local-lock", "--threads", "1", "--quiet"});
   ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.err.find("local key-locking"), std::string::npos) << r.err;
   EXPECT_TRUE(fs::exists(dir_ + "/out/4_0.png"));
   EXPECT_TRUE(fs::exists(dir_ + "/out/4_1.png"));
   // One row per token up to the end of text, then the padding summarised.
@@ -50,12 +51,28 @@ TEST_F(ResearchCliTest, TrainAConceptThenGenerateAndShowItsGates) {
   EXPECT_NE(r.err.find("blue</w>"), std::string::npos) << r.err;
   EXPECT_NE(r.err.find("padding, max"), std::string::npos) << r.err;
 
-  // Under global key-locking the K gates are shown too.
+  // The tiny model asks for global key-locking (perfusion/inference.json), so that is the default;
+  // under it the K gates are shown too. A regional prompt puts the concept on the left.
+  r = Run({PERFUSION_GENERATE_BIN, "a red circle on the right", "--concept", dir_ + "/candy.bin", "--model",
+           TinyModelDir(), "--tokenizer-dir", TokenizerDir(), "-o", dir_ + "/out2", "--n", "1", "--steps", "2",
+           "--region", "left:a small <candy> on the left", "--threads", "1", "--quiet"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.err.find("global key-locking"), std::string::npos) << r.err;
+  EXPECT_TRUE(fs::exists(dir_ + "/out2/1_0.png"));
   r = Run({PERFUSION_GENERATE_BIN, "a <candy>", "--concept", dir_ + "/candy.bin", "--model", TinyModelDir(),
-           "--tokenizer-dir", TokenizerDir(), "-o", dir_ + "/out2", "--n", "1", "--steps", "2", "--global-lock",
-           "--show-gates", "--threads", "1", "--quiet"});
+           "--tokenizer-dir", TokenizerDir(), "-o", dir_ + "/out2", "--n", "1", "--steps", "2", "--show-gates",
+           "--threads", "1", "--quiet"});
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_NE(r.err.find("K in brackets"), std::string::npos) << r.err;
+  // A malformed region is a usage error naming the expected form; a bad box names the box.
+  r = Run({PERFUSION_GENERATE_BIN, "a <candy>", "--concept", dir_ + "/candy.bin", "--region", "a <candy>"});
+  EXPECT_EQ(r.exit_code, 2) << r.err;
+  EXPECT_NE(r.err.find("BOX:PROMPT"), std::string::npos) << r.err;
+  r = Run({PERFUSION_GENERATE_BIN, "a <candy>", "--concept", dir_ + "/candy.bin", "--model", TinyModelDir(),
+           "--tokenizer-dir", TokenizerDir(), "-o", dir_ + "/out4", "--steps", "1", "--region", "0,0,2,1:a star",
+           "--threads", "1", "--quiet"});
+  EXPECT_EQ(r.exit_code, 1) << r.err;
+  EXPECT_NE(r.err.find("region box"), std::string::npos) << r.err;
 
   // A prompt naming a concept that was not loaded is an error that names it.
   r = Run({PERFUSION_GENERATE_BIN, "a <nope>", "--concept", dir_ + "/candy.bin", "--model", TinyModelDir(),

@@ -797,7 +797,7 @@ TEST_F(ServerTest, GenerateRoundTripWithSeveralConcepts) {
   EXPECT_EQ(g.concepts(0).reference(), "teddy");
   EXPECT_EQ(g.concepts(0).digest(), teddy->digest());
   EXPECT_FLOAT_EQ(g.concepts(0).beta(), 0.7f);
-  EXPECT_EQ(g.concepts(0).key_lock(), v1::KEY_LOCK_LOCAL);
+  EXPECT_EQ(g.concepts(0).key_lock(), v1::KEY_LOCK_MODE_UNSPECIFIED) << "the worker's model decides";
   EXPECT_EQ(g.concepts(1).reference(), "bike@1");
   EXPECT_FLOAT_EQ(g.concepts(1).beta(), 0.5f);
   EXPECT_EQ(g.concepts(1).key_lock(), v1::KEY_LOCK_GLOBAL);

@@ -2,6 +2,8 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <cmath>
+
 #include "server/auth.h"
 #include "server/concept_blob.h"
 #include "server/validation.h"
@@ -166,7 +168,7 @@ TEST(GenerationValidationTest, FillsDefaultsAndChecksRanges) {
   EXPECT_EQ(r.num_images, 1);
   EXPECT_FLOAT_EQ(*r.guidance_scale, 7.5f);
   EXPECT_FLOAT_EQ(*r.guidance_rescale, 0.0f);
-  EXPECT_EQ(r.key_lock, KeyLock::kLocal);
+  EXPECT_EQ(r.key_lock, KeyLock::kUnspecified) << "left to the worker's model (perfusion/inference.json)";
 
   auto check = [&](auto mutate, const std::string& field) {
     GenerationRequest g;
@@ -195,6 +197,43 @@ TEST(GenerationValidationTest, FillsDefaultsAndChecksRanges) {
         "concepts[0].name");
   check([](GenerationRequest& g) { g.concepts.push_back({"teddy", {}, 2.0f, KeyLock::kGlobal}); },
         "concepts[0].tau");
+}
+
+TEST(GenerationValidationTest, RegionsAddTheirConceptsAndCheckTheirBoxes) {
+  ValidationLimits limits;
+  GenerationRequest r;
+  r.prompt = "a <teddy> and a <bike@2>";
+  r.regions = {{"a small <teddy> on the left", 0, 0, 0.5f, 1}, {"a <cup> on the right", 0.5f, 0, 1, 1}};
+  r.concepts.push_back({"cup", 0.6f, {}, KeyLock::kGlobal});  // referenced by a region only
+  auto refs = ValidateGenerationRequest(r, limits);
+  ASSERT_THAT(refs, IsOk());
+  std::vector<std::string> names;
+  for (const auto& ref : *refs) names.push_back(ref.reference);
+  EXPECT_EQ(names, (std::vector<std::string>{"teddy", "bike@2", "cup"})) << "the union, each once, in order";
+
+  auto check = [&](auto mutate, const std::string& field, const std::string& words = "") {
+    GenerationRequest g = r;
+    mutate(g);
+    EXPECT_THAT(ValidateGenerationRequest(g, limits), StatusIs(kInvalid, HasSubstr(field + ": " + words)))
+        << field;
+  };
+  check([](GenerationRequest& g) { g.regions[1].prompt = ""; }, "regions[1].prompt", "empty");
+  check([](GenerationRequest& g) { g.regions[0].prompt = "a <Bad>"; }, "regions[0].prompt",
+        "malformed concept reference");
+  check([](GenerationRequest& g) { g.regions[0].prompt = std::string(1001, 'a'); }, "regions[0].prompt");
+  check([](GenerationRequest& g) { g.regions[1].x1 = 0.5f; }, "regions[1]", "box (x0, y0, x1, y1) = (0.5, 0, 0.5, 1)");
+  check([](GenerationRequest& g) { g.regions[0].y1 = 1.5f; }, "regions[0]", "box");
+  check([](GenerationRequest& g) { g.regions[0].x0 = -0.25f; }, "regions[0]", "box");
+  check([](GenerationRequest& g) { g.regions[0].x1 = std::nanf(""); }, "regions[0]", "box");
+  check([](GenerationRequest& g) { g.regions[0] = {"a star", 0, 0, 0, 0}; }, "regions[0]", "box");  // unset box
+  check([](GenerationRequest& g) { g.regions.resize(5, {"a star", 0, 0, 1, 1}); }, "regions", "5 regions (max 4)");
+  check([](GenerationRequest& g) { g.concepts.push_back({"mug", 0.5f, {}, KeyLock::kLocal}); }, "concepts[1].name",
+        "\"mug\" is not referenced in the prompt or its regions");
+  limits.max_concepts_per_prompt = 2;
+  check([](GenerationRequest&) {}, "regions", "3 concepts referenced (max 2, the prompt's and its regions' together)");
+  limits.max_concepts_per_prompt = 8;
+  limits.max_regions = 0;
+  check([](GenerationRequest&) {}, "regions", "2 regions (max 0)");
 }
 
 TEST(ConceptBlobTest, ParsesHeaderOfAValidBlob) {

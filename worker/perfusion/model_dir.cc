@@ -117,7 +117,7 @@ std::shared_ptr<StableDiffusion> LoadModelDir(const std::string& dir, const Mode
   const std::string cov_path = dir + "/perfusion/covariance.safetensors";
   if (options.require_covariance) need(cov_path);
   std::string tok_dir;
-  for (const std::string cand : {dir + "/tokenizer", options.tokenizer_dir,
+  for (const std::string& cand : {dir + "/tokenizer", options.tokenizer_dir,
                                   std::string(std::getenv("PERFUSION_CLIP_VOCAB_DIR") ? std::getenv("PERFUSION_CLIP_VOCAB_DIR") : "")}) {
     if (!cand.empty() && Exists(cand + "/vocab.json") && Exists(cand + "/merges.txt")) {
       tok_dir = cand;
@@ -169,6 +169,22 @@ std::shared_ptr<StableDiffusion> LoadModelDir(const std::string& dir, const Mode
     TORCH_CHECK_VALUE(!model->model_id.empty(), "model folder ", dir, ": perfusion/model_id is empty");
   } else {
     model->model_id = DerivedModelId(dir, {te_config, unet_config, te_weights, unet_weights});
+  }
+  if (Exists(dir + "/perfusion/inference.json")) {
+    nlohmann::json j;
+    try {
+      j = nlohmann::json::parse(ReadText(dir + "/perfusion/inference.json"));
+    } catch (const nlohmann::json::exception& e) {
+      TORCH_CHECK_VALUE(false, "model folder ", dir, ": perfusion/inference.json: ", e.what());
+    }
+    TORCH_CHECK_VALUE(j.is_object(), "model folder ", dir, ": perfusion/inference.json must be an object");
+    for (const auto& [key, value] : j.items()) {
+      TORCH_CHECK_VALUE(key == "key_lock", "model folder ", dir, ": perfusion/inference.json: unknown key \"", key,
+                        "\" (known: key_lock)");
+      TORCH_CHECK_VALUE(value.is_string() && (value == "global" || value == "local"), "model folder ", dir,
+                        ": perfusion/inference.json: key_lock must be \"global\" or \"local\", got ", value.dump());
+      model->default_global_key_lock = value == "global";
+    }
   }
   return model;
 }
@@ -264,6 +280,7 @@ void SaveModelDir(const StableDiffusion& model, const std::string& dir, at::Scal
   WriteFileAtomically(dir + "/scheduler/scheduler_config.json", SchedulerConfigJson(model.scheduler) + "\n");
   if (model.covariance.defined()) SaveCovariance(dir + "/perfusion/covariance.safetensors", model.covariance);
   if (!model.model_id.empty()) WriteFileAtomically(dir + "/perfusion/model_id", model.model_id + "\n");
+  if (model.default_global_key_lock) WriteFileAtomically(dir + "/perfusion/inference.json", "{\"key_lock\": \"global\"}\n");
 }
 
 }  // namespace perfusion

@@ -8,6 +8,10 @@
 //   <dir>/tokenizer/{vocab.json, merges.txt}
 //   <dir>/perfusion/covariance.safetensors     (C of the text encoder; needed to train or apply concepts)
 //   <dir>/perfusion/model_id                   (optional: the id concepts record; else derived, see below)
+//   <dir>/perfusion/inference.json             (optional: {"key_lock": "global" | "local"}, the key-locking
+//                                               a request gets when it names none; absent: local, the
+//                                               paper's default for SD; the tiny model ships "global",
+//                                               chosen by its own evaluation, docs/quality.md)
 // Weight files may also be named "*.fp16.safetensors" (diffusers' fp16 variant).
 //
 // A folder with missing files, or tensors that are missing, unexpected or mis-shaped, fails with one
@@ -55,6 +59,7 @@ struct StableDiffusion {
   SchedulerConfig scheduler;
   at::Tensor covariance;  // [D, D] float32 (undefined if absent and not required)
   at::Tensor c_inv;       // [D, D] float32 on the model's device
+  bool default_global_key_lock = false;  // perfusion/inference.json "key_lock"
   c10::Device device = c10::Device(c10::kCPU);
   at::ScalarType dtype = at::ScalarType::Float;
 

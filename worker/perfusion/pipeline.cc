@@ -4,6 +4,8 @@
 #include <c10/core/InferenceMode.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
+#include <cmath>
 #include <set>
 
 #include "perfusion/concept_token.h"
@@ -25,6 +27,25 @@ GateParams EffectiveGate(const ConceptRef& ref) {
 }
 
 }  // namespace
+
+at::Tensor RegionMask(const PromptRegion& region, int64_t h, int64_t w) {
+  TORCH_CHECK_VALUE(std::isfinite(region.x0) && std::isfinite(region.y0) && std::isfinite(region.x1) &&
+                        std::isfinite(region.y1) && region.x0 >= 0 && region.y0 >= 0 && region.x1 <= 1 &&
+                        region.y1 <= 1 && region.x0 < region.x1 && region.y0 < region.y1,
+                    "region box must satisfy 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1, got (", region.x0, ", ",
+                    region.y0, ", ", region.x1, ", ", region.y1, ")");
+  // Coverage of cell i ([i / n, (i + 1) / n]) by [a, b], as a fraction of the cell.
+  auto coverage = [](double a, double b, int64_t n) {
+    std::vector<float> c(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) {
+      const double lo = std::max(a * n, static_cast<double>(i)), hi = std::min(b * n, static_cast<double>(i + 1));
+      c[static_cast<size_t>(i)] = static_cast<float>(std::max(0.0, hi - lo));
+    }
+    return at::tensor(c, at::TensorOptions().dtype(at::kFloat));
+  };
+  const at::Tensor rows = coverage(region.y0, region.y1, h), cols = coverage(region.x0, region.x1, w);
+  return at::outer(rows, cols).reshape({1, 1, h, w});
+}
 
 Pipeline::Pipeline(std::shared_ptr<StableDiffusion> model) : model_(std::move(model)) {
   TORCH_CHECK_VALUE(model_ && model_->unet && model_->text_encoder && model_->tokenizer,
@@ -272,10 +293,20 @@ std::vector<GenerationResult> Pipeline::GenerateGroup(const std::vector<const Ge
   // Per request: noise from its own seed; K/V of the prompt and of the negative prompt.
   std::vector<at::Tensor> noise;
   std::vector<std::vector<CrossAttnKV>> cond_kv, uncond_kv;
+  std::vector<std::vector<std::vector<CrossAttnKV>>> region_kv;  // [request][region][layer]
+  std::vector<std::vector<at::Tensor>> region_mask;              // [request][region]: [1, 1, h, w]
   std::vector<int64_t> counts;
   bool any_cfg = false;
   for (const GenerationRequest* r : group) {
     TORCH_CHECK_VALUE(r->num_images >= 1 && r->num_images <= 64, "num_images must be in [1, 64], got ", r->num_images);
+    TORCH_CHECK_VALUE(r->regions.size() <= kMaxRegions, "at most ", kMaxRegions, " regions, got ", r->regions.size());
+    region_kv.emplace_back();
+    region_mask.emplace_back();
+    for (const PromptRegion& region : r->regions) {
+      TORCH_CHECK_VALUE(!region.prompt.empty(), "a region's prompt is empty");
+      region_mask.back().push_back(RegionMask(region, h, w));
+      region_kv.back().push_back(PromptKV(region.prompt, r->concepts, r->multi_concept_mode));
+    }
     TORCH_CHECK_VALUE(r->guidance_scale >= 0, "guidance_scale must be >= 0");
     TORCH_CHECK_VALUE(r->guidance_rescale >= 0 && r->guidance_rescale <= 1,
                       "guidance_rescale must be in [0, 1], got ", r->guidance_rescale);
@@ -315,6 +346,32 @@ std::vector<GenerationResult> Pipeline::GenerateGroup(const std::vector<const Ge
   const at::Tensor guidance = at::tensor(scale, at::TensorOptions().dtype(at::kDouble)).to(dev, at::kFloat).reshape({-1, 1, 1, 1});
   const at::Tensor use_cfg = guidance > 1.0;
 
+  // Regions: one more conditional pass per image and region, on the image's latents with the region's
+  // prompt, appended to the batch; its prediction replaces the image's own inside the box (later
+  // regions win). Per image, so a batch still equals its requests run one by one.
+  std::vector<int64_t> region_image;  // the image (index in the conditional half) of each extra entry
+  std::vector<at::Tensor> region_masks;
+  {
+    int64_t offset = 0;
+    for (size_t r = 0; r < group.size(); ++r) {
+      for (size_t j = 0; j < region_kv[r].size(); ++j) {
+        for (int64_t n = 0; n < counts[r]; ++n) {
+          region_image.push_back(offset + n);
+          region_masks.push_back(region_mask[r][j]);
+        }
+        for (size_t l = 0; l < layers_.size(); ++l) {
+          const CrossAttnKV& src = region_kv[r][j][l];
+          kv[l].k = at::cat({kv[l].k, src.k.expand({counts[r], src.k.size(1), src.k.size(2)}).to(dtype)});
+          kv[l].v = at::cat({kv[l].v, src.v.expand({counts[r], src.v.size(1), src.v.size(2)}).to(dtype)});
+        }
+      }
+      offset += counts[r];
+    }
+  }
+  const at::Tensor region_index = at::tensor(region_image, at::TensorOptions().dtype(at::kLong)).to(dev);
+  const at::Tensor region_weight = region_masks.empty() ? at::Tensor() : at::cat(region_masks).to(dev);  // [E, 1, h, w]
+  const int64_t n_images = static_cast<int64_t>(noise.size());
+
   std::unique_ptr<Sampler> sampler = MakeSampler(first.sampler, model_->scheduler);
   sampler->set_timesteps(first.steps);
   at::Tensor x = sampler->initial_latents(at::cat(noise).to(dev));
@@ -322,9 +379,21 @@ std::vector<GenerationResult> Pipeline::GenerateGroup(const std::vector<const Ge
   const at::Tensor& timesteps = sampler->timesteps();
   for (int64_t i = 0; i < total; ++i) {
     at::Tensor xin = sampler->scale_model_input(x, i);
-    xin = any_cfg ? at::cat({xin, xin}) : xin;
-    const at::Tensor t = timesteps[i].expand({xin.size(0)}).to(dev);
-    at::Tensor eps = model_->unet->forward(xin.to(dtype), t, kv).to(at::kFloat);
+    at::Tensor xb = any_cfg ? at::cat({xin, xin}) : xin;  // [uncond, cond, regions]
+    if (!region_image.empty()) xb = at::cat({xb, xin.index_select(0, region_index)});
+    const at::Tensor t = timesteps[i].expand({xb.size(0)}).to(dev);
+    at::Tensor eps = model_->unet->forward(xb.to(dtype), t, kv).to(at::kFloat);
+    if (!region_image.empty()) {
+      const int64_t cond_start = any_cfg ? n_images : 0;
+      at::Tensor cond = eps.slice(0, cond_start, cond_start + n_images).clone();
+      const at::Tensor regional = eps.slice(0, cond_start + n_images);  // [E, C, h, w]
+      for (size_t e = 0; e < region_image.size(); ++e) {
+        at::Tensor c = cond[region_image[e]];
+        const int64_t k = static_cast<int64_t>(e);
+        c.copy_(c + region_weight[k] * (regional[k] - c));
+      }
+      eps = any_cfg ? at::cat({eps.slice(0, 0, n_images), cond}) : cond;
+    }
     if (any_cfg) {
       auto parts = eps.chunk(2);
       at::Tensor guided = any_rescale ? GuidedPrediction(parts[0], parts[1], guidance, phi)

@@ -526,10 +526,12 @@ class Evaluation {
   void WriteReport(const std::string& command) const;
 
  private:
-  std::vector<at::Tensor> Generate(const std::string& prompt, const std::map<std::string, ConceptRef>& refs, uint64_t seed) {
+  std::vector<at::Tensor> Generate(const std::string& prompt, const std::map<std::string, ConceptRef>& refs, uint64_t seed,
+                                   const std::vector<PromptRegion>& regions = {}) {
     GenerationRequest req;
     req.prompt = prompt;
     req.concepts = refs;
+    req.regions = regions;
     req.steps = a_.gen_steps;
     req.guidance_scale = a_.guidance;
     req.guidance_rescale = a_.guidance_rescale;
@@ -837,7 +839,7 @@ class Evaluation {
         layout.push_back({Position::kTop, Position::kBottom});
         prompt_bg.push_back(bgs[0]);
       }
-      for (const std::string method : {"render", "render_vae", "local", "global"}) {
+      for (const std::string method : {"render", "render_vae", "local", "global", "regional"}) {
         PairResult pr;
         pr.a = x.spec.name;
         pr.b = y.spec.name;
@@ -866,16 +868,33 @@ class Evaluation {
               ConceptRef ref;
               ref.concept = c->perfusion;
               ref.gate.temperature = 0;
-              ref.global_key_lock = method == "global";
+              ref.global_key_lock = method != "local";
               refs[c->spec.name] = ref;
             }
-            imgs = Generate(prompts[p], refs, seed);
+            // "regional": each concept also gets its half of the image with its own prompt, the
+            // scene's one-object caption there ("a small <a> on the left").
+            std::vector<PromptRegion> regions;
+            if (method == "regional") {
+              const std::string bg = prompt_bg[p] ? " on a " + ColorName(*prompt_bg[p]) + " background" : "";
+              for (const auto& [ref, pos] : {std::make_pair(ra, layout[p].first), std::make_pair(rb, layout[p].second)}) {
+                regions.push_back({"a small " + ref + " " + PositionPhrase(pos) + bg, 0, 0, 1, 1});
+                PromptRegion& box = regions.back();
+                if (pos == Position::kLeft) box.x1 = 0.5;
+                if (pos == Position::kRight) box.x0 = 0.5;
+                if (pos == Position::kTop) box.y1 = 0.5;
+                if (pos == Position::kBottom) box.y0 = 0.5;
+              }
+            }
+            imgs = Generate(prompts[p], refs, seed, regions);
           }
           const auto preds = Predict(clf_, StackImages(imgs));
+          int both = 0;
           for (const auto& q : preds) {
             const bool ha = ShowsConcept(q, x.index), hb = ShowsConcept(q, y.index);
             ++pr.n, pr.both += ha && hb, pr.only_a += ha && !hb, pr.only_b += hb && !ha;
+            both += ha && hb;
           }
+          pr.both_per_prompt.push_back(double(both) / preds.size());
           pr.prompts.push_back(prompts[p]);
           pr.images.push_back(imgs);
         }
@@ -900,6 +919,7 @@ class Evaluation {
   static std::string PairMethodName(const std::string& method) {
     if (method == "render") return "reference: rendered";
     if (method == "render_vae") return "reference: rendered, through the VAE";
+    if (method == "regional") return "Perfusion, global key-lock + regional prompts";
     return "Perfusion, " + method + " key-lock";
   }
 
@@ -909,8 +929,9 @@ class Evaluation {
   };
   struct PairResult {
     std::string a, b;
-    std::string method;  // render, render_vae, local, global
+    std::string method;  // render, render_vae, local, global, regional
     int n = 0, both = 0, only_a = 0, only_b = 0;
+    std::vector<double> both_per_prompt;
     std::vector<std::string> prompts;
     std::vector<std::vector<at::Tensor>> images;
   };
@@ -1161,29 +1182,35 @@ void Evaluation::WriteReport(const std::string& command) const {
     md << "## Two concepts in one prompt\n\n"
        << "Two references: both concepts rendered small where the prompt puts them (the first on the left or at "
           "the top), and that render encoded and decoded by the model's VAE, which bounds what generation can "
-          "show.\n\n"
-       << "| concepts | method | both present | only the first | only the second | images |\n"
-       << "|---|---|---|---|---|---|\n";
+          "show. Regional prompts: global key-locking, and each concept's half of the image gets its own prompt, "
+          "the scene's one-object caption (\"a small <a> on the left\", with the prompt's background if it names "
+          "one).\n\n"
+       << "| concepts | method | both present | per prompt | only the first | only the second | images |\n"
+       << "|---|---|---|---|---|---|---|\n";
     for (const auto& p : pairs_) {
+      std::string per;
+      for (double f : p.both_per_prompt) per += (per.empty() ? "" : " / ") + Pct(f);
       md << "| " << p.a << " + " << p.b << " | " << PairMethodName(p.method) << " | " << Pct(double(p.both) / p.n)
-         << " | " << Pct(double(p.only_a) / p.n) << " | " << Pct(double(p.only_b) / p.n) << " | " << p.n << " |\n";
+         << " | " << per << " | " << Pct(double(p.only_a) / p.n) << " | " << Pct(double(p.only_b) / p.n) << " | "
+         << p.n << " |\n";
     }
     md << "\nPrompts:";
     std::vector<std::vector<Image>> rows;
     std::vector<std::string> labels;
     for (const auto& p : pairs_) {
       if (p.method == "global") continue;
-      const std::string tag = p.method == "render" ? "R " : p.method == "render_vae" ? "V " : "";
+      const std::string tag = p.method == "render" ? "R " : p.method == "render_vae" ? "V " : p.method == "regional" ? "RG " : "";
       for (size_t i = 0; i < p.prompts.size(); ++i) {
         if (p.method == "local") md << " `" << p.prompts[i] << "`;";
-        if (p.method != "local" && i > 0) continue;  // one reference row per pair is enough to see
+        const bool reference = p.method == "render" || p.method == "render_vae";
+        if (reference && i > 0) continue;  // one reference row per pair is enough to see
         rows.push_back(ToImages(p.images[i]));
         labels.push_back(tag + p.a.substr(0, p.a.find('_')) + "+" + p.b.substr(0, p.b.find('_')) + " " +
                          std::to_string(i + 1));
       }
     }
-    md << " (grid: local key-lock; rows marked R and V are the rendered reference and its VAE round trip for the "
-          "first prompt).\n\n![Two concepts](two_concepts.png)\n";
+    md << " (grid: local key-lock; rows marked RG: regional prompts; rows marked R and V are the rendered reference "
+          "and its VAE round trip for the first prompt).\n\n![Two concepts](two_concepts.png)\n";
     GridOptions g;
     g.row_labels = labels;
     g.title = "two concepts";

@@ -3,7 +3,7 @@
 //
 //   perfusion-generate "a photo of <checker> on a red background" --concept checker.concept -o out/
 //       [--concept b.concept] [--n 4 --steps 30 --guidance 7.5 --seed 1 --beta 0.7 --tau 0.15
-//        --global-lock --sampler ddim|euler]
+//        --global-lock --sampler ddim|euler --region BOX:PROMPT ...]
 //
 // A concept is referenced in the prompt by the name stored in its blob (<name>). Files are
 // <out>/<seed>_<i>.png (i = 0..n-1), plus <out>/<seed>_grid.png with --grid. Progress: a bar on
@@ -21,6 +21,7 @@
 #include <string>
 #include <vector>
 
+#include "client/region_spec.h"
 #include "perfusion/concept.h"
 #include "perfusion/image_io.h"
 #include "perfusion/model_dir.h"
@@ -45,7 +46,7 @@ struct Args {
   double guidance_rescale = 0.0;
   uint64_t seed = 1;
   std::optional<double> beta, tau;  // unset: each concept's stored default
-  bool global_lock = false;
+  std::optional<bool> global_lock;  // unset: the model's default (perfusion/inference.json)
   bool exact = false;
   bool grid = false;
   std::string sampler = "ddim";
@@ -53,7 +54,14 @@ struct Args {
   int threads = 0;
   bool quiet = false;
   bool show_gates = false;
+  std::vector<PromptRegion> regions;
 };
+
+PromptRegion ParseRegion(const std::string& spec) {
+  RegionText text;
+  if (std::string error = ParseRegionText(spec, &text); !error.empty()) throw ToolUsageError(error);
+  return {text.prompt, text.box[0], text.box[1], text.box[2], text.box[3]};
+}
 
 void Usage() {
   std::printf(
@@ -72,14 +80,20 @@ void Usage() {
       "  --seed S              noise seed (default 1)\n"
       "  --negative TEXT       negative prompt (default: none)\n"
       "  --beta X --tau X      gate threshold / temperature for every concept (default: each concept's own)\n"
-      "  --global-lock         global key-locking (keys of the superclass prompt) instead of local\n"
+      "  --global-lock         global key-locking (keys of the superclass prompt); --local-lock: local\n"
+      "                        (default: the model's perfusion/inference.json; local if it names none)\n"
       "  --exact               exact multi-concept edit (C^-1-orthogonal projection) instead of the sum\n"
       "  --sampler ddim|euler  (default ddim)\n"
       "  --width N --height N  image size (default: the model's)\n"
       "  --grid                also write <seed>_grid.png with all images\n"
       "  --threads N           LibTorch threads (default: all cores)\n"
       "  --quiet               no progress bar\n"
-      "  --show-gates          print each token's gate per concept (where each edit acts) on stderr\n");
+      "  --show-gates          print each token's gate per concept (where each edit acts) on stderr\n"
+      "  --region BOX:PROMPT   regional prompt (repeatable, up to 8): inside BOX the denoiser follows PROMPT\n"
+      "                        instead of the main prompt (one more UNet pass per region). BOX: x0,y0,x1,y1\n"
+      "                        in fractions of the image, or left|right|top|bottom|top_left|top_right|\n"
+      "                        bottom_left|bottom_right. Places concepts: \"a <a> to the left of a <b>\"\n"
+      "                        --region \"left:a small <a> on the left\" --region \"right:a small <b> on the right\"\n");
 }
 
 void MakeDirs(const std::string& dir) {
@@ -154,6 +168,7 @@ int main(int argc, char** argv) {
       else if (k == "--beta") a.beta = std::stod(v());
       else if (k == "--tau") a.tau = std::stod(v());
       else if (k == "--global-lock") a.global_lock = true;
+      else if (k == "--local-lock") a.global_lock = false;
       else if (k == "--exact") a.exact = true;
       else if (k == "--sampler") a.sampler = v();
       else if (k == "--width") a.width = std::stoll(v());
@@ -162,6 +177,7 @@ int main(int argc, char** argv) {
       else if (k == "--threads") a.threads = std::stoi(v());
       else if (k == "--quiet") a.quiet = true;
       else if (k == "--show-gates") a.show_gates = true;
+      else if (k == "--region") a.regions.push_back(ParseRegion(v()));
       else if (!k.empty() && k[0] == '-') return false;
       else if (a.prompt.empty()) a.prompt = k;
       else throw ToolUsageError("unexpected argument '" + k + "': quote the prompt (see --help)");
@@ -195,6 +211,7 @@ int main(int argc, char** argv) {
     req.width = a.width;
     req.height = a.height;
     req.multi_concept_mode = a.exact ? MultiConceptMode::kExact : MultiConceptMode::kApproximate;
+    req.regions = a.regions;
     for (const auto& path : a.concepts) {
       auto c = std::make_shared<Concept>();
       try {
@@ -208,9 +225,9 @@ int main(int argc, char** argv) {
       ref.gate = c->default_gate;
       if (a.beta) ref.gate.beta = *a.beta;
       if (a.tau) ref.gate.temperature = *a.tau;
-      ref.global_key_lock = a.global_lock;
-      std::fprintf(stderr, "concept <%s> (superclass '%s', beta %.2f, tau %.2f)\n", c->name.c_str(),
-                   c->superclass.c_str(), ref.gate.beta, ref.gate.temperature);
+      ref.global_key_lock = a.global_lock.value_or(model->default_global_key_lock);
+      std::fprintf(stderr, "concept <%s> (superclass '%s', beta %.2f, tau %.2f, %s key-locking)\n", c->name.c_str(),
+                   c->superclass.c_str(), ref.gate.beta, ref.gate.temperature, ref.global_key_lock ? "global" : "local");
       req.concepts[c->name] = ref;
     }
     if (a.show_gates) PrintGates(pipe, req);
