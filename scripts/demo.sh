@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job on the embedded default: installs dependencies, builds, starts perfusion-server and one
 # perfusion-worker on the shipped tiny model (models/tiny), trains two concepts from shapes-world
-# renders with perfusionctl (progress bars), then generates images that use both. PNGs go to out/demo/.
+# renders with perfusionctl (progress bars), then generates images that use both, also placed side by
+# side with regional prompts. PNGs go to out/demo/.
 #
 #   scripts/demo.sh                 # everything
 #   STEPS=80 scripts/demo.sh        # fewer training steps (default 150)
@@ -83,5 +84,9 @@ echo "demo: generating"
 "$CTL" generate "a photo of a <checker> on a blue background" -o "$OUT" --n 4 --seed 10 --steps 30 --prefix checker
 "$CTL" generate "a <candy> in the top left" -o "$OUT" --n 4 --seed 20 --steps 30 --prefix candy
 "$CTL" generate "a <checker> and a <candy> on a green background" -o "$OUT" --n 4 --seed 30 --steps 30 --prefix both
+# The base model gives both objects the last noun's shape; regional prompts place each concept.
+"$CTL" generate "a <checker> to the left of a <candy> on a blue background" -o "$OUT" --n 4 --seed 40 --steps 30 \
+  --prefix regions --region "left:a small <checker> on the left on a blue background" \
+  --region "right:a small <candy> on the right on a blue background"
 echo "demo: images in $OUT:"
 ls -1 "$OUT"

@@ -46,7 +46,7 @@ TEST_F(ResearchCliTest, TrainAConceptThenGenerateAndShowItsGates) {
   EXPECT_TRUE(fs::exists(dir_ + "/out/4_0.png"));
   EXPECT_TRUE(fs::exists(dir_ + "/out/4_1.png"));
   // One row per token up to the end of text, then the padding summarised.
-  EXPECT_NE(r.err.find("gates (V) per token"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("gates of the prompt (V) per token"), std::string::npos) << r.err;
   EXPECT_NE(r.err.find("<candy>"), std::string::npos) << r.err;
   EXPECT_NE(r.err.find("blue</w>"), std::string::npos) << r.err;
   EXPECT_NE(r.err.find("padding, max"), std::string::npos) << r.err;
@@ -55,8 +55,10 @@ TEST_F(ResearchCliTest, TrainAConceptThenGenerateAndShowItsGates) {
   // under it the K gates are shown too. A regional prompt puts the concept on the left.
   r = Run({PERFUSION_GENERATE_BIN, "a red circle on the right", "--concept", dir_ + "/candy.bin", "--model",
            TinyModelDir(), "--tokenizer-dir", TokenizerDir(), "-o", dir_ + "/out2", "--n", "1", "--steps", "2",
-           "--region", "left:a small <candy> on the left", "--threads", "1", "--quiet"});
+           "--region", "left:a small <candy> on the left", "--show-gates", "--threads", "1", "--quiet"});
   ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.err.find("gates of the prompt: it uses no concept"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("gates of region 0 (V, K in brackets) per token"), std::string::npos) << r.err;
   EXPECT_NE(r.err.find("global key-locking"), std::string::npos) << r.err;
   EXPECT_TRUE(fs::exists(dir_ + "/out2/1_0.png"));
   r = Run({PERFUSION_GENERATE_BIN, "a <candy>", "--concept", dir_ + "/candy.bin", "--model", TinyModelDir(),

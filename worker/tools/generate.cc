@@ -88,7 +88,8 @@ void Usage() {
       "  --grid                also write <seed>_grid.png with all images\n"
       "  --threads N           LibTorch threads (default: all cores)\n"
       "  --quiet               no progress bar\n"
-      "  --show-gates          print each token's gate per concept (where each edit acts) on stderr\n"
+      "  --show-gates          print each token's gate per concept (where each edit acts) on stderr, for the\n"
+      "                        prompt and each region\n"
       "  --region BOX:PROMPT   regional prompt (repeatable, up to 8): inside BOX the denoiser follows PROMPT\n"
       "                        instead of the main prompt (one more UNet pass per region). BOX: x0,y0,x1,y1\n"
       "                        in fractions of the image, or left|right|top|bottom|top_left|top_right|\n"
@@ -105,10 +106,11 @@ void MakeDirs(const std::string& dir) {
 
 // One line per prompt token, then the end-of-text padding summarised: the gate of every concept
 // (V projections; K too under global key-locking, where the key input differs).
-void PrintGates(const Pipeline& pipe, const GenerationRequest& req) {
-  const PromptGates pg = pipe.Gates(req.prompt, req.concepts, req.multi_concept_mode);
+void PrintGates(const Pipeline& pipe, const GenerationRequest& req, const std::string& prompt,
+                const std::string& what) {
+  const PromptGates pg = pipe.Gates(prompt, req.concepts, req.multi_concept_mode);
   if (!pg.value_gate.defined()) {
-    std::fprintf(stderr, "gates: the prompt uses no concept\n");
+    std::fprintf(stderr, "gates of %s: it uses no concept\n", what.c_str());
     return;
   }
   const auto& names = pg.tokens.concepts;
@@ -116,7 +118,8 @@ void PrintGates(const Pipeline& pipe, const GenerationRequest& req) {
   const ClipTokenizer& tok = *pipe.model().tokenizer;
   bool global = false;
   for (const auto& [name, ref] : req.concepts) global = global || ref.global_key_lock;
-  std::fprintf(stderr, "gates (V%s) per token:\n  %-4s %-22s", global ? ", K in brackets" : "", "pos", "token");
+  std::fprintf(stderr, "gates of %s (V%s) per token:\n  %-4s %-22s", what.c_str(), global ? ", K in brackets" : "",
+               "pos", "token");
   for (const auto& n : names) std::fprintf(stderr, " %12s", ("<" + n + ">").substr(0, 12).c_str());
   std::fprintf(stderr, "\n");
   auto row = [&](const std::string& label, const std::string& pos, const at::Tensor& v, const at::Tensor& k) {
@@ -230,7 +233,12 @@ int main(int argc, char** argv) {
                    c->superclass.c_str(), ref.gate.beta, ref.gate.temperature, ref.global_key_lock ? "global" : "local");
       req.concepts[c->name] = ref;
     }
-    if (a.show_gates) PrintGates(pipe, req);
+    if (a.show_gates) {
+      PrintGates(pipe, req, req.prompt, "the prompt");
+      for (size_t j = 0; j < req.regions.size(); ++j) {
+        PrintGates(pipe, req, req.regions[j].prompt, "region " + std::to_string(j));
+      }
+    }
     const bool tty = ::isatty(STDERR_FILENO);
     const auto t0 = std::chrono::steady_clock::now();
     ProgressFn progress = [&](int64_t step, int64_t total) {
