@@ -505,12 +505,20 @@ absl::StatusOr<std::string> Scheduler::SubmitGeneration(const std::string& tenan
   {
     absl::MutexLock lock(&mu_);
     if (draining_) return absl::UnavailableError("server is draining; retry later");
-    int generators = 0;
-    for (const auto& [wid, w] : workers_) generators += ConnectedLocked(w) && w.caps.generation;
+    int generators = 0, regional = 0;
+    for (const auto& [wid, w] : workers_) {
+      generators += ConnectedLocked(w) && w.caps.generation;
+      regional += ConnectedLocked(w) && w.caps.generation && w.caps.regions;
+    }
     if (generators == 0) {
       return absl::UnavailableError(
           absl::StrCat("no generation worker is connected for base model \"",
                        options_.base_model_id, "\"; retry later"));
+    }
+    if (!spec.request.regions.empty() && regional == 0) {
+      return absl::UnavailableError(
+          "regions: no connected generation worker supports regional prompts (the workers predate "
+          "them; upgrade perfusion-worker, or retry later)");
     }
     if (static_cast<int>(gen_items_.size()) >= options_.max_generation_queue) {
       return absl::ResourceExhaustedError(absl::StrCat(
@@ -635,9 +643,16 @@ absl::StatusOr<std::string> Scheduler::RegisterWorker(const std::string& name,
 std::optional<WorkItem> Scheduler::GrantLocked(const Worker& worker, Pending& out,
                                                bool probe_store) {
   const absl::Time now = clock_->Now();
-  if (worker.caps.generation && !gen_queue_.empty()) {
-    std::string id = gen_queue_.front();
-    gen_queue_.pop_front();
+  // The oldest generation this worker can run: one with regions needs a worker that knows them.
+  auto runnable = gen_queue_.end();
+  if (worker.caps.generation) {
+    runnable = std::find_if(gen_queue_.begin(), gen_queue_.end(), [&](const std::string& id) {
+      return worker.caps.regions || gen_items_[id].spec.request.regions.empty();
+    });
+  }
+  if (runnable != gen_queue_.end()) {
+    std::string id = *runnable;
+    gen_queue_.erase(runnable);
     GenItem& g = gen_items_[id];
     Lease l{NewId("lease_"), false, id, worker.id, now + options_.lease_duration, now, false};
     leases_[l.id] = l;

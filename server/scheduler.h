@@ -115,6 +115,7 @@ struct GenerationCallbacks {
 struct WorkerCapabilities {
   bool training = true;
   bool generation = true;
+  bool regions = false;  // understands GenerateRequest.regions (older workers would drop them)
   std::string device;
   int64_t memory_bytes = 0;
 };

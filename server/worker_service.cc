@@ -79,6 +79,7 @@ grpc::ServerUnaryReactor* WorkerServiceImpl::RegisterWorker(
     WorkerCapabilities caps;
     caps.training = req->capabilities().training();
     caps.generation = req->capabilities().generation();
+    caps.regions = req->capabilities().regions();
     caps.device = req->capabilities().device();
     caps.memory_bytes = req->capabilities().memory_bytes();
     ASSIGN_OR_RETURN(std::string id,

@@ -260,6 +260,7 @@ absl::Status Agent::Register() {
   auto* caps = req.mutable_capabilities();
   caps->set_training(options_.training);
   caps->set_generation(options_.generation);
+  caps->set_regions(true);  // GenerateBatch passes GenerateRequest.regions on to the engine
   caps->set_device(options_.device);
   caps->set_memory_bytes(options_.memory_bytes);
   v1::RegisterWorkerResponse resp;

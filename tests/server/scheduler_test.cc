@@ -52,10 +52,11 @@ class SchedulerTest : public ::testing::Test {
     EXPECT_THAT(v, IsOk());
     return v.ok() ? v->job.id : "";
   }
-  std::string Worker(bool training = true, bool generation = true) {
+  std::string Worker(bool training = true, bool generation = true, bool regions = true) {
     WorkerCapabilities caps;
     caps.training = training;
     caps.generation = generation;
+    caps.regions = regions;
     auto id = scheduler_->RegisterWorker("w", "tiny", caps);
     EXPECT_THAT(id, IsOk());
     return *id;
@@ -375,6 +376,28 @@ TEST_F(SchedulerTest, GenerationNeedsAConnectedWorker) {
   Worker(/*training=*/true, /*generation=*/false);
   EXPECT_THAT(scheduler_->SubmitGeneration("acme", Spec(), absl::InfiniteFuture(), {}),
               StatusIs(absl::StatusCode::kUnavailable));
+}
+
+// A worker built before regional prompts would drop them: it never gets a request with regions, and
+// with no worker that knows them such a request is refused instead of silently losing its regions.
+TEST_F(SchedulerTest, RequestsWithRegionsGoOnlyToWorkersThatKnowThem) {
+  GenerationSpec regional = Spec();
+  regional.request.regions = {{"a star", 0, 0, 0.5f, 1}};
+  std::string old_worker = Worker(/*training=*/false, /*generation=*/true, /*regions=*/false);
+  EXPECT_THAT(scheduler_->SubmitGeneration("acme", regional, absl::InfiniteFuture(), {}),
+              StatusIs(absl::StatusCode::kUnavailable, HasSubstr("regions: no connected generation worker")));
+  std::string new_worker = Worker(/*training=*/false, /*generation=*/true, /*regions=*/true);
+  auto r = scheduler_->SubmitGeneration("acme", regional, absl::InfiniteFuture(), {});
+  ASSERT_THAT(r, IsOk());
+  auto p = scheduler_->SubmitGeneration("acme", Spec(), absl::InfiniteFuture(), {});
+  ASSERT_THAT(p, IsOk());
+  auto item = Lease(old_worker);  // skips the older regional request for the plain one
+  ASSERT_TRUE(item && item->generation);
+  EXPECT_TRUE(item->generation->spec.request.regions.empty());
+  EXPECT_FALSE(Lease(old_worker).has_value());
+  item = Lease(new_worker);
+  ASSERT_TRUE(item && item->generation);
+  EXPECT_EQ(item->generation->spec.request.regions.size(), 1u);
 }
 
 TEST_F(SchedulerTest, GenerationIsLeasedBeforeTrainingAndCompletes) {
