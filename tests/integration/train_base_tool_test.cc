@@ -121,6 +121,20 @@ TEST_F(TrainBaseToolTest, RunsEveryStageResumesAndExtends) {
   EXPECT_NE(r.err.find("--pair-prob 1.0, not 0.5"), std::string::npos) << r.err;
 }
 
+// --latent-size 16: a VAE with one downsampling less (16x16 latents) and a UNet of that sample size.
+TEST_F(TrainBaseToolTest, SixteenBySixteenLatents) {
+  CommandResult r = Train({"--vae-steps", "2", "--unet-steps", "1", "--decoder-steps", "0", "--latent-size", "16"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const nlohmann::json unet = nlohmann::json::parse(ReadFileOrEmpty(dir_ + "/model/unet/config.json"));
+  const nlohmann::json vae = nlohmann::json::parse(ReadFileOrEmpty(dir_ + "/model/vae/config.json"));
+  EXPECT_EQ(unet["sample_size"], 16);
+  EXPECT_EQ(vae["block_out_channels"].size(), 2u) << vae.dump();
+  EXPECT_EQ(vae["sample_size"], 32);
+  r = Train({"--vae-steps", "2", "--unet-steps", "2", "--decoder-steps", "0"});
+  EXPECT_EQ(r.exit_code, 2) << r.out;
+  EXPECT_NE(r.err.find("--latent-size 16, not 8"), std::string::npos) << r.err;
+}
+
 TEST_F(TrainBaseToolTest, RejectsUnknownFlagsAndBadValues) {
   CommandResult r = RunCommand({PERFUSION_TRAIN_BASE_BIN, "--decoder-stepz", "3"}, dir_, absl::Seconds(30));
   EXPECT_NE(r.exit_code, 0);
@@ -131,6 +145,9 @@ TEST_F(TrainBaseToolTest, RejectsUnknownFlagsAndBadValues) {
   r = RunCommand({PERFUSION_TRAIN_BASE_BIN, "--unet-batch", "0"}, dir_, absl::Seconds(30));
   EXPECT_EQ(r.exit_code, 2);
   EXPECT_NE(r.err.find("batch sizes >= 1"), std::string::npos) << r.err;
+  r = RunCommand({PERFUSION_TRAIN_BASE_BIN, "--latent-size", "12"}, dir_, absl::Seconds(30));
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_NE(r.err.find("--latent-size must be 8 or 16"), std::string::npos) << r.err;
 }
 
 }  // namespace

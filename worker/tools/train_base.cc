@@ -2,7 +2,8 @@
 // procedurally rendered shapes world, and writes it as a diffusers-layout folder (models/tiny).
 //
 // Stages (each checkpointed under --work; rerunning the same command resumes where it stopped):
-//   1. vae:   a small AutoencoderKL, 32x32x3 <-> 8x8x4 (--latent-channels), reconstruction MSE + L1 + a
+//   1. vae:   a small AutoencoderKL, 32x32x3 <-> 8x8x4 (--latent-channels; --latent-size 16 for
+//             16x16 latents), reconstruction MSE + L1 + a
 //             small KL term (+ an optional edge term). Writes vae_check.png: what it keeps.
 //   2. unet:  a CLIP-style text encoder and a UNet with cross-attention, trained together on the VAE's
 //             latents (10% empty captions, for classifier-free guidance), with an EMA of the weights.
@@ -68,6 +69,7 @@ struct Args {
   int64_t decoder_steps = 4000, decoder_batch = 32;
   double decoder_lr = 5e-4, edge_weight = 1.0;
   int64_t latent_channels = 4;
+  int64_t latent_size = 8;  // 8: downsampling 4 (the shipped model); 16: downsampling 2
   double vae_edge_weight = 0;
   double ema_decay = 0.999;
   bool sd_schedule = false;
@@ -90,6 +92,8 @@ void Usage() {
       "  --vae-steps N         VAE steps (default 1500); --vae-batch N (default 32)\n"
       "  --vae-edge-weight X   edge term (L1 of image gradients) in the VAE stage's loss (default 0)\n"
       "  --latent-channels N   VAE latent channels = UNet in/out channels (default 4, as SD 1.x)\n"
+      "  --latent-size N       8 (default: 32x32 images <-> 8x8 latents, downsampling 4) or 16 (downsampling\n"
+      "                        2: keeps 2-pixel patterns, at about 4x the UNet's cost per step)\n"
       "  --unet-steps N        text encoder + UNet steps (default 9000); --unet-batch N (default 64)\n"
       "  --unet-lr X           learning rate (default 5e-4)\n"
       "  --pair-steps N        then N more text encoder + UNet steps on a fresh set of scenes with\n"
@@ -107,7 +111,7 @@ void Usage() {
       "  --threads N           LibTorch threads (default: all cores)\n\n"
       "A finished --work folder goes back to the UNet, two-object or decoder stage when --unet-steps,\n"
       "--pair-steps or --decoder-steps exceeds the steps it has done, and writes --out again. A rerun\n"
-      "must keep --samples, --seed, --two-object-prob, --pair-prob and --latent-channels.\n");
+      "must keep --samples, --seed, --two-object-prob, --pair-prob, --latent-channels and --latent-size.\n");
 }
 
 bool Exists(const std::string& p) {
@@ -119,11 +123,11 @@ bool Exists(const std::string& p) {
 CLIPTextModelOptions TextOptions() {
   return CLIPTextModelOptions().hidden_size(64).intermediate_size(256).num_attention_heads(4).num_hidden_layers(3);
 }
-UNetConfig UnetConfig(int64_t latent_channels) {
+UNetConfig UnetConfig(int64_t latent_channels, int64_t latent_size) {
   UNetConfig c;
   c.in_channels = latent_channels;
   c.out_channels = latent_channels;
-  c.sample_size = 8;
+  c.sample_size = latent_size;
   c.block_out_channels = {64, 128};
   c.down_block_types = {"CrossAttnDownBlock2D", "CrossAttnDownBlock2D"};
   c.up_block_types = {"CrossAttnUpBlock2D", "CrossAttnUpBlock2D"};
@@ -133,9 +137,10 @@ UNetConfig UnetConfig(int64_t latent_channels) {
   c.norm_num_groups = 32;
   return c;
 }
-AutoencoderKLOptions VaeOptions(double scaling, int64_t latent_channels) {
+// 32x32 images: three blocks give 8x8 latents (downsampling 4), two give 16x16 (downsampling 2).
+AutoencoderKLOptions VaeOptions(double scaling, int64_t latent_channels, int64_t latent_size) {
   return AutoencoderKLOptions()
-      .block_out_channels({32, 64, 64})
+      .block_out_channels(latent_size == 16 ? std::vector<int64_t>{32, 64} : std::vector<int64_t>{32, 64, 64})
       .layers_per_block(1)
       .latent_channels(latent_channels)
       .norm_num_groups(16)
@@ -294,6 +299,7 @@ int main(int argc, char** argv) {
       else if (k == "--vae-batch") a.vae_batch = std::stoll(v());
       else if (k == "--vae-edge-weight") a.vae_edge_weight = std::stod(v());
       else if (k == "--latent-channels") a.latent_channels = std::stoll(v());
+      else if (k == "--latent-size") a.latent_size = std::stoll(v());
       else if (k == "--unet-steps") a.unet_steps = std::stoll(v());
       else if (k == "--unet-batch") a.unet_batch = std::stoll(v());
       else if (k == "--unet-lr") a.unet_lr = std::stod(v());
@@ -315,6 +321,10 @@ int main(int argc, char** argv) {
       return true;
     })) {
     return *code;
+  }
+  if (a.latent_size != 8 && a.latent_size != 16) {
+    std::fprintf(stderr, "--latent-size must be 8 or 16, got %lld\n", (long long)a.latent_size);
+    return 2;
   }
   if (a.samples < 1 || a.vae_batch < 1 || a.unet_batch < 1 || a.decoder_batch < 1 || a.vae_steps < 0 ||
       a.unet_steps < 0 || a.decoder_steps < 0 || a.pair_steps < 0 || a.checkpoint_every < 1 ||
@@ -338,13 +348,18 @@ int main(int argc, char** argv) {
       // Resuming with other data settings would silently mix two runs: refuse, naming the flag.
       // (Work folders from before this check have no record; they take the current values.)
       const nlohmann::json now = {{"--samples", a.samples}, {"--seed", a.seed}, {"--two-object-prob", a.two_object_prob},
-                                  {"--pair-prob", a.pair_prob}, {"--latent-channels", a.latent_channels}};
+                                  {"--pair-prob", a.pair_prob}, {"--latent-channels", a.latent_channels},
+                                  {"--latent-size", a.latent_size}};
       for (const auto& [flag, value] : now.items()) {
         // --pair-prob matters only once the two-object stage has taken a step.
         if (flag == "--pair-prob" && st.pair_step == 0) continue;
-        if (st.data.contains(flag) && st.data[flag] != value) {
+        // Folders recorded before --latent-size existed were all made with 8.
+        const nlohmann::json made = st.data.contains(flag) ? st.data[flag]
+                                    : flag == "--latent-size" && !st.data.empty() ? nlohmann::json(8)
+                                                                                 : nlohmann::json();
+        if (!made.is_null() && made != value) {
           std::fprintf(stderr, "error: %s was made with %s %s, not %s: rerun with that value or use another --work\n",
-                       a.work.c_str(), flag.c_str(), st.data[flag].dump().c_str(), value.dump().c_str());
+                       a.work.c_str(), flag.c_str(), made.dump().c_str(), value.dump().c_str());
           return 2;
         }
       }
@@ -377,7 +392,7 @@ int main(int argc, char** argv) {
     at::Generator gen = MakeGenerator(a.seed * 7919 + 17);
 
     // ---- Stage 1: VAE --------------------------------------------------------------------------
-    AutoencoderKL vae(VaeOptions(1.0, a.latent_channels));
+    AutoencoderKL vae(VaeOptions(1.0, a.latent_channels, a.latent_size));
     const std::string vae_path = a.work + "/vae.safetensors", vae_opt_path = a.work + "/vae_opt.pt";
     if (Exists(vae_path)) LoadStateDict(*vae, vae_path);
     if (st.stage == "vae") {
@@ -434,7 +449,7 @@ int main(int argc, char** argv) {
 
     // ---- Stage 2: text encoder + UNet ----------------------------------------------------------
     CLIPTextModel te(TextOptions());
-    UNet2DConditionModel unet(UnetConfig(a.latent_channels));
+    UNet2DConditionModel unet(UnetConfig(a.latent_channels, a.latent_size));
     const std::string te_path = a.work + "/text_encoder.safetensors", unet_path = a.work + "/unet.safetensors";
     const std::string opt_path = a.work + "/unet_opt.pt";
     if (Exists(te_path)) LoadStateDict(*te, te_path);
@@ -604,7 +619,7 @@ int main(int argc, char** argv) {
     StableDiffusion m;
     m.text_encoder = te;
     m.unet = unet;
-    AutoencoderKL final_vae(VaeOptions(st.latent_scale, a.latent_channels));
+    AutoencoderKL final_vae(VaeOptions(st.latent_scale, a.latent_channels, a.latent_size));
     LoadStateDict(*final_vae, Exists(vae_ft_path) ? vae_ft_path : vae_path);
     m.vae = final_vae;
     m.scheduler = sched;
