@@ -19,6 +19,16 @@ struct RegionText {
   std::array<double, 4> box{0, 0, 1, 1};  // x0, y0, x1, y1
 };
 
+// The box of a named region (x0, y0, x1, y1), or nullptr for an unknown name.
+inline const std::array<double, 4>* NamedRegionBox(const std::string& name) {
+  static const std::map<std::string, std::array<double, 4>> kNamed = {
+      {"left", {0, 0, 0.5, 1}},          {"right", {0.5, 0, 1, 1}},         {"top", {0, 0, 1, 0.5}},
+      {"bottom", {0, 0.5, 1, 1}},        {"top_left", {0, 0, 0.5, 0.5}},    {"top_right", {0.5, 0, 1, 0.5}},
+      {"bottom_left", {0, 0.5, 0.5, 1}}, {"bottom_right", {0.5, 0.5, 1, 1}}};
+  const auto it = kNamed.find(name);
+  return it == kNamed.end() ? nullptr : &it->second;
+}
+
 // Parses BOX:PROMPT. Returns "" and fills *out, or a message naming the problem. The box's bounds
 // are checked where it is used (the server or the pipeline), with the same message for every client.
 inline std::string ParseRegionText(const std::string& spec, RegionText* out) {
@@ -29,12 +39,8 @@ inline std::string ParseRegionText(const std::string& spec, RegionText* out) {
   out->prompt = first == std::string::npos ? "" : spec.substr(first);
   if (out->prompt.empty()) return usage + " (the prompt is empty)";
   const std::string box = spec.substr(0, colon);
-  static const std::map<std::string, std::array<double, 4>> kNamed = {
-      {"left", {0, 0, 0.5, 1}},          {"right", {0.5, 0, 1, 1}},         {"top", {0, 0, 1, 0.5}},
-      {"bottom", {0, 0.5, 1, 1}},        {"top_left", {0, 0, 0.5, 0.5}},    {"top_right", {0.5, 0, 1, 0.5}},
-      {"bottom_left", {0, 0.5, 0.5, 1}}, {"bottom_right", {0.5, 0.5, 1, 1}}};
-  if (auto it = kNamed.find(box); it != kNamed.end()) {
-    out->box = it->second;
+  if (const std::array<double, 4>* named = NamedRegionBox(box)) {
+    out->box = *named;
     return "";
   }
   const char* p = box.c_str();

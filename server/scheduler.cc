@@ -647,7 +647,7 @@ std::optional<WorkItem> Scheduler::GrantLocked(const Worker& worker, Pending& ou
   auto runnable = gen_queue_.end();
   if (worker.caps.generation) {
     runnable = std::find_if(gen_queue_.begin(), gen_queue_.end(), [&](const std::string& id) {
-      return worker.caps.regions || gen_items_[id].spec.request.regions.empty();
+      return worker.caps.regions || gen_items_.at(id).spec.request.regions.empty();
     });
   }
   if (runnable != gen_queue_.end()) {

@@ -299,6 +299,18 @@ absl::Status ValidateTrainingRequest(TrainingRequest& r, const ValidationLimits&
   return absl::OkStatus();
 }
 
+namespace {
+
+// Appends `ref` unless a reference written the same way is already there.
+void AddDistinct(std::vector<ConceptRef>* refs, ConceptRef ref) {
+  for (const auto& r : *refs) {
+    if (r.reference == ref.reference) return;
+  }
+  refs->push_back(std::move(ref));
+}
+
+}  // namespace
+
 absl::StatusOr<std::vector<ConceptRef>> ParsePromptReferences(absl::string_view prompt,
                                                               absl::string_view field) {
   std::vector<ConceptRef> refs;
@@ -323,9 +335,7 @@ absl::StatusOr<std::vector<ConceptRef>> ParsePromptReferences(absl::string_view 
         return malformed("bad version");
       }
     }
-    bool seen = false;
-    for (const auto& r : refs) seen = seen || r.reference == ref.reference;
-    if (!seen) refs.push_back(std::move(ref));
+    AddDistinct(&refs, std::move(ref));
     i = close;
   }
   return refs;
@@ -354,11 +364,7 @@ absl::StatusOr<std::vector<ConceptRef>> ValidateGenerationRequest(GenerationRequ
     }
     auto more = ParsePromptReferences(g.prompt, field + ".prompt");
     if (!more.ok()) return more.status();
-    for (auto& ref : *more) {
-      bool seen = false;
-      for (const auto& have : *refs) seen = seen || have.reference == ref.reference;
-      if (!seen) refs->push_back(std::move(ref));
-    }
+    for (auto& ref : *more) AddDistinct(&*refs, std::move(ref));
     const bool box_ok = std::isfinite(g.x0) && std::isfinite(g.y0) && std::isfinite(g.x1) &&
                         std::isfinite(g.y1) && g.x0 >= 0 && g.y0 >= 0 && g.x1 <= 1 && g.y1 <= 1 &&
                         g.x0 < g.x1 && g.y0 < g.y1;

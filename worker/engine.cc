@@ -162,7 +162,7 @@ absl::StatusOr<std::vector<GenerateResult>> Engine::Generate(const std::vector<G
       q.height = g.height;
       q.sampler = g.sampler.empty() ? "ddim" : g.sampler;
       q.multi_concept_mode = g.exact_multi_concept ? MultiConceptMode::kExact : MultiConceptMode::kApproximate;
-      for (const RegionSpec& region : g.regions) q.regions.push_back({region.prompt, region.x0, region.y0, region.x1, region.y1});
+      q.regions = g.regions;
       for (const ConceptUse& u : g.concepts) {
         ConceptRef ref;
         try {

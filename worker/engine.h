@@ -17,6 +17,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "worker/perfusion/prompt_region.h"
 
 namespace perfusion::worker {
 
@@ -64,11 +65,6 @@ struct ConceptUse {
   std::optional<bool> global_key_lock;  // unset: the model's default (perfusion/inference.json)
 };
 
-// A regional prompt (perfusion::PromptRegion): box in fractions of the image.
-struct RegionSpec {
-  std::string prompt;
-  double x0 = 0, y0 = 0, x1 = 1, y1 = 1;
-};
 
 struct GenerateSpec {
   std::string prompt;
@@ -82,7 +78,7 @@ struct GenerateSpec {
   int64_t width = 0, height = 0;  // 0 = the model's native size
   std::string sampler = "ddim";
   bool exact_multi_concept = false;
-  std::vector<RegionSpec> regions;
+  std::vector<perfusion::PromptRegion> regions;
 };
 
 struct GenerateResult {

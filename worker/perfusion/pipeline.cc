@@ -293,20 +293,29 @@ std::vector<GenerationResult> Pipeline::GenerateGroup(const std::vector<const Ge
   // Per request: noise from its own seed; K/V of the prompt and of the negative prompt.
   std::vector<at::Tensor> noise;
   std::vector<std::vector<CrossAttnKV>> cond_kv, uncond_kv;
-  std::vector<std::vector<std::vector<CrossAttnKV>>> region_kv;  // [request][region][layer]
-  std::vector<std::vector<at::Tensor>> region_mask;              // [request][region]: [1, 1, h, w]
+  // Regions: one more conditional pass per image and region, on the image's latents with the
+  // region's prompt, after the conditional half of the batch. Its prediction replaces the image's
+  // own inside the box; region j of every image is blended at once, in order j = 0, 1, ... (a later
+  // region wins). Per image, so a batch still equals its requests run one by one.
+  struct RegionPass {
+    std::vector<CrossAttnKV> kv;  // per layer, [1, S, inner]
+    int64_t first_image = 0, count = 0;
+    at::Tensor mask;  // [1, 1, h, w]
+  };
+  std::vector<std::vector<RegionPass>> by_rank(kMaxRegions);  // [j]: region j of each request that has one
   std::vector<int64_t> counts;
   bool any_cfg = false;
+  int64_t n_images = 0;
   for (const GenerationRequest* r : group) {
     TORCH_CHECK_VALUE(r->num_images >= 1 && r->num_images <= 64, "num_images must be in [1, 64], got ", r->num_images);
     TORCH_CHECK_VALUE(r->regions.size() <= kMaxRegions, "at most ", kMaxRegions, " regions, got ", r->regions.size());
-    region_kv.emplace_back();
-    region_mask.emplace_back();
-    for (const PromptRegion& region : r->regions) {
+    for (size_t j = 0; j < r->regions.size(); ++j) {
+      const PromptRegion& region = r->regions[j];
       TORCH_CHECK_VALUE(!region.prompt.empty(), "a region's prompt is empty");
-      region_mask.back().push_back(RegionMask(region, h, w));
-      region_kv.back().push_back(PromptKV(region.prompt, r->concepts, r->multi_concept_mode));
+      at::Tensor mask = RegionMask(region, h, w);
+      by_rank[j].push_back({PromptKV(region.prompt, r->concepts, r->multi_concept_mode), n_images, r->num_images, mask});
     }
+    n_images += r->num_images;
     TORCH_CHECK_VALUE(r->guidance_scale >= 0, "guidance_scale must be >= 0");
     TORCH_CHECK_VALUE(r->guidance_rescale >= 0 && r->guidance_rescale <= 1,
                       "guidance_rescale must be in [0, 1], got ", r->guidance_rescale);
@@ -320,16 +329,40 @@ std::vector<GenerationResult> Pipeline::GenerateGroup(const std::vector<const Ge
     uncond_kv.push_back(PromptKV(r->negative_prompt, r->concepts, r->multi_concept_mode));
     if (r->guidance_scale > 1.0) any_cfg = true;
   }
-  // The batch: [uncond of every image..., cond of every image...] (uncond only if some request guides).
+  // Each rank's blend, precomputed: its rows among the region passes (contiguous), the images they
+  // belong to (each at most once per rank), and their masks.
+  struct RankBlend {
+    int64_t first_row = 0;
+    at::Tensor images, weight;  // [n] long, [n, 1, h, w]
+  };
+  std::vector<RankBlend> blends;
+  std::vector<int64_t> region_image;  // the image (index in the conditional half) of each region pass row
+  for (const auto& passes : by_rank) {
+    if (passes.empty()) continue;
+    const int64_t first_row = static_cast<int64_t>(region_image.size());
+    std::vector<at::Tensor> weights;
+    for (const RegionPass& p : passes) {
+      for (int64_t n = 0; n < p.count; ++n) region_image.push_back(p.first_image + n);
+      weights.push_back(p.mask.expand({p.count, 1, h, w}));
+    }
+    const std::vector<int64_t> images(region_image.begin() + first_row, region_image.end());
+    blends.push_back({first_row, at::tensor(images, at::TensorOptions().dtype(at::kLong)).to(dev), at::cat(weights).to(dev)});
+  }
+  const at::Tensor region_index = at::tensor(region_image, at::TensorOptions().dtype(at::kLong)).to(dev);
+  // The batch: [uncond of every image..., cond of every image..., region passes in rank order]
+  // (uncond only if some request guides).
   std::vector<CrossAttnKV> kv(layers_.size());
   for (size_t l = 0; l < layers_.size(); ++l) {
     std::vector<at::Tensor> ks, vs;
+    auto add = [&](const CrossAttnKV& src, int64_t count) {
+      ks.push_back(src.k.expand({count, src.k.size(1), src.k.size(2)}));
+      vs.push_back(src.v.expand({count, src.v.size(1), src.v.size(2)}));
+    };
     for (int pass = any_cfg ? 0 : 1; pass < 2; ++pass) {
-      for (size_t r = 0; r < group.size(); ++r) {
-        const CrossAttnKV& src = pass == 0 ? uncond_kv[r][l] : cond_kv[r][l];
-        ks.push_back(src.k.expand({counts[r], src.k.size(1), src.k.size(2)}));
-        vs.push_back(src.v.expand({counts[r], src.v.size(1), src.v.size(2)}));
-      }
+      for (size_t r = 0; r < group.size(); ++r) add(pass == 0 ? uncond_kv[r][l] : cond_kv[r][l], counts[r]);
+    }
+    for (const auto& passes : by_rank) {
+      for (const RegionPass& p : passes) add(p.kv[l], p.count);
     }
     kv[l] = {at::cat(ks).to(dtype), at::cat(vs).to(dtype)};
   }
@@ -346,32 +379,6 @@ std::vector<GenerationResult> Pipeline::GenerateGroup(const std::vector<const Ge
   const at::Tensor guidance = at::tensor(scale, at::TensorOptions().dtype(at::kDouble)).to(dev, at::kFloat).reshape({-1, 1, 1, 1});
   const at::Tensor use_cfg = guidance > 1.0;
 
-  // Regions: one more conditional pass per image and region, on the image's latents with the region's
-  // prompt, appended to the batch; its prediction replaces the image's own inside the box (later
-  // regions win). Per image, so a batch still equals its requests run one by one.
-  std::vector<int64_t> region_image;  // the image (index in the conditional half) of each extra entry
-  std::vector<at::Tensor> region_masks;
-  {
-    int64_t offset = 0;
-    for (size_t r = 0; r < group.size(); ++r) {
-      for (size_t j = 0; j < region_kv[r].size(); ++j) {
-        for (int64_t n = 0; n < counts[r]; ++n) {
-          region_image.push_back(offset + n);
-          region_masks.push_back(region_mask[r][j]);
-        }
-        for (size_t l = 0; l < layers_.size(); ++l) {
-          const CrossAttnKV& src = region_kv[r][j][l];
-          kv[l].k = at::cat({kv[l].k, src.k.expand({counts[r], src.k.size(1), src.k.size(2)}).to(dtype)});
-          kv[l].v = at::cat({kv[l].v, src.v.expand({counts[r], src.v.size(1), src.v.size(2)}).to(dtype)});
-        }
-      }
-      offset += counts[r];
-    }
-  }
-  const at::Tensor region_index = at::tensor(region_image, at::TensorOptions().dtype(at::kLong)).to(dev);
-  const at::Tensor region_weight = region_masks.empty() ? at::Tensor() : at::cat(region_masks).to(dev);  // [E, 1, h, w]
-  const int64_t n_images = static_cast<int64_t>(noise.size());
-
   std::unique_ptr<Sampler> sampler = MakeSampler(first.sampler, model_->scheduler);
   sampler->set_timesteps(first.steps);
   at::Tensor x = sampler->initial_latents(at::cat(noise).to(dev));
@@ -386,11 +393,11 @@ std::vector<GenerationResult> Pipeline::GenerateGroup(const std::vector<const Ge
     if (!region_image.empty()) {
       const int64_t cond_start = any_cfg ? n_images : 0;
       at::Tensor cond = eps.slice(0, cond_start, cond_start + n_images).clone();
-      const at::Tensor regional = eps.slice(0, cond_start + n_images);  // [E, C, h, w]
-      for (size_t e = 0; e < region_image.size(); ++e) {
-        at::Tensor c = cond[region_image[e]];
-        const int64_t k = static_cast<int64_t>(e);
-        c.copy_(c + region_weight[k] * (regional[k] - c));
+      const at::Tensor regional = eps.slice(0, cond_start + n_images);  // [region passes, C, h, w]
+      for (const RankBlend& b : blends) {
+        const at::Tensor own = cond.index_select(0, b.images);
+        const at::Tensor theirs = regional.slice(0, b.first_row, b.first_row + b.images.size(0));
+        cond.index_copy_(0, b.images, own + b.weight * (theirs - own));
       }
       eps = any_cfg ? at::cat({eps.slice(0, 0, n_images), cond}) : cond;
     }

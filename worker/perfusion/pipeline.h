@@ -32,6 +32,7 @@
 
 #include "perfusion/concept.h"
 #include "perfusion/model_dir.h"
+#include "perfusion/prompt_region.h"
 #include "perfusion/rank1_edit.h"
 #include "perfusion/unet.h"
 
@@ -51,23 +52,6 @@ struct ConceptRef {
   GateParams gate;               // beta / temperature at inference (the concept's default_gate if unset)
   bool global_key_lock = false;  // spec §2
 };
-
-// A part of the image with its own prompt (regional prompting, as in MultiDiffusion and Latent
-// Couple): at every denoising step the UNet also predicts the noise for this prompt, and inside
-// the box that prediction replaces the request prompt's (a cell partly inside is mixed by the
-// fraction inside). Every prediction is made on the same latents, so the parts stay one picture.
-// It places concepts where a base model does not bind each noun to its own object:
-// "a <a> to the left of a <b>" with region "a small <a> on the left" over the left half and
-// "a small <b> on the right" over the right half. Each region costs one more UNet pass per image.
-// (Blending the cross-attention outputs by region instead, at each attention layer, was tried on the
-// tiny model and drew one object; see docs/quality.md.)
-struct PromptRegion {
-  std::string prompt;                     // may reference the request's concepts
-  double x0 = 0, y0 = 0, x1 = 1, y1 = 1;  // the box, in fractions of width and height (0, 0: top left)
-};
-
-// Regions per request.
-constexpr size_t kMaxRegions = 8;
 
 // A region's weight per latent cell: the fraction of the cell inside the box. [1, 1, h, w] float32.
 at::Tensor RegionMask(const PromptRegion& region, int64_t h, int64_t w);

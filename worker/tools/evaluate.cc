@@ -41,6 +41,7 @@
 #include <string>
 #include <vector>
 
+#include "client/region_spec.h"
 #include "perfusion/concept_token.h"
 #include "perfusion/image_io.h"
 #include "perfusion/model_dir.h"
@@ -877,12 +878,9 @@ class Evaluation {
             if (method == "regional") {
               const std::string bg = prompt_bg[p] ? " on a " + ColorName(*prompt_bg[p]) + " background" : "";
               for (const auto& [ref, pos] : {std::make_pair(ra, layout[p].first), std::make_pair(rb, layout[p].second)}) {
-                regions.push_back({"a small " + ref + " " + PositionPhrase(pos) + bg, 0, 0, 1, 1});
-                PromptRegion& box = regions.back();
-                if (pos == Position::kLeft) box.x1 = 0.5;
-                if (pos == Position::kRight) box.x0 = 0.5;
-                if (pos == Position::kTop) box.y1 = 0.5;
-                if (pos == Position::kBottom) box.y0 = 0.5;
+                const std::array<double, 4>* box = NamedRegionBox(PositionName(pos));  // "left", "top", ...
+                TORCH_CHECK(box != nullptr, "no region box named ", PositionName(pos));
+                regions.push_back({"a small " + ref + " " + PositionPhrase(pos) + bg, (*box)[0], (*box)[1], (*box)[2], (*box)[3]});
               }
             }
             imgs = Generate(prompts[p], refs, seed, regions);

@@ -474,7 +474,8 @@ int main(int argc, char** argv) {
         for (auto& p : live) avg.push_back(p.detach().clone());
       }
     }
-    const char* after_unet = a.pair_steps > st.pair_step ? "pairs" : a.decoder_steps > st.decoder_step ? "decoder" : "final";
+    const char* after_pairs = a.decoder_steps > st.decoder_step ? "decoder" : "final";
+    const char* after_unet = a.pair_steps > st.pair_step ? "pairs" : after_pairs;
     if (st.stage == "unet" || st.stage == "pairs") {
       std::vector<at::Tensor> params = te->parameters();
       for (auto& p : unet->parameters()) params.push_back(p);
@@ -547,7 +548,7 @@ int main(int argc, char** argv) {
           const double loss = train_step(pairs, latents, 4000000 + st.pair_step, st.step + st.pair_step);
           if (!loop.AfterStep(st.pair_step, loss, save)) return 0;
         }
-        st.stage = a.decoder_steps > st.decoder_step ? "decoder" : "final";
+        st.stage = after_pairs;
         SaveState(a.work, st);
       }
     }
