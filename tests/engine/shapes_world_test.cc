@@ -181,8 +181,10 @@ TEST(ShapesWorldTest, CaptionWordsCoverEveryGeneratedCaption) {
   const auto list = CaptionWords();
   const std::set<std::string> words(list.begin(), list.end());
   std::set<std::string> seen;
+  WorldOptions open;  // a third of the scenes with open concept patterns, whose words are captioned too
+  open.open_texture_prob = 0.5;
   for (uint64_t seed = 0; seed < 3000; ++seed) {
-    const SceneSpec scene = SampleScene(seed);
+    const SceneSpec scene = SampleScene(seed, seed % 3 == 0 ? open : WorldOptions{});
     for (int t = 0; t < NumCaptionTemplates(scene); ++t) {
       for (const auto& w : Words(Caption(scene, t))) {
         EXPECT_TRUE(words.count(w)) << "'" << w << "' in '" << Caption(scene, t) << "'";
@@ -382,6 +384,37 @@ TEST(ShapesWorldTest, BaseSamplerNeverEmitsAConceptLook) {
   EXPECT_GT(unrestricted_hits, 20);
 }
 
+TEST(ShapesWorldTest, OpenPatternsReachBaseObjectsButNeverAConceptsColourPair) {
+  WorldOptions open;
+  open.open_texture_prob = 0.4;
+  std::map<Texture, int> patterns;
+  int two_colour_patterns = 0;
+  bool changed = false;
+  for (uint64_t seed = 0; seed < 5000; ++seed) {
+    const SceneSpec scene = SampleScene(seed, open);
+    changed |= Caption(scene, 0) != Caption(SampleScene(seed), 0);
+    for (const ObjectSpec& o : scene.objects) {
+      for (const auto& c : BuiltinConcepts()) {
+        EXPECT_FALSE(ShowsConceptLook(o, c, /*patterns_open=*/true)) << c.name << " seed " << seed;
+      }
+      if (IsBaseTexture(o.texture)) continue;
+      ++patterns[o.texture];
+      two_colour_patterns += o.color2.has_value();
+      // The caption names the pattern: "a small ringed blue circle ...".
+      EXPECT_NE(Caption(scene, 0).find(TextureName(o.texture)), std::string::npos) << Caption(scene, 0);
+    }
+  }
+  EXPECT_TRUE(changed);
+  ASSERT_EQ(patterns.size(), 3u);
+  // About 5000 objects x 57 % textured x 0.4 / 3 per pattern.
+  for (const auto& [t, n] : patterns) EXPECT_GT(n, 200) << TextureName(t);
+  EXPECT_GT(two_colour_patterns, 50);
+  EXPECT_EQ(TextureName(Texture::kBullseye), "ringed");
+  WorldOptions bad;
+  bad.open_texture_prob = 1.5;
+  EXPECT_THROW(SampleScene(1, bad), c10::ValueError);
+}
+
 TEST(ShapesWorldTest, ConceptRendersDifferFromEveryBaseRenderInTexture) {
   const auto concepts = BuiltinConcepts();
   // Every concept image shows both concept colours, together over a substantial share of the object.
@@ -398,8 +431,10 @@ TEST(ShapesWorldTest, ConceptRendersDifferFromEveryBaseRenderInTexture) {
     }
   }
   // No base object ever does: its pixels never carry both colours of any concept.
+  WorldOptions open;  // a third of the scenes with open concept patterns, whose words are captioned too
+  open.open_texture_prob = 0.5;
   for (uint64_t seed = 0; seed < 3000; ++seed) {
-    const SceneSpec scene = SampleScene(seed);
+    const SceneSpec scene = SampleScene(seed, seed % 3 == 0 ? open : WorldOptions{});
     std::vector<std::vector<float>> coverage;
     const Image im = Render(scene, 32, &coverage);
     for (size_t i = 0; i < scene.objects.size(); ++i) {
@@ -498,7 +533,7 @@ TEST(ShapesWorldTest, BadNamesAndScenesRaiseValueErrors) {
   EXPECT_THROW(Caption(empty, 0), c10::ValueError);
   EXPECT_THROW(Render(SampleScene(1), 4), c10::ValueError);
   SceneSpec bad = SampleScene(1);
-  bad.objects[0].texture = Texture::kBullseye;  // concept-only texture without a concept
+  bad.objects[0].concept_name = "mine";  // a concept without a superclass word
   EXPECT_THROW(Caption(bad, 0), c10::ValueError);
 }
 

@@ -60,9 +60,10 @@ const std::vector<std::string>& ColorNames() {
                                              "pink", "brown", "white", "black",  "gray",   "plain"};
   return v;
 }
-// Concept-only textures have no caption word.
+// The concept patterns' caption words (single CLIP tokens) are used only when
+// WorldOptions::open_texture_prob lets base objects wear them.
 const std::vector<std::string>& TextureNames() {
-  static const std::vector<std::string> v = {"solid", "striped", "dotted", "checked", "", "", ""};
+  static const std::vector<std::string> v = {"solid", "striped", "dotted", "checked", "angled", "ringed", "chevron"};
   return v;
 }
 const std::vector<std::string>& TextureIds() {
@@ -196,8 +197,8 @@ ConceptSpec FindConcept(const std::string& name) {
   TORCH_CHECK_VALUE(false, "unknown concept '", name, "'; builtin concepts: ", names);
 }
 
-bool ShowsConceptLook(const ObjectSpec& object, const ConceptSpec& c) {
-  if (!IsBaseTexture(c.texture) && object.texture == c.texture) return true;
+bool ShowsConceptLook(const ObjectSpec& object, const ConceptSpec& c, bool patterns_open) {
+  if (!patterns_open && !IsBaseTexture(c.texture) && object.texture == c.texture) return true;
   if (!object.color2.has_value()) return false;
   return (object.color == c.color && *object.color2 == c.color2) ||
          (object.color == c.color2 && *object.color2 == c.color);
@@ -252,18 +253,27 @@ ObjectSpec SampleBaseObject(SplitMix64& rng, const WorldOptions& options) {
     ObjectSpec o;
     o.shape = static_cast<Shape>(rng.UniformInt(kNumShapes));
     o.color = static_cast<Color>(rng.UniformInt(kNumObjectColors));
+    // With open patterns, a textured object wears one of the concept patterns with probability
+    // open_texture_prob. At 0 no extra draw is taken, so v1-v3's scenes stay bit-identical.
+    const bool open = options.open_texture_prob > 0;
+    auto pattern = [&] {
+      if (open && rng.Bernoulli(options.open_texture_prob)) {
+        return static_cast<Texture>(kNumBaseTextures + rng.UniformInt(kNumTextures - kNumBaseTextures));
+      }
+      return static_cast<Texture>(1 + rng.UniformInt(kNumBaseTextures - 1));
+    };
     if (rng.Bernoulli(options.two_colour_prob)) {
-      o.texture = static_cast<Texture>(1 + rng.UniformInt(kNumBaseTextures - 1));
+      o.texture = pattern();
       Color c2;
       do {
         c2 = static_cast<Color>(rng.UniformInt(kNumObjectColors));
       } while (Distance(ColorRgb(c2), ColorRgb(o.color)) < kMinContrast);
       o.color2 = c2;
     } else if (rng.Bernoulli(options.textured_prob)) {
-      o.texture = static_cast<Texture>(1 + rng.UniformInt(kNumBaseTextures - 1));
+      o.texture = pattern();
     }
     const bool excluded = std::any_of(options.exclude.begin(), options.exclude.end(),
-                                      [&](const ConceptSpec& c) { return ShowsConceptLook(o, c); });
+                                      [&](const ConceptSpec& c) { return ShowsConceptLook(o, c, open); });
     if (!excluded) return o;
     TORCH_CHECK(attempt < 10000, "SampleScene: options.exclude rules out every object");
   }
@@ -282,6 +292,8 @@ constexpr std::pair<Position, Position> kPairs[] = {
 SceneSpec SampleScene(uint64_t seed, const WorldOptions& options) {
   TORCH_CHECK_VALUE(options.size >= 8 && options.size <= 1024, "WorldOptions.size must be in [8, 1024], got ",
                     options.size);
+  TORCH_CHECK_VALUE(options.open_texture_prob >= 0 && options.open_texture_prob <= 1,
+                    "WorldOptions.open_texture_prob must be in [0, 1], got ", options.open_texture_prob);
   SplitMix64 rng(DeriveSeed(seed, 0x5ce7e));
   SceneSpec scene;
   if (rng.Bernoulli(options.two_object_prob)) {
@@ -446,8 +458,6 @@ std::string Caption(const SceneSpec& scene, int template_id) {
   const std::string& t = templates[((template_id % n) + n) % n];
   const ObjectSpec& a = scene.objects[0];
   for (const ObjectSpec& o : scene.objects) {
-    TORCH_CHECK_VALUE(IsBaseTexture(o.texture) || !o.concept_name.empty(),
-                      "Caption: a concept-only texture needs a concept_name (it has no caption word)");
     TORCH_CHECK_VALUE(o.concept_name.empty() || !o.superclass.empty(), "Caption: concept '", o.concept_name,
                       "' has no superclass word");
   }

@@ -57,7 +57,8 @@ enum class Shape : uint8_t {
 enum class Color : uint8_t {
   kRed, kGreen, kBlue, kYellow, kPurple, kOrange, kPink, kBrown, kWhite, kBlack, kGray, kPlain, kCount
 };
-// The first four are base textures with a caption word; the last three are used only by concepts.
+// The first four are base textures. The last three are the concept patterns: by default only
+// concepts wear them; WorldOptions::open_texture_prob lets base objects wear them too.
 enum class Texture : uint8_t { kSolid, kStriped, kDotted, kChecked, kDiagonal, kBullseye, kZigzag, kCount };
 enum class Size : uint8_t { kSmall, kLarge, kCount };
 enum class Position : uint8_t {
@@ -72,7 +73,8 @@ constexpr int kNumBaseTextures = 4;
 constexpr int kNumSizes = static_cast<int>(Size::kCount);
 constexpr int kNumPositions = static_cast<int>(Position::kCount);
 
-// Caption words: "circle", "red", "plain", "striped" ("" for concept-only textures), "small".
+// Caption words: "circle", "red", "plain", "striped" (concept patterns: "angled", "ringed",
+// "chevron"), "small".
 const std::string& ShapeName(Shape s);
 const std::string& ColorName(Color c);
 const std::string& TextureName(Texture t);
@@ -142,9 +144,11 @@ std::vector<ConceptSpec> BuiltinConcepts();
 ConceptSpec FindConcept(const std::string& name);
 
 // True when `object` shows `concept_spec`'s look: a two-colour texture (any pattern, any shape) in
-// the concept's two colours (either order), or the concept's concept-only texture. Broader than the
-// concept itself on purpose: a base model never sees the two colours together on one object.
-bool ShowsConceptLook(const ObjectSpec& object, const ConceptSpec& concept_spec);
+// the concept's two colours (either order), or, unless `patterns_open`, the concept's pattern when
+// that is a concept pattern. Broader than the concept itself on purpose: a base model never sees the
+// two colours together on one object. With `patterns_open` every concept is held out the way
+// checker_star always was: its pattern and its shape occur, never its colour pair.
+bool ShowsConceptLook(const ObjectSpec& object, const ConceptSpec& concept_spec, bool patterns_open = false);
 
 struct WorldOptions {
   int size = 32;                   // image side in pixels, 8..1024
@@ -153,11 +157,16 @@ struct WorldOptions {
   double textured_prob = 0.5;      // otherwise: a shaded base texture rather than solid
   double max_rotation_deg = 15;    // base objects are rotated in [-max, max]
   double full_caption_prob = 0.3;  // the caption naming every attribute; else a random template
+  // Fraction of textured base objects (shaded or two-colour) that wear a concept pattern (angled,
+  // ringed or chevron) instead of a base one. 0 keeps those patterns for concepts only (v1-v3). Above
+  // 0, `exclude` still removes each concept's colour pair (ShowsConceptLook with patterns_open).
+  double open_texture_prob = 0;
   // Looks the sampler never emits (resampled). Default: every builtin concept.
   std::vector<ConceptSpec> exclude = BuiltinConcepts();
 };
 
-// A random base scene. Never contains a concept-only texture or any look in options.exclude.
+// A random base scene. Never contains any look in options.exclude, nor, unless
+// options.open_texture_prob > 0, a concept pattern.
 SceneSpec SampleScene(uint64_t seed, const WorldOptions& options = {});
 
 // Number of caption templates for this scene (they depend on the object count and concept-ness).

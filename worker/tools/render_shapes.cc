@@ -1,7 +1,8 @@
 // perfusion-render-shapes: writes shapes-world images (PNG) and their captions, for looking at the
 // world the tiny model is trained on and for making concept upload sets.
 //
-//   perfusion-render-shapes --out DIR [--n 16] [--seed 1] [--size 32] [--concept NAME] [--sheet]
+//   perfusion-render-shapes --out DIR [--n 16] [--seed 1] [--size 32] [--concept NAME]
+//                           [--open-textures X] [--sheet]
 //
 // Writes DIR/000000.png ... and DIR/captions.tsv (file, caption and the labels of the first object).
 #include <c10/util/Exception.h>
@@ -33,6 +34,8 @@ constexpr char kUsage[] =
     "  --seed S           64-bit seed; image i uses DeriveSeed(S, i) (default 1)\n"
     "  --size PX          image side in pixels, 8..1024 (default 32)\n"
     "  --concept NAME     render a builtin concept instead of base scenes\n"
+    "  --open-textures X  fraction of textured base objects in a concept pattern (angled, ringed,\n"
+    "                     chevron), as perfusion-train-base --open-textures (default 0)\n"
     "  --sheet            also write DIR/sheet.png, all images in a grid, 4x enlarged\n"
     "  --list-concepts    print the builtin concepts and exit\n"
     "  --help             print this help and exit\n";
@@ -43,6 +46,7 @@ struct Args {
   uint64_t seed = 1;
   int size = 32;
   std::string concept_name;
+  double open_textures = 0;
   bool sheet = false;
   bool list_concepts = false;
 };
@@ -65,7 +69,7 @@ uint64_t ParseUnsigned(const std::string& flag, const std::string& value, uint64
 Args ParseArgs(int argc, char** argv) {
   Args args;
   const std::map<std::string, bool> takes_value = {{"--out", true},    {"--n", true},     {"--seed", true},
-                                                   {"--size", true},   {"--concept", true}, {"--sheet", false},
+                                                   {"--size", true},   {"--concept", true}, {"--sheet", false}, {"--open-textures", true},
                                                    {"--list-concepts", false}, {"--help", false}};
   for (int i = 1; i < argc; ++i) {
     std::string flag = argv[i], value;
@@ -97,6 +101,12 @@ Args ParseArgs(int argc, char** argv) {
       if (args.size < 8) UsageError("--size must be in [8, 1024], got " + value);
     } else if (flag == "--concept") {
       args.concept_name = value;
+    } else if (flag == "--open-textures") {
+      char* end = nullptr;
+      args.open_textures = std::strtod(value.c_str(), &end);
+      if (value.empty() || *end != '\0' || !(args.open_textures >= 0 && args.open_textures <= 1)) {
+        UsageError("--open-textures: expected a number in [0, 1], got '" + value + "'");
+      }
     } else if (flag == "--sheet") {
       args.sheet = true;
     } else if (flag == "--list-concepts") {
@@ -147,6 +157,7 @@ int Run(const Args& args) {
   } else {
     WorldOptions options;
     options.size = args.size;
+    options.open_texture_prob = args.open_textures;
     for (int i = 0; i < args.n; ++i) samples.push_back(RenderRandom(DeriveSeed(args.seed, i), options));
   }
   std::filesystem::create_directories(args.out);
@@ -161,7 +172,7 @@ int Run(const Args& args) {
     const ObjectSpec& o = samples[i].scene.objects[0];
     tsv << name << '\t' << samples[i].caption << '\t' << ShapeName(o.shape) << '\t' << ColorName(o.color) << '\t'
         << (o.color2 ? ColorName(*o.color2) : "-") << '\t'
-        << (IsBaseTexture(o.texture) ? TextureName(o.texture) : "concept") << '\t' << SizeName(o.size) << '\t'
+        << TextureName(o.texture) << '\t' << SizeName(o.size) << '\t'
         << PositionName(o.position) << '\t' << ColorName(samples[i].scene.background) << '\t'
         << samples[i].scene.objects.size() << '\t' << (o.concept_name.empty() ? "-" : o.concept_name) << '\n';
     images.push_back(samples[i].image);

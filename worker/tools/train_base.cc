@@ -13,7 +13,9 @@
 //             the noise instead of the caption, and ignores the text at sampling time (--sd-schedule
 //             keeps it, for comparison).
 //   2b. pairs: optional (--pair-steps): more of stage 2 on fresh scenes with more two-object ones,
-//             so that each noun of "a star to the left of a heart" binds to its own object.
+//             so that each noun of "a star to the left of a heart" binds to its own object, and
+//             optionally (--open-textures) base objects wearing the concept patterns, so that the
+//             UNet can draw a pattern a concept then only has to recombine.
 //   3. decoder: the VAE's decoder fine-tuned alone, the encoder frozen (as SD's ft-MSE decoder was).
 //             The latent space stays the UNet's, so this stage may run after the UNet (and be
 //             extended on a finished work folder); it adds an edge term (L1 of image gradients) to
@@ -66,6 +68,7 @@ struct Args {
   double unet_lr = 5e-4;
   int64_t pair_steps = 0;
   double pair_prob = 0.5;
+  double open_textures = 0;  // WorldOptions::open_texture_prob of the stage-2b scenes
   int64_t decoder_steps = 4000, decoder_batch = 32;
   double decoder_lr = 5e-4, edge_weight = 1.0;
   int64_t latent_channels = 4;
@@ -99,6 +102,9 @@ void Usage() {
       "  --pair-steps N        then N more text encoder + UNet steps on a fresh set of scenes with\n"
       "                        --pair-prob X of them two-object (default 0 steps, X 0.5): teaches each\n"
       "                        noun of 'a star to the left of a heart' to bind to its own object\n"
+      "  --open-textures X     in those fresh scenes, X of the textured objects wear a concept pattern\n"
+      "                        (angled, ringed, chevron), never in a concept's colour pair (default 0):\n"
+      "                        the UNet learns to draw the patterns, concepts stay novel combinations\n"
       "  --decoder-steps N     decoder-only fine-tuning steps, encoder frozen (default 4000); --decoder-batch N\n"
       "                        (default 32); --decoder-lr X (default 5e-4); --edge-weight X (default 1)\n"
       "  --ema-decay X         decay of the weights' EMA that is written out (default 0.999; 0 = none)\n"
@@ -111,7 +117,8 @@ void Usage() {
       "  --threads N           LibTorch threads (default: all cores)\n\n"
       "A finished --work folder goes back to the UNet, two-object or decoder stage when --unet-steps,\n"
       "--pair-steps or --decoder-steps exceeds the steps it has done, and writes --out again. A rerun\n"
-      "must keep --samples, --seed, --two-object-prob, --pair-prob, --latent-channels and --latent-size.\n");
+      "must keep --samples, --seed, --two-object-prob, --pair-prob, --open-textures, --latent-channels and\n"
+      "--latent-size.\n");
 }
 
 bool Exists(const std::string& p) {
@@ -180,13 +187,14 @@ struct Dataset {
   at::Tensor images;
   std::vector<SceneSpec> scenes;
 };
-Dataset Render(int64_t n, uint64_t seed, double two_object_prob) {
+Dataset Render(int64_t n, uint64_t seed, double two_object_prob, double open_texture_prob = 0) {
   Dataset d;
   d.images = at::empty({n, 3, 32, 32}, at::TensorOptions().dtype(at::kHalf));
   d.scenes.reserve(n);
   WorldOptions opts;
   opts.size = 32;
   opts.two_object_prob = two_object_prob;
+  opts.open_texture_prob = open_texture_prob;
   for (int64_t i = 0; i < n; ++i) {
     Sample s = RenderRandom(DeriveSeed(seed, static_cast<uint64_t>(i)), opts);
     d.images[i] = ImageToTensor(s.image).to(at::kHalf);
@@ -306,6 +314,7 @@ int main(int argc, char** argv) {
       else if (k == "--decoder-steps") a.decoder_steps = std::stoll(v());
       else if (k == "--pair-steps") a.pair_steps = std::stoll(v());
       else if (k == "--pair-prob") a.pair_prob = std::stod(v());
+      else if (k == "--open-textures") a.open_textures = std::stod(v());
       else if (k == "--decoder-batch") a.decoder_batch = std::stoll(v());
       else if (k == "--decoder-lr") a.decoder_lr = std::stod(v());
       else if (k == "--edge-weight") a.edge_weight = std::stod(v());
@@ -329,10 +338,11 @@ int main(int argc, char** argv) {
   if (a.samples < 1 || a.vae_batch < 1 || a.unet_batch < 1 || a.decoder_batch < 1 || a.vae_steps < 0 ||
       a.unet_steps < 0 || a.decoder_steps < 0 || a.pair_steps < 0 || a.checkpoint_every < 1 ||
       a.latent_channels < 1 || !(a.two_object_prob >= 0 && a.two_object_prob <= 1) ||
-      !(a.pair_prob >= 0 && a.pair_prob <= 1) || a.cov_captions < 1) {
+      !(a.pair_prob >= 0 && a.pair_prob <= 1) || !(a.open_textures >= 0 && a.open_textures <= 1) ||
+      a.cov_captions < 1) {
     std::fprintf(stderr,
                  "need --samples, --cov-captions, --checkpoint-every, --latent-channels and the batch sizes >= 1, "
-                 "step counts >= 0 and --two-object-prob, --pair-prob in [0, 1] (see --help)\n");
+                 "step counts >= 0 and --two-object-prob, --pair-prob, --open-textures in [0, 1] (see --help)\n");
     return 2;
   }
   try {
@@ -348,11 +358,12 @@ int main(int argc, char** argv) {
       // Resuming with other data settings would silently mix two runs: refuse, naming the flag.
       // (Work folders from before this check have no record; they take the current values.)
       const nlohmann::json now = {{"--samples", a.samples}, {"--seed", a.seed}, {"--two-object-prob", a.two_object_prob},
-                                  {"--pair-prob", a.pair_prob}, {"--latent-channels", a.latent_channels},
+                                  {"--pair-prob", a.pair_prob}, {"--open-textures", a.open_textures},
+                                  {"--latent-channels", a.latent_channels},
                                   {"--latent-size", a.latent_size}};
       for (const auto& [flag, value] : now.items()) {
-        // --pair-prob matters only once the two-object stage has taken a step.
-        if (flag == "--pair-prob" && st.pair_step == 0) continue;
+        // The stage-2b settings matter only once that stage has taken a step.
+        if ((flag == "--pair-prob" || flag == "--open-textures") && st.pair_step == 0) continue;
         // Folders recorded before --latent-size existed were all made with 8.
         const nlohmann::json made = st.data.contains(flag) ? st.data[flag]
                                     : flag == "--latent-size" && !st.data.empty() ? nlohmann::json(8)
@@ -539,8 +550,9 @@ int main(int argc, char** argv) {
       }
       if (st.stage == "pairs") {
         // Stage 2b: the same training on fresh scenes with more two-object ones.
-        std::printf("rendering %lld scenes, %.0f%% with two objects...\n", (long long)a.samples, 100 * a.pair_prob);
-        const Dataset pairs = Render(a.samples, DeriveSeed(a.seed, 0x9a125), a.pair_prob);
+        std::printf("rendering %lld scenes, %.0f%% with two objects, %.0f%% of textured objects in a concept "
+                    "pattern...\n", (long long)a.samples, 100 * a.pair_prob, 100 * a.open_textures);
+        const Dataset pairs = Render(a.samples, DeriveSeed(a.seed, 0x9a125), a.pair_prob, a.open_textures);
         const at::Tensor latents = encode_all(pairs);
         StageLoop loop("pairs", a.pair_steps, 50, 0.99, a.checkpoint_every, out_of_time);
         while (st.pair_step < a.pair_steps) {
@@ -606,7 +618,8 @@ int main(int argc, char** argv) {
     te->eval();
     unet->eval();
     CovarianceAccumulator cov(TextOptions().hidden_size());
-    WorldOptions wopts;
+    WorldOptions wopts;  // the captions the text encoder last trained on
+    wopts.open_texture_prob = st.pair_step > 0 ? a.open_textures : 0;
     for (int64_t i = 0; i < a.cov_captions; i += 64) {
       std::vector<int64_t> ids;
       int64_t n = std::min<int64_t>(64, a.cov_captions - i);
