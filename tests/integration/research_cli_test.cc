@@ -1,6 +1,9 @@
 // The researchers' local CLI on the tiny model: perfusion-train-concept turns a folder of renders
-// into a concept blob; perfusion-generate uses it (and --show-gates prints where its edit acts).
+// into a concept blob; perfusion-generate uses it (and --show-gates prints where its edit acts);
+// perfusion-evaluate, the quality harness, writes its report.
 #include <filesystem>
+#include <fstream>
+#include <iterator>
 #include <memory>
 #include <string>
 #include <vector>
@@ -81,6 +84,33 @@ TEST_F(ResearchCliTest, TrainAConceptThenGenerateAndShowItsGates) {
            "--tokenizer-dir", TokenizerDir(), "-o", dir_ + "/out3", "--threads", "1", "--quiet"});
   EXPECT_EQ(r.exit_code, 1);
   EXPECT_NE(r.err.find("nope"), std::string::npos) << r.err;
+}
+
+// The quality harness end to end at toy sizes: two concepts (so the two-concept section runs), the
+// gate sweep under both key-locking modes, a repeat with a second seed, and the report with its
+// pictures.
+TEST_F(ResearchCliTest, EvaluateWritesTheReportWithASweepPerKeyLockingMode) {
+  const std::string out = dir_ + "/report";
+  CommandResult r = RunCommand({PERFUSION_EVALUATE_BIN, "--model", TinyModelDir(), "--tokenizer-dir", TokenizerDir(),
+                                "--out", out, "--concepts", "candy_heart,checker_star", "--images", "2", "--steps",
+                                "2", "--batch", "2", "--per-prompt", "2", "--gen-steps", "2", "--no-ablations",
+                                "--betas", "0.7", "--taus", "0.15", "--seeds", "1,2", "--threads", "1"},
+                               dir_, absl::Minutes(5));
+  ASSERT_EQ(r.exit_code, 0) << r.err << r.out;
+  for (const char* f : {"report.md", "sweep.png", "two_concepts.png", "methods_candy_heart.png", "base_model.png"}) {
+    EXPECT_TRUE(fs::exists(out + "/" + f)) << f;
+  }
+  std::ifstream in(out + "/report.md");
+  const std::string md((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  for (const char* s : {"## Gate sweep (candy_heart)", "**local key-lock**", "**global key-lock**",
+                        "## Two concepts in one prompt", "perfusion-evaluate --model", "## Across seeds",
+                        "| seed 1 | seed 2 | pooled |"}) {
+    EXPECT_NE(md.find(s), std::string::npos) << s;
+  }
+  // Bad flags are usage errors that say what is expected.
+  r = Run({PERFUSION_EVALUATE_BIN, "--sweep-locks", "sideways"});
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_NE(r.err.find("--sweep-locks"), std::string::npos) << r.err;
 }
 
 }  // namespace

@@ -78,9 +78,11 @@ struct Args {
   double guidance_rescale = 0.0;
   std::string sampler = "ddim";
   uint64_t seed = 1;
+  std::vector<uint64_t> more_seeds;  // --seeds beyond the first: repeat training and scoring
   std::string sweep_concept;  // default: the first concept
   std::vector<double> betas = {0.5, 0.6, 0.7, 0.8, 0.9};
   std::vector<double> taus = {0.05, 0.15, 0.3};
+  std::vector<std::string> sweep_locks = {"local", "global"};
   bool ablations = true;
   bool sweep = true;
   int threads = 0;
@@ -102,9 +104,14 @@ void Usage() {
       "  --gen-steps N         sampling steps (default 30); --guidance X (default 7.5); --sampler ddim|euler\n"
       "  --guidance-rescale X  guidance rescale phi in [0, 1] (default 0)\n"
       "  --seed S              everything derives from it (default 1)\n"
+      "  --seeds LIST          several seeds, e.g. 1,2,3: the first makes the detailed report as --seed;\n"
+      "                        each further one renders, trains and scores every concept and method\n"
+      "                        again (no sweep, no two-concept test), and the report adds the spread\n"
+      "                        across seeds. One training run is a noisy measure: use 3 or more\n"
       "  --sweep-concept NAME  concept of the beta/tau sweep (default: the first)\n"
       "  --betas LIST          sweep betas (default 0.5,0.6,0.7,0.8,0.9)\n"
       "  --taus LIST           sweep temperatures (default 0.05,0.15,0.3)\n"
+      "  --sweep-locks LIST    key-locking modes swept: local, global or both (default local,global)\n"
       "  --no-ablations        skip the embedding-only and no-key-lock methods\n"
       "  --no-sweep            skip the beta/tau sweep\n"
       "  --threads N           LibTorch threads (default: all cores)\n");
@@ -503,7 +510,16 @@ class Evaluation {
   Evaluation(const Args& a, std::shared_ptr<StableDiffusion> model, ShapesClassifier classifier)
       : a_(a), model_(std::move(model)), pipe_(model_), clf_(std::move(classifier)) {}
 
-  void Run(const std::vector<ConceptSpec>& specs) {
+  // Per method, per concept: the scores summed over the held-out prompts.
+  using Totals = std::map<std::string, std::map<std::string, Score>>;
+  struct SeedTotals {
+    uint64_t seed;
+    Totals totals;
+  };
+
+  // `full`: also the sampler check, the base model checks, the sweep and the two-concept test;
+  // otherwise only training and scoring every method (a repeat with another seed).
+  void Run(const std::vector<ConceptSpec>& specs, bool full = true) {
     const auto builtin = BuiltinConcepts();
     for (size_t i = 0; i < specs.size(); ++i) {
       ConceptRun r;
@@ -514,17 +530,31 @@ class Evaluation {
       r.prompts = HeldOutPrompts(r.spec);
       runs_.push_back(std::move(r));
     }
-    CheckSampler();
-    const BaseScenes base = SampleBaseScenes();
-    BaseModelCheck(base);
-    TextUsageCheck(base);
+    if (full) {
+      CheckSampler();
+      const BaseScenes base = SampleBaseScenes();
+      BaseModelCheck(base);
+      TextUsageCheck(base);
+    }
     for (size_t i = 0; i < runs_.size(); ++i) Train(runs_[i], i);
     for (auto& r : runs_) GenerateAll(r);
+    if (!full) return;
     if (a_.sweep) Sweep();
     TwoConcepts();
   }
 
-  void WriteReport(const std::string& command) const;
+  Totals PromptTotals() const {
+    Totals t;
+    for (const auto& r : runs_) {
+      for (const auto& [method, scores] : r.scores) {
+        for (const auto& sc : scores) t[method][r.spec.name].Add(sc);
+      }
+    }
+    return t;
+  }
+
+  // `seeds`: this evaluation's totals first, then those of the repeats (empty: one seed).
+  void WriteReport(const std::string& command, const std::vector<SeedTotals>& seeds = {}) const;
 
  private:
   std::vector<at::Tensor> Generate(const std::string& prompt, const std::map<std::string, ConceptRef>& refs, uint64_t seed,
@@ -661,6 +691,20 @@ class Evaluation {
   }
   uint64_t PromptSeed(size_t prompt_index) const { return DeriveSeed(a_.seed, 5000 + prompt_index); }
 
+  // The request for held-out prompt `p` (`prompt` its text) with the harness's sampling settings;
+  // every method and gate setting gets the same noise for the same prompt.
+  GenerationRequest HeldOutRequest(const std::string& prompt, size_t p) const {
+    GenerationRequest req;
+    req.prompt = prompt;
+    req.steps = a_.gen_steps;
+    req.guidance_scale = a_.guidance;
+    req.guidance_rescale = a_.guidance_rescale;
+    req.seed = PromptSeed(p);
+    req.num_images = a_.per_prompt;
+    req.sampler = a_.sampler;
+    return req;
+  }
+
   TrainOptions Options(const ConceptRun& r, size_t i, const char* method) {
     TrainOptions o;
     o.name = r.spec.name;
@@ -734,8 +778,7 @@ class Evaluation {
     } else if (method == "base" || method == "perfusion" || method == "global") {
       std::vector<GenerationRequest> reqs;
       for (size_t p = 0; p < r.prompts.size(); ++p) {
-        GenerationRequest req;
-        req.prompt = r.prompts[p].text;
+        GenerationRequest req = HeldOutRequest(r.prompts[p].text, p);
         if (method == "base") {
           req.prompt = ReplaceAll(req.prompt, "<" + r.spec.name + ">", r.spec.superclass);
         } else {
@@ -745,12 +788,6 @@ class Evaluation {
           ref.global_key_lock = method == "global";
           req.concepts[r.spec.name] = ref;
         }
-        req.steps = a_.gen_steps;
-        req.guidance_scale = a_.guidance;
-        req.guidance_rescale = a_.guidance_rescale;
-        req.seed = PromptSeed(p);
-        req.num_images = a_.per_prompt;
-        req.sampler = a_.sampler;
         reqs.push_back(req);
       }
       for (auto& res : pipe_.Generate(reqs)) per_prompt.push_back(res.images);
@@ -792,33 +829,30 @@ class Evaluation {
       if (x.spec.name == a_.sweep_concept) r = &x;
     }
     sweep_concept_ = r->spec.name;
-    Log("beta/tau sweep of %s: %zu betas x %zu temperatures", r->spec.name.c_str(), a_.betas.size(), a_.taus.size());
-    for (double tau : a_.taus) {
-      for (double beta : a_.betas) {
-        std::vector<GenerationRequest> reqs;
-        for (size_t p = 0; p < r->prompts.size(); ++p) {
-          GenerationRequest req;
-          req.prompt = r->prompts[p].text;
-          ConceptRef ref;
-          ref.concept = r->perfusion;
-          ref.gate = GateParams{beta, tau};
-          req.concepts[r->spec.name] = ref;
-          req.steps = a_.gen_steps;
-          req.guidance_scale = a_.guidance;
-          req.guidance_rescale = a_.guidance_rescale;
-          req.seed = PromptSeed(p);
-          req.num_images = a_.per_prompt;
-          req.sampler = a_.sampler;
-          reqs.push_back(req);
+    Log("beta/tau sweep of %s: %zu betas x %zu temperatures x %zu key-locking modes", r->spec.name.c_str(),
+        a_.betas.size(), a_.taus.size(), a_.sweep_locks.size());
+    for (const std::string& lock : a_.sweep_locks) {
+      for (double tau : a_.taus) {
+        for (double beta : a_.betas) {
+          std::vector<GenerationRequest> reqs;
+          for (size_t p = 0; p < r->prompts.size(); ++p) {
+            GenerationRequest req = HeldOutRequest(r->prompts[p].text, p);
+            ConceptRef ref;
+            ref.concept = r->perfusion;
+            ref.gate = GateParams{beta, tau};
+            ref.global_key_lock = lock == "global";
+            req.concepts[r->spec.name] = ref;
+            reqs.push_back(req);
+          }
+          const auto results = pipe_.Generate(reqs);
+          Score total;
+          for (size_t p = 0; p < r->prompts.size(); ++p) {
+            total.Add(ScoreImages(Predict(clf_, StackImages(results[p].images)), r->prompts[p], r->index, r->reference));
+          }
+          sweep_.push_back({lock, beta, tau, total});
+          Log("  %s lock, beta %.2f tau %.2f: fidelity %4s alignment %4s", lock.c_str(), beta, tau,
+              Pct(total.Fidelity()).c_str(), Pct(total.Alignment()).c_str());
         }
-        const auto results = pipe_.Generate(reqs);
-        Score total;
-        for (size_t p = 0; p < r->prompts.size(); ++p) {
-          total.Add(ScoreImages(Predict(clf_, StackImages(results[p].images)), r->prompts[p], r->index, r->reference));
-        }
-        sweep_.push_back({beta, tau, total});
-        Log("  beta %.2f tau %.2f: fidelity %4s alignment %4s", beta, tau, Pct(total.Fidelity()).c_str(),
-            Pct(total.Alignment()).c_str());
       }
     }
   }
@@ -922,6 +956,7 @@ class Evaluation {
   }
 
   struct SweepPoint {
+    std::string lock;  // "local" | "global"
     double beta, tau;
     Score score;
   };
@@ -956,7 +991,7 @@ std::vector<Image> ToImages(const std::vector<at::Tensor>& t) {
 
 std::string MdEscape(const std::string& s) { return ReplaceAll(ReplaceAll(s, "<", "&lt;"), ">", "&gt;"); }
 
-void Evaluation::WriteReport(const std::string& command) const {
+void Evaluation::WriteReport(const std::string& command, const std::vector<SeedTotals>& seeds) const {
   const std::string& out = a_.out;
   MakeDirs(out);
   std::ostringstream md;
@@ -998,6 +1033,61 @@ void Evaluation::WriteReport(const std::string& command) const {
   }
   md << "\n(" << runs_.size() << " concepts x " << (runs_.empty() ? 0 : runs_[0].prompts.size()) << " prompts x "
      << a_.per_prompt << " images per method.)\n\n";
+
+  if (seeds.size() > 1) {
+    // Every seed renders other training images, trains other concepts and draws other noise.
+    md << "## Across seeds\n\nThe same evaluation repeated with " << seeds.size() << " seeds (training renders, "
+       << "training batches and generation noise all change). Fidelity / alignment over all concepts per seed, "
+       << "then pooled. The rest of this report (pictures, sweep, two concepts) is seed " << seeds[0].seed
+       << " alone.\n\n| method |";
+    for (const auto& sd : seeds) md << " seed " << sd.seed << " |";
+    md << " pooled |\n|---|";
+    for (size_t i = 0; i <= seeds.size(); ++i) md << "---|";
+    md << "\n";
+    for (const auto& m : Methods()) {
+      if (!seeds[0].totals.count(m.key)) continue;
+      Score pooled;
+      md << "| " << m.title << " |";
+      for (const auto& sd : seeds) {
+        Score t;
+        if (sd.totals.count(m.key)) {
+          for (const auto& [name, sc] : sd.totals.at(m.key)) t.Add(sc);
+        }
+        pooled.Add(t);
+        md << " " << Pct(t.Fidelity()) << " / " << Pct(t.Alignment()) << " |";
+      }
+      md << " **" << Pct(pooled.Fidelity()) << " / " << Pct(pooled.Alignment()) << "** |\n";
+    }
+    md << "\nBy concept, pooled over the seeds, with the lowest and highest seed's fidelity in brackets:\n\n"
+       << "| concept |";
+    std::vector<const Method*> shown;
+    for (const auto& m : Methods()) {
+      if (m.key != "render" && seeds[0].totals.count(m.key)) shown.push_back(&m);
+    }
+    for (const Method* m : shown) md << " " << m->key << " |";
+    md << "\n|---|";
+    for (size_t i = 0; i < shown.size(); ++i) md << "---|";
+    md << "\n";
+    for (const auto& r : runs_) {
+      md << "| " << r.spec.name << " |";
+      for (const Method* m : shown) {
+        Score pooled;
+        double lo = 1, hi = 0;
+        for (const auto& sd : seeds) {
+          auto it = sd.totals.find(m->key);
+          if (it == sd.totals.end() || !it->second.count(r.spec.name)) continue;
+          const Score& sc = it->second.at(r.spec.name);
+          pooled.Add(sc);
+          lo = std::min(lo, sc.Fidelity());
+          hi = std::max(hi, sc.Fidelity());
+        }
+        md << " " << Pct(pooled.Fidelity()) << " / " << Pct(pooled.Alignment()) << " (" << Pct(lo) << "-" << Pct(hi)
+           << ") |";
+      }
+      md << "\n";
+    }
+    md << "\n";
+  }
 
   // The base model's own prompt following.
   md << "## Base model: following its training captions\n\n" << kBaseCheckScenes
@@ -1125,26 +1215,34 @@ void Evaluation::WriteReport(const std::string& command) const {
   if (!sweep_.empty()) {
     md << "## Gate sweep (" << sweep_concept_ << ")\n\nbeta is the gate's threshold on the normalised similarity "
        << "alpha, tau its temperature. Lower beta / higher tau open the gate wider (more of the concept, also on "
-       << "tokens that merely resemble it).\n\n| tau \\ beta |";
-    for (double b : a_.betas) md << " " << Fmt(b) << " |";
-    md << "\n|---|";
-    for (size_t i = 0; i < a_.betas.size(); ++i) md << "---|";
-    md << "\n";
+       << "tokens that merely resemble it). One table per key-locking mode; in the chart, global locking's "
+       << "lines are dashed.\n\n";
     std::vector<Series> series;
-    for (size_t t = 0; t < a_.taus.size(); ++t) {
-      Series s;
-      s.label = "perfusion tau=" + Fmt(a_.taus[t]);
-      s.color = PaletteColor(static_cast<int>(t));
-      md << "| " << Fmt(a_.taus[t]) << " |";
-      for (const auto& p : sweep_) {
-        if (p.tau != a_.taus[t]) continue;
-        md << " " << Pct(p.score.Fidelity()) << " / " << Pct(p.score.Alignment()) << " |";
-        s.x.push_back(p.score.Alignment());
-        s.y.push_back(p.score.Fidelity());
-        s.point_labels.push_back("b" + Fmt(p.beta, 2).substr(1));
+    for (size_t l = 0; l < a_.sweep_locks.size(); ++l) {
+      const std::string& lock = a_.sweep_locks[l];
+      md << "**" << lock << " key-lock**\n\n| tau \\ beta |";
+      for (double b : a_.betas) md << " " << Fmt(b) << " |";
+      md << "\n|---|";
+      for (size_t i = 0; i < a_.betas.size(); ++i) md << "---|";
+      md << "\n";
+      for (size_t t = 0; t < a_.taus.size(); ++t) {
+        Series s;
+        s.label = lock + " tau=" + Fmt(a_.taus[t]);
+        s.color = PaletteColor(static_cast<int>(t));
+        s.dashed = lock == "global";
+        s.marker = lock == "global" ? Marker::kSquare : Marker::kCircle;
+        md << "| " << Fmt(a_.taus[t]) << " |";
+        for (const auto& p : sweep_) {
+          if (p.lock != lock || p.tau != a_.taus[t]) continue;
+          md << " " << Pct(p.score.Fidelity()) << " / " << Pct(p.score.Alignment()) << " |";
+          s.x.push_back(p.score.Alignment());
+          s.y.push_back(p.score.Fidelity());
+          s.point_labels.push_back("b" + Fmt(p.beta, 2).substr(1));
+        }
+        md << "\n";
+        series.push_back(s);
       }
       md << "\n";
-      series.push_back(s);
     }
     // The other methods on the same concept, as single points.
     const ConceptRun* r = nullptr;
@@ -1154,7 +1252,14 @@ void Evaluation::WriteReport(const std::string& command) const {
     const Marker markers[] = {Marker::kSquare, Marker::kDiamond, Marker::kTriangle, Marker::kCircle};
     int k = 0;
     for (const auto& m : Methods()) {
-      if (m.key == "perfusion" || !r->scores.count(m.key)) continue;
+      // The swept modes' default-gate methods are points of their own lines already.
+      const auto swept = [&](const char* lock) {
+        return std::count(a_.sweep_locks.begin(), a_.sweep_locks.end(), lock) > 0;
+      };
+      if ((m.key == "perfusion" && swept("local")) || (m.key == "global" && swept("global")) ||
+          !r->scores.count(m.key)) {
+        continue;
+      }
       Score t;
       for (const auto& s : r->scores.at(m.key)) t.Add(s);
       Series s;
@@ -1238,9 +1343,17 @@ int main(int argc, char** argv) {
       else if (k == "--guidance-rescale") a.guidance_rescale = std::stod(v());
       else if (k == "--sampler") a.sampler = v();
       else if (k == "--seed") a.seed = std::stoull(v());
+      else if (k == "--seeds") {
+        const auto list = SplitList(v());
+        if (list.empty()) return false;
+        a.seed = std::stoull(list[0]);
+        a.more_seeds.clear();
+        for (size_t i = 1; i < list.size(); ++i) a.more_seeds.push_back(std::stoull(list[i]));
+      }
       else if (k == "--sweep-concept") a.sweep_concept = v();
       else if (k == "--betas") a.betas = ParseDoubles(v());
       else if (k == "--taus") a.taus = ParseDoubles(v());
+      else if (k == "--sweep-locks") a.sweep_locks = SplitList(v());
       else if (k == "--no-ablations") a.ablations = false;
       else if (k == "--no-sweep") a.sweep = false;
       else if (k == "--threads") a.threads = std::stoi(v());
@@ -1249,9 +1362,13 @@ int main(int argc, char** argv) {
     })) {
     return *code;
   }
+  const bool locks_ok = !a.sweep_locks.empty() && std::all_of(a.sweep_locks.begin(), a.sweep_locks.end(), [](const auto& l) {
+    return l == "local" || l == "global";
+  });
   if (a.images < 1 || a.steps < 1 || a.batch < 1 || a.per_prompt < 2 || a.gen_steps < 1 || a.betas.empty() ||
-      a.taus.empty()) {
-    std::fprintf(stderr, "need --images, --steps, --batch, --gen-steps >= 1, --per-prompt >= 2 and non-empty sweeps\n");
+      a.taus.empty() || !locks_ok) {
+    std::fprintf(stderr, "need --images, --steps, --batch, --gen-steps >= 1, --per-prompt >= 2, non-empty sweeps and "
+                 "--sweep-locks from local, global\n");
     return 2;
   }
   if (a.classifier.empty()) a.classifier = a.model + "/eval/classifier.safetensors";
@@ -1277,7 +1394,17 @@ int main(int argc, char** argv) {
         a.classifier.c_str(), specs.size(), at::get_num_threads());
     Evaluation eval(a, model, clf);
     eval.Run(specs);
-    eval.WriteReport(command);
+    std::vector<Evaluation::SeedTotals> seeds;
+    if (!a.more_seeds.empty()) seeds.push_back({a.seed, eval.PromptTotals()});
+    for (uint64_t seed : a.more_seeds) {
+      Log("repeat with seed %llu (training and scoring only)", static_cast<unsigned long long>(seed));
+      Args again = a;
+      again.seed = seed;
+      Evaluation repeat(again, model, clf);
+      repeat.Run(specs, /*full=*/false);
+      seeds.push_back({seed, repeat.PromptTotals()});
+    }
+    eval.WriteReport(command, seeds);
     Log("done in %.1f min", Elapsed() / 60);
     return 0;
   } catch (const c10::Error& e) {
