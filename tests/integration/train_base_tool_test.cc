@@ -103,12 +103,15 @@ TEST_F(TrainBaseToolTest, RunsEveryStageResumesAndExtends) {
   EXPECT_NE(ReadFileOrEmpty(dir_ + "/model/unet/diffusion_pytorch_model.safetensors"), unet_before);
   EXPECT_EQ(ReadFileOrEmpty(dir_ + "/model/vae/diffusion_pytorch_model.safetensors"), vae_tuned);
 
-  // The two-object stage on a finished folder: fresh scenes, all with two objects here.
+  // The two-object stage on a finished folder: fresh scenes, all with two objects here, half of the
+  // textured objects in concept patterns.
   const std::string unet_3 = ReadFileOrEmpty(dir_ + "/model/unet/diffusion_pytorch_model.safetensors");
-  r = Train({"--vae-steps", "3", "--unet-steps", "3", "--decoder-steps", "2", "--pair-steps", "2", "--pair-prob", "1"});
+  r = Train({"--vae-steps", "3", "--unet-steps", "3", "--decoder-steps", "2", "--pair-steps", "2", "--pair-prob", "1",
+             "--open-textures", "0.5"});
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_NE(r.out.find("extending the two-object stage: 0 -> 2"), std::string::npos) << r.out;
-  EXPECT_NE(r.out.find("100% with two objects"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("100% with two objects, 50% of textured objects in a concept pattern"), std::string::npos)
+      << r.out;
   EXPECT_NE(r.out.find("[pairs] step      2/2"), std::string::npos) << r.out;
   EXPECT_EQ(r.out.find("[unet]"), std::string::npos) << r.out;
   EXPECT_EQ(State()["pair_step"], 2);
@@ -116,9 +119,13 @@ TEST_F(TrainBaseToolTest, RunsEveryStageResumesAndExtends) {
   EXPECT_NE(ReadFileOrEmpty(dir_ + "/model/unet/diffusion_pytorch_model.safetensors"), unet_3);
   EXPECT_EQ(ReadFileOrEmpty(dir_ + "/model/vae/diffusion_pytorch_model.safetensors"), vae_tuned);
   // Once that stage has run, its scene mix is fixed too.
-  r = Train({"--vae-steps", "3", "--unet-steps", "3", "--decoder-steps", "2", "--pair-steps", "3", "--pair-prob", "0.5"});
+  r = Train({"--vae-steps", "3", "--unet-steps", "3", "--decoder-steps", "2", "--pair-steps", "3", "--pair-prob", "0.5",
+             "--open-textures", "0.5"});
   EXPECT_EQ(r.exit_code, 2);
   EXPECT_NE(r.err.find("--pair-prob 1.0, not 0.5"), std::string::npos) << r.err;
+  r = Train({"--vae-steps", "3", "--unet-steps", "3", "--decoder-steps", "2", "--pair-steps", "3", "--pair-prob", "1"});
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_NE(r.err.find("--open-textures 0.5, not 0.0"), std::string::npos) << r.err;
 }
 
 // --latent-size 16: a VAE with one downsampling less (16x16 latents) and a UNet of that sample size.
@@ -141,7 +148,10 @@ TEST_F(TrainBaseToolTest, RejectsUnknownFlagsAndBadValues) {
   EXPECT_NE(r.err.find("--decoder-stepz"), std::string::npos) << r.err;
   r = RunCommand({PERFUSION_TRAIN_BASE_BIN, "--two-object-prob", "1.5"}, dir_, absl::Seconds(30));
   EXPECT_EQ(r.exit_code, 2);
-  EXPECT_NE(r.err.find("--two-object-prob, --pair-prob in [0, 1]"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("--two-object-prob, --pair-prob, --open-textures in [0, 1]"), std::string::npos) << r.err;
+  r = RunCommand({PERFUSION_TRAIN_BASE_BIN, "--open-textures", "-0.1"}, dir_, absl::Seconds(30));
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_NE(r.err.find("--open-textures in [0, 1]"), std::string::npos) << r.err;
   r = RunCommand({PERFUSION_TRAIN_BASE_BIN, "--unet-batch", "0"}, dir_, absl::Seconds(30));
   EXPECT_EQ(r.exit_code, 2);
   EXPECT_NE(r.err.find("batch sizes >= 1"), std::string::npos) << r.err;
