@@ -111,6 +111,12 @@ TEST_F(ResearchCliTest, EvaluateWritesTheReportWithASweepPerKeyLockingMode) {
   r = Run({PERFUSION_EVALUATE_BIN, "--sweep-locks", "sideways"});
   EXPECT_EQ(r.exit_code, 2);
   EXPECT_NE(r.err.find("--sweep-locks"), std::string::npos) << r.err;
+  r = Run({PERFUSION_EVALUATE_BIN, "--seeds", ","});
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_NE(r.err.find("--seeds: expected a comma-separated list"), std::string::npos) << r.err;
+  r = Run({PERFUSION_EVALUATE_BIN, "--seeds", "1,x"});
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_NE(r.err.find("--seeds: bad value '1,x'"), std::string::npos) << r.err;
 }
 
 }  // namespace

@@ -107,7 +107,8 @@ void Usage() {
       "  --seeds LIST          several seeds, e.g. 1,2,3: the first makes the detailed report as --seed;\n"
       "                        each further one renders, trains and scores every concept and method\n"
       "                        again (no sweep, no two-concept test), and the report adds the spread\n"
-      "                        across seeds. One training run is a noisy measure: use 3 or more\n"
+      "                        across seeds. One training run is a noisy measure: compare methods or\n"
+      "                        models on 3 seeds or more\n"
       "  --sweep-concept NAME  concept of the beta/tau sweep (default: the first)\n"
       "  --betas LIST          sweep betas (default 0.5,0.6,0.7,0.8,0.9)\n"
       "  --taus LIST           sweep temperatures (default 0.05,0.15,0.3)\n"
@@ -1345,7 +1346,7 @@ int main(int argc, char** argv) {
       else if (k == "--seed") a.seed = std::stoull(v());
       else if (k == "--seeds") {
         const auto list = SplitList(v());
-        if (list.empty()) return false;
+        if (list.empty()) throw ToolUsageError("--seeds: expected a comma-separated list of seeds, e.g. 1,2,3");
         a.seed = std::stoull(list[0]);
         a.more_seeds.clear();
         for (size_t i = 1; i < list.size(); ++i) a.more_seeds.push_back(std::stoull(list[i]));
