@@ -12,6 +12,7 @@
 #include "server/log.h"
 #include "server/server.h"
 #include "server/store_factory.h"
+#include "worker/perfusion/prompt_region.h"
 
 ABSL_FLAG(std::string, listen, "0.0.0.0:50051", "gRPC address host:port (port 0: any free port)");
 ABSL_FLAG(std::string, metrics_listen, "127.0.0.1:9090",
@@ -133,8 +134,9 @@ int main(int argc, char** argv) {
   o.limits.max_prompt_chars = absl::GetFlag(FLAGS_max_prompt_chars);
   o.limits.max_concepts_per_prompt = absl::GetFlag(FLAGS_max_concepts_per_prompt);
   o.limits.max_regions = absl::GetFlag(FLAGS_max_regions);
-  if (o.limits.max_regions < 0 || o.limits.max_regions > 8) {
-    fprintf(stderr, "perfusion-server: --max_regions must be in [0, 8] (the worker's limit)\n");
+  if (o.limits.max_regions < 0 || o.limits.max_regions > static_cast<int>(perfusion::kMaxRegions)) {
+    fprintf(stderr, "perfusion-server: --max_regions must be in [0, %zu] (the worker's limit)\n",
+            perfusion::kMaxRegions);
     return 2;
   }
   o.limits.max_image_side = absl::GetFlag(FLAGS_max_image_side);

@@ -65,7 +65,6 @@ struct ConceptUse {
   std::optional<bool> global_key_lock;  // unset: the model's default (perfusion/inference.json)
 };
 
-
 struct GenerateSpec {
   std::string prompt;
   std::string negative_prompt;

@@ -1219,8 +1219,7 @@ void Evaluation::WriteReport(const std::string& command, const std::vector<SeedT
        << "tokens that merely resemble it). One table per key-locking mode; in the chart, global locking's "
        << "lines are dashed.\n\n";
     std::vector<Series> series;
-    for (size_t l = 0; l < a_.sweep_locks.size(); ++l) {
-      const std::string& lock = a_.sweep_locks[l];
+    for (const std::string& lock : a_.sweep_locks) {
       md << "**" << lock << " key-lock**\n\n| tau \\ beta |";
       for (double b : a_.betas) md << " " << Fmt(b) << " |";
       md << "\n|---|";
