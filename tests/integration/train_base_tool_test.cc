@@ -1,6 +1,7 @@
 // perfusion-train-base end to end at toy sizes: every stage runs, the folder it writes loads through
 // the same code as SD 1.5, a stopped run resumes, and a finished work folder extends its UNet,
-// two-object and decoder stages when asked for more steps (how perfusion-tiny-v3 grew from v2's run).
+// two-object and decoder stages when asked for more steps (how perfusion-tiny-v3 grew from v2's run),
+// optionally with the loss weighted towards the objects.
 #include <filesystem>
 #include <memory>
 #include <string>
@@ -94,9 +95,16 @@ TEST_F(TrainBaseToolTest, RunsEveryStageResumesAndExtends) {
   // More UNet steps on a folder whose decoder is already fine-tuned: the UNet continues from step 2;
   // the decoder keeps its fine-tuned weights.
   const std::string vae_tuned = ReadFileOrEmpty(dir_ + "/model/vae/diffusion_pytorch_model.safetensors");
-  r = Train({"--vae-steps", "3", "--unet-steps", "3", "--decoder-steps", "2"});
+  // It may weight the loss towards the objects: loss settings are not data settings.
+  r = Train({"--vae-steps", "3", "--unet-steps", "3", "--decoder-steps", "2", "--object-weight", "4"});
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_NE(r.out.find("extending the UNet training: 2 -> 3"), std::string::npos) << r.out;
+  // The object cover is measured on the scenes: objects are a small part of each, never none or all.
+  const size_t cover_at = r.out.find("objects cover ");
+  ASSERT_NE(cover_at, std::string::npos) << r.out;
+  const double cover = std::stod(r.out.substr(cover_at + 14));
+  EXPECT_GT(cover, 2.0) << r.out;
+  EXPECT_LT(cover, 40.0) << r.out;
   EXPECT_NE(r.out.find("[unet] step      3/3"), std::string::npos) << r.out;
   EXPECT_EQ(r.out.find("[decoder]"), std::string::npos) << r.out;
   EXPECT_EQ(State()["step"], 3);
@@ -149,6 +157,9 @@ TEST_F(TrainBaseToolTest, RejectsUnknownFlagsAndBadValues) {
   r = RunCommand({PERFUSION_TRAIN_BASE_BIN, "--two-object-prob", "1.5"}, dir_, absl::Seconds(30));
   EXPECT_EQ(r.exit_code, 2);
   EXPECT_NE(r.err.find("--two-object-prob, --pair-prob, --open-textures in [0, 1]"), std::string::npos) << r.err;
+  r = RunCommand({PERFUSION_TRAIN_BASE_BIN, "--object-weight", "-1"}, dir_, absl::Seconds(30));
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_NE(r.err.find("--object-weight"), std::string::npos) << r.err;
   r = RunCommand({PERFUSION_TRAIN_BASE_BIN, "--open-textures", "-0.1"}, dir_, absl::Seconds(30));
   EXPECT_EQ(r.exit_code, 2);
   EXPECT_NE(r.err.find("--open-textures in [0, 1]"), std::string::npos) << r.err;
