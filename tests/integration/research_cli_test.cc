@@ -107,7 +107,42 @@ TEST_F(ResearchCliTest, EvaluateWritesTheReportWithASweepPerKeyLockingMode) {
                         "| seed 1 | seed 2 | pooled |"}) {
     EXPECT_NE(md.find(s), std::string::npos) << s;
   }
+
+  // --finetune adds the full fine-tune and leaves every other method's figures as they were: the
+  // tuned UNet weights are swapped in for its own images only, in training and in generation.
+  const std::string out_ft = dir_ + "/report-ft";
+  r = RunCommand({PERFUSION_EVALUATE_BIN, "--model", TinyModelDir(), "--tokenizer-dir", TokenizerDir(), "--out", out_ft,
+                  "--concepts", "candy_heart,checker_star", "--images", "2", "--steps", "2", "--batch", "2",
+                  "--per-prompt", "2", "--gen-steps", "2", "--no-ablations", "--betas", "0.7", "--taus", "0.15",
+                  "--seeds", "1,2", "--threads", "1", "--finetune", "--finetune-lr", "1e-3"},
+                 dir_, absl::Minutes(5));
+  ASSERT_EQ(r.exit_code, 0) << r.err << r.out;
+  EXPECT_NE(r.out.find("train candy_heart / full fine-tune: step 2/2"), std::string::npos) << r.out;
+  std::ifstream in_ft(out_ft + "/report.md");
+  const std::string md_ft((std::istreambuf_iterator<char>(in_ft)), std::istreambuf_iterator<char>());
+  EXPECT_NE(md_ft.find("| Full fine-tune: embedding + every UNet weight (DreamBooth-like) | "), std::string::npos);
+  EXPECT_EQ(md.find("| Full fine-tune"), std::string::npos);
+  // The rows of the other methods across seeds (no timings there), in both reports.
+  auto rows = [](const std::string& text) {
+    std::vector<std::string> out;
+    const size_t from = text.find("## Across seeds");
+    size_t at = from == std::string::npos ? text.size() : from;
+    while (at < text.size()) {
+      const size_t end = text.find('\n', at);
+      const std::string line = text.substr(at, end == std::string::npos ? std::string::npos : end - at);
+      if (line.rfind("| Perfusion (", 0) == 0 || line.rfind("| Base model", 0) == 0) out.push_back(line);
+      if (end == std::string::npos) break;
+      at = end + 1;
+    }
+    return out;
+  };
+  ASSERT_FALSE(rows(md).empty()) << md;
+  EXPECT_EQ(rows(md_ft), rows(md));
+
   // Bad flags are usage errors that say what is expected.
+  r = Run({PERFUSION_EVALUATE_BIN, "--finetune-lr", "0"});
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_NE(r.err.find("--finetune-lr > 0"), std::string::npos) << r.err;
   r = Run({PERFUSION_EVALUATE_BIN, "--sweep-locks", "sideways"});
   EXPECT_EQ(r.exit_code, 2);
   EXPECT_NE(r.err.find("--sweep-locks"), std::string::npos) << r.err;

@@ -13,7 +13,9 @@
 //   global      the same concept with global key-locking at inference
 //   ti          embedding only (Textual Inversion): no K/V edits; only the concept embedding trains
 //   nolock      Perfusion without key-locking: the K targets are learned like the V targets
-// The trainer has no switch for the last two, so this tool carries its own training loop for them
+//   finetune    (--finetune) the embedding and every UNet weight train, as DreamBooth does without its
+//               prior-preservation loss: what this UNet can draw once any weight may change
+// The trainer has no switch for the last three, so this tool carries its own training loop for them
 // (TrainAblation, a copy of TrainConcept's recipe with the edits changed) and its own sampling loop
 // (the pipeline cannot apply learned K targets); see docs/quality.md.
 // Two concepts in one prompt are scored the same way, with the same two references (both concepts
@@ -84,6 +86,8 @@ struct Args {
   std::vector<double> taus = {0.05, 0.15, 0.3};
   std::vector<std::string> sweep_locks = {"local", "global"};
   bool ablations = true;
+  bool finetune = false;
+  double finetune_lr = 5e-5;
   bool sweep = true;
   int threads = 0;
 };
@@ -114,6 +118,9 @@ void Usage() {
       "  --taus LIST           sweep temperatures (default 0.05,0.15,0.3)\n"
       "  --sweep-locks LIST    key-locking modes swept: local, global or both (default local,global)\n"
       "  --no-ablations        skip the embedding-only and no-key-lock methods\n"
+      "  --finetune            add a full fine-tune: the concept embedding and every UNet weight train\n"
+      "                        (DreamBooth without prior preservation; --finetune-lr X, default 5e-5).\n"
+      "                        It shows what this UNet can draw once any weight may change\n"
       "  --no-sweep            skip the beta/tau sweep\n"
       "  --threads N           LibTorch threads (default: all cores)\n");
 }
@@ -263,18 +270,44 @@ at::Tensor StackImages(const std::vector<at::Tensor>& images) { return at::stack
 
 // ---- Ablation training and sampling -----------------------------------------------------------------
 
-enum class Ablation { kEmbeddingOnly, kNoKeyLock };
+enum class Ablation { kEmbeddingOnly, kNoKeyLock, kFullFinetune };
 
 struct AblationConcept {
-  std::shared_ptr<Concept> concept;   // embedding, i*, V targets (zero for embedding-only)
-  std::vector<at::Tensor> k_targets;  // per layer [O] (no-key-lock only)
+  std::shared_ptr<Concept> concept;      // embedding, i*, V targets (zero without edits)
+  std::vector<at::Tensor> k_targets;     // per layer [O] (no-key-lock only)
+  std::vector<at::Tensor> unet_weights;  // the fine-tuned UNet's parameters (full fine-tune only)
+};
+
+// Puts `weights` into the UNet's parameters for its lifetime, and the UNet's own back afterwards.
+class UnetWeightsSwap {
+ public:
+  UnetWeightsSwap(std::vector<at::Tensor> params, const std::vector<at::Tensor>& weights) : params_(std::move(params)) {
+    TORCH_CHECK(weights.size() == params_.size(), "UnetWeightsSwap: ", weights.size(), " tensors for ", params_.size(),
+                " parameters");
+    torch::NoGradGuard ng;
+    for (size_t i = 0; i < params_.size(); ++i) {
+      saved_.push_back(params_[i].detach().clone());
+      params_[i].detach().copy_(weights[i]);
+    }
+  }
+  ~UnetWeightsSwap() {
+    torch::NoGradGuard ng;
+    for (size_t i = 0; i < params_.size(); ++i) params_[i].detach().copy_(saved_[i]);
+  }
+  UnetWeightsSwap(const UnetWeightsSwap&) = delete;
+  UnetWeightsSwap& operator=(const UnetWeightsSwap&) = delete;
+
+ private:
+  std::vector<at::Tensor> params_, saved_;
 };
 
 // TrainConcept's recipe (templates, flips, masked epsilon loss, AdamW groups, EMA of i*) with the
 // edits changed: kEmbeddingOnly runs the plain K/V projections and trains only the embedding;
-// kNoKeyLock trains the K targets exactly like the V targets (is_key_proj = false, in the values group).
+// kNoKeyLock trains the K targets exactly like the V targets (is_key_proj = false, in the values group);
+// kFullFinetune runs the plain projections and trains the embedding and every UNet weight (at
+// lr_unet), then puts the UNet's own weights back: the tuned ones are returned in unet_weights.
 AblationConcept TrainAblation(StableDiffusion& model, const std::vector<at::Tensor>& images, const TrainOptions& o,
-                              Ablation which, double lr_embedding) {
+                              Ablation which, double lr_embedding, double lr_unet = 0) {
   const int64_t superclass_id = *model.tokenizer->SingleTokenId(o.superclass);
   std::vector<std::vector<int64_t>> prompt_ids;
   for (const auto& t : DefaultTemplates()) prompt_ids.push_back(model.tokenizer->EncodePadded(ReplaceAll(t, "{}", o.superclass)).ids);
@@ -310,6 +343,18 @@ AblationConcept TrainAblation(StableDiffusion& model, const std::vector<at::Tens
     groups.emplace_back(target_params, std::make_unique<torch::optim::AdamWOptions>(
                                            torch::optim::AdamWOptions(o.lr_values).weight_decay(o.weight_decay)));
   }
+  std::vector<at::Tensor> unet_params, unet_saved;
+  std::vector<bool> unet_requires_grad;
+  if (which == Ablation::kFullFinetune) {
+    unet_params = model.unet->parameters();
+    for (auto& p : unet_params) {
+      unet_saved.push_back(p.detach().clone());
+      unet_requires_grad.push_back(p.requires_grad());
+      p.set_requires_grad(true);
+    }
+    groups.emplace_back(unet_params, std::make_unique<torch::optim::AdamWOptions>(
+                                         torch::optim::AdamWOptions(lr_unet).weight_decay(o.weight_decay)));
+  }
   torch::optim::AdamW optimizer(std::move(groups));
   DDPMScheduler ddpm(model.scheduler);
   at::Generator gen = MakeGenerator(o.seed);
@@ -335,7 +380,7 @@ AblationConcept TrainAblation(StableDiffusion& model, const std::vector<at::Tens
     const ConceptPromptBatch prompts = token->forward(at::tensor(ids, at::TensorOptions().dtype(at::kLong)).reshape({B, -1}));
     const at::Tensor X = model.text_encoder->forward_embeds(prompts.concept_embeds);
     std::vector<CrossAttnKV> kv;
-    if (which == Ablation::kEmbeddingOnly) {
+    if (which != Ablation::kNoKeyLock) {
       kv = model.unet->precompute_kv(X);
     } else {
       at::Tensor X_sup;
@@ -365,6 +410,14 @@ AblationConcept TrainAblation(StableDiffusion& model, const std::vector<at::Tens
     if (o.progress) o.progress(p);
   }
   AblationConcept out;
+  if (which == Ablation::kFullFinetune) {
+    torch::NoGradGuard ng;
+    for (size_t i = 0; i < unet_params.size(); ++i) {
+      out.unet_weights.push_back(unet_params[i].detach().clone());
+      unet_params[i].detach().copy_(unet_saved[i]);
+      unet_params[i].set_requires_grad(unet_requires_grad[i]);
+    }
+  }
   auto c = std::make_shared<Concept>();
   c->name = o.name;
   c->superclass = o.superclass;
@@ -387,13 +440,14 @@ AblationConcept TrainAblation(StableDiffusion& model, const std::vector<at::Tens
     c->i_star = v_edits[0]->i_star()[0].clone();
     c->i_sup = v_edits[0]->i_sup()[0].clone();
   } else {
-    // Not used by the embedding-only method (no edit); the concept token's last encoding, so the
-    // struct is complete.
+    // Not used without edits; the concept token's last encoding, so the struct is complete.
     const at::Tensor batch = at::arange(last_X.size(0), at::TensorOptions().dtype(at::kLong));
     c->i_star = last_X.index({batch, last_index}).mean(0);
     c->i_sup = c->i_star.clone();
   }
-  c->info["method"] = which == Ablation::kNoKeyLock ? "no-key-lock" : "embedding-only";
+  c->info["method"] = which == Ablation::kNoKeyLock      ? "no-key-lock"
+                      : which == Ablation::kFullFinetune ? "full-finetune"
+                                                         : "embedding-only";
   c->info["final_loss"] = std::to_string(p.loss_ema);
   out.concept = c;
   return out;
@@ -410,7 +464,7 @@ std::vector<CrossAttnKV> AblationKV(const Pipeline& pipe, const std::string& pro
   const at::Tensor ids = at::tensor(t.ids, at::TensorOptions().dtype(at::kLong)).reshape({1, -1});
   const at::Tensor X = m.text_encoder->forward_embeds(
       EmbedWithConcepts(m.text_encoder->token_embedding_weight(), ids, ac.concept->embedding.unsqueeze(0)));
-  if (which == Ablation::kEmbeddingOnly || t.concepts.empty()) return m.unet->precompute_kv(X);
+  if (which != Ablation::kNoKeyLock || t.concepts.empty()) return m.unet->precompute_kv(X);
   const auto layers = m.unet->cross_attention_layers();
   const at::Tensor I = ac.concept->i_star.unsqueeze(0);
   const ConceptGates g = ComputeConceptGates(X, I, m.c_inv, {gate});
@@ -487,6 +541,7 @@ const std::vector<Method>& Methods() {
       {"base", "Base model, superclass word"},
       {"ti", "Embedding only (Textual Inversion)"},
       {"nolock", "Perfusion without key-lock"},
+      {"finetune", "Full fine-tune: embedding + every UNet weight (DreamBooth-like)"},
       {"perfusion", "Perfusion (local key-lock)"},
       {"global", "Perfusion (global key-lock)"},
   };
@@ -499,7 +554,7 @@ struct ConceptRun {
   std::vector<Image> train_images;
   at::Tensor reference;  // mean classifier features of the training images
   std::shared_ptr<Concept> perfusion;
-  std::optional<AblationConcept> ti, nolock;
+  std::optional<AblationConcept> ti, nolock, finetune;
   std::vector<EvalPrompt> prompts;
   std::map<std::string, std::vector<std::vector<at::Tensor>>> images;  // method -> prompt -> images
   std::map<std::string, std::vector<Score>> scores;                    // method -> prompt -> score
@@ -739,6 +794,12 @@ class Evaluation {
     auto t0 = Clock::now();
     r.perfusion = std::make_shared<Concept>(TrainConcept(*model_, images, Options(r, i, "perfusion")));
     r.train_seconds["perfusion"] = std::chrono::duration<double>(Clock::now() - t0).count();
+    if (a_.finetune) {
+      t0 = Clock::now();
+      r.finetune = TrainAblation(*model_, images, Options(r, i, "full fine-tune"), Ablation::kFullFinetune,
+                                 TrainOptions().lr_embedding, a_.finetune_lr);
+      r.train_seconds["finetune"] = std::chrono::duration<double>(Clock::now() - t0).count();
+    }
     if (!a_.ablations) return;
     const double ti_lr = a_.ti_lr > 0 ? a_.ti_lr : TrainOptions().lr_embedding;
     t0 = Clock::now();
@@ -793,8 +854,12 @@ class Evaluation {
       }
       for (auto& res : pipe_.Generate(reqs)) per_prompt.push_back(res.images);
     } else {
-      const Ablation which = method == "ti" ? Ablation::kEmbeddingOnly : Ablation::kNoKeyLock;
-      const AblationConcept& ac = method == "ti" ? *r.ti : *r.nolock;
+      const Ablation which = method == "ti"       ? Ablation::kEmbeddingOnly
+                             : method == "nolock" ? Ablation::kNoKeyLock
+                                                  : Ablation::kFullFinetune;
+      const AblationConcept& ac = method == "ti" ? *r.ti : method == "nolock" ? *r.nolock : *r.finetune;
+      std::optional<UnetWeightsSwap> tuned;
+      if (which == Ablation::kFullFinetune) tuned.emplace(model_->unet->parameters(), ac.unet_weights);
       std::vector<std::vector<CrossAttnKV>> kv;
       std::vector<uint64_t> seeds;
       for (size_t p = 0; p < r.prompts.size(); ++p) {
@@ -820,6 +885,7 @@ class Evaluation {
     Log("generating %s: %zu prompts x %d images per method", r.spec.name.c_str(), r.prompts.size(), a_.per_prompt);
     for (const auto& m : Methods()) {
       if (!a_.ablations && (m.key == "ti" || m.key == "nolock")) continue;
+      if (!a_.finetune && m.key == "finetune") continue;
       GenerateMethod(r, m.key);
     }
   }
@@ -1355,6 +1421,8 @@ int main(int argc, char** argv) {
       else if (k == "--taus") a.taus = ParseDoubles(v());
       else if (k == "--sweep-locks") a.sweep_locks = SplitList(v());
       else if (k == "--no-ablations") a.ablations = false;
+      else if (k == "--finetune") a.finetune = true;
+      else if (k == "--finetune-lr") a.finetune_lr = std::stod(v());
       else if (k == "--no-sweep") a.sweep = false;
       else if (k == "--threads") a.threads = std::stoi(v());
       else return false;
@@ -1366,9 +1434,9 @@ int main(int argc, char** argv) {
     return l == "local" || l == "global";
   });
   if (a.images < 1 || a.steps < 1 || a.batch < 1 || a.per_prompt < 2 || a.gen_steps < 1 || a.betas.empty() ||
-      a.taus.empty() || !locks_ok) {
-    std::fprintf(stderr, "need --images, --steps, --batch, --gen-steps >= 1, --per-prompt >= 2, non-empty sweeps and "
-                 "--sweep-locks from local, global\n");
+      a.taus.empty() || !locks_ok || !(a.finetune_lr > 0)) {
+    std::fprintf(stderr, "need --images, --steps, --batch, --gen-steps >= 1, --per-prompt >= 2, --finetune-lr > 0, "
+                 "non-empty sweeps and --sweep-locks from local, global\n");
     return 2;
   }
   if (a.classifier.empty()) a.classifier = a.model + "/eval/classifier.safetensors";
