@@ -278,27 +278,36 @@ struct AblationConcept {
   std::vector<at::Tensor> unet_weights;  // the fine-tuned UNet's parameters (full fine-tune only)
 };
 
-// Puts `weights` into the UNet's parameters for its lifetime, and the UNet's own back afterwards.
-class UnetWeightsSwap {
+// Keeps a copy of some parameters (values and requires_grad) and puts it back when it goes out of
+// scope, however it is left: the full fine-tune trains, and generates with, the model's own UNet.
+class ParamsRestorer {
  public:
-  UnetWeightsSwap(std::vector<at::Tensor> params, const std::vector<at::Tensor>& weights) : params_(std::move(params)) {
-    TORCH_CHECK(weights.size() == params_.size(), "UnetWeightsSwap: ", weights.size(), " tensors for ", params_.size(),
-                " parameters");
-    torch::NoGradGuard ng;
-    for (size_t i = 0; i < params_.size(); ++i) {
-      saved_.push_back(params_[i].detach().clone());
-      params_[i].detach().copy_(weights[i]);
+  explicit ParamsRestorer(std::vector<at::Tensor> params) : params_(std::move(params)) {
+    for (const auto& p : params_) {
+      saved_.push_back(p.detach().clone());
+      requires_grad_.push_back(p.requires_grad());
     }
   }
-  ~UnetWeightsSwap() {
+  ~ParamsRestorer() {
     torch::NoGradGuard ng;
-    for (size_t i = 0; i < params_.size(); ++i) params_[i].detach().copy_(saved_[i]);
+    for (size_t i = 0; i < params_.size(); ++i) {
+      params_[i].detach().copy_(saved_[i]);
+      params_[i].set_requires_grad(requires_grad_[i]);
+    }
   }
-  UnetWeightsSwap(const UnetWeightsSwap&) = delete;
-  UnetWeightsSwap& operator=(const UnetWeightsSwap&) = delete;
+  // Overwrites the parameters with `weights` (one tensor per parameter, in order) until then.
+  void Load(const std::vector<at::Tensor>& weights) {
+    TORCH_CHECK(weights.size() == params_.size(), "ParamsRestorer: ", weights.size(), " tensors for ", params_.size(),
+                " parameters");
+    torch::NoGradGuard ng;
+    for (size_t i = 0; i < params_.size(); ++i) params_[i].detach().copy_(weights[i]);
+  }
+  ParamsRestorer(const ParamsRestorer&) = delete;
+  ParamsRestorer& operator=(const ParamsRestorer&) = delete;
 
  private:
   std::vector<at::Tensor> params_, saved_;
+  std::vector<bool> requires_grad_;
 };
 
 // TrainConcept's recipe (templates, flips, masked epsilon loss, AdamW groups, EMA of i*) with the
@@ -343,15 +352,12 @@ AblationConcept TrainAblation(StableDiffusion& model, const std::vector<at::Tens
     groups.emplace_back(target_params, std::make_unique<torch::optim::AdamWOptions>(
                                            torch::optim::AdamWOptions(o.lr_values).weight_decay(o.weight_decay)));
   }
-  std::vector<at::Tensor> unet_params, unet_saved;
-  std::vector<bool> unet_requires_grad;
+  std::vector<at::Tensor> unet_params;
+  std::optional<ParamsRestorer> restore_unet;  // the base UNet comes back when this function returns
   if (which == Ablation::kFullFinetune) {
     unet_params = model.unet->parameters();
-    for (auto& p : unet_params) {
-      unet_saved.push_back(p.detach().clone());
-      unet_requires_grad.push_back(p.requires_grad());
-      p.set_requires_grad(true);
-    }
+    restore_unet.emplace(unet_params);
+    for (auto& p : unet_params) p.set_requires_grad(true);
     groups.emplace_back(unet_params, std::make_unique<torch::optim::AdamWOptions>(
                                          torch::optim::AdamWOptions(lr_unet).weight_decay(o.weight_decay)));
   }
@@ -410,14 +416,7 @@ AblationConcept TrainAblation(StableDiffusion& model, const std::vector<at::Tens
     if (o.progress) o.progress(p);
   }
   AblationConcept out;
-  if (which == Ablation::kFullFinetune) {
-    torch::NoGradGuard ng;
-    for (size_t i = 0; i < unet_params.size(); ++i) {
-      out.unet_weights.push_back(unet_params[i].detach().clone());
-      unet_params[i].detach().copy_(unet_saved[i]);
-      unet_params[i].set_requires_grad(unet_requires_grad[i]);
-    }
-  }
+  for (const auto& p : unet_params) out.unet_weights.push_back(p.detach().clone());
   auto c = std::make_shared<Concept>();
   c->name = o.name;
   c->superclass = o.superclass;
@@ -858,8 +857,11 @@ class Evaluation {
                              : method == "nolock" ? Ablation::kNoKeyLock
                                                   : Ablation::kFullFinetune;
       const AblationConcept& ac = method == "ti" ? *r.ti : method == "nolock" ? *r.nolock : *r.finetune;
-      std::optional<UnetWeightsSwap> tuned;
-      if (which == Ablation::kFullFinetune) tuned.emplace(model_->unet->parameters(), ac.unet_weights);
+      std::optional<ParamsRestorer> base_unet;
+      if (which == Ablation::kFullFinetune) {
+        base_unet.emplace(model_->unet->parameters());
+        base_unet->Load(ac.unet_weights);
+      }
       std::vector<std::vector<CrossAttnKV>> kv;
       std::vector<uint64_t> seeds;
       for (size_t p = 0; p < r.prompts.size(); ++p) {
