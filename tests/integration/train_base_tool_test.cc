@@ -3,6 +3,7 @@
 // two-object and decoder stages when asked for more steps (how perfusion-tiny-v3 grew from v2's run),
 // optionally with the loss weighted towards the objects.
 #include <filesystem>
+#include <fstream>
 #include <memory>
 #include <string>
 #include <vector>
@@ -150,6 +151,28 @@ TEST_F(TrainBaseToolTest, SixteenBySixteenLatents) {
   EXPECT_NE(r.err.find("--latent-size 16, not 8"), std::string::npos) << r.err;
 }
 
+// Missing parents of --work and --out are made before any work, and --unet-blocks sets the levels.
+TEST_F(TrainBaseToolTest, MakesNestedFoldersAndTakesUnetLevels) {
+  const std::string work = dir_ + "/runs/a/work", out = dir_ + "/models/b/tiny";
+  CommandResult r = Train({"--vae-steps", "1", "--unet-steps", "1", "--decoder-steps", "0", "--work", work, "--out", out,
+                           "--unet-blocks", "32,64,128"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_TRUE(fs::exists(work + "/state.json"));
+  const nlohmann::json unet = nlohmann::json::parse(ReadFileOrEmpty(out + "/unet/config.json"));
+  EXPECT_EQ(unet["block_out_channels"], nlohmann::json({32, 64, 128})) << unet.dump();
+  EXPECT_EQ(unet["down_block_types"].size(), 3u) << unet.dump();
+  // The levels are part of what the checkpoints depend on.
+  r = Train({"--vae-steps", "1", "--unet-steps", "2", "--decoder-steps", "0", "--work", work, "--out", out});
+  EXPECT_EQ(r.exit_code, 2) << r.out;
+  EXPECT_NE(r.err.find("--unet-blocks [32,64,128], not [64,128]"), std::string::npos) << r.err;
+  // A file where a folder must go is named.
+  const std::string blocked = dir_ + "/blocked";
+  { std::ofstream(blocked) << "x"; }
+  r = Train({"--vae-steps", "1", "--unet-steps", "1", "--decoder-steps", "0", "--work", blocked + "/work"});
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.err.find("cannot create folder " + blocked + "/work"), std::string::npos) << r.err;
+}
+
 TEST_F(TrainBaseToolTest, RejectsUnknownFlagsAndBadValues) {
   CommandResult r = RunCommand({PERFUSION_TRAIN_BASE_BIN, "--decoder-stepz", "3"}, dir_, absl::Seconds(30));
   EXPECT_NE(r.exit_code, 0);
@@ -166,6 +189,9 @@ TEST_F(TrainBaseToolTest, RejectsUnknownFlagsAndBadValues) {
   r = RunCommand({PERFUSION_TRAIN_BASE_BIN, "--unet-batch", "0"}, dir_, absl::Seconds(30));
   EXPECT_EQ(r.exit_code, 2);
   EXPECT_NE(r.err.find("batch sizes >= 1"), std::string::npos) << r.err;
+  r = RunCommand({PERFUSION_TRAIN_BASE_BIN, "--unet-blocks", "64,100"}, dir_, absl::Seconds(30));
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_NE(r.err.find("--unet-blocks must list 2 to 4 channel counts"), std::string::npos) << r.err;
   r = RunCommand({PERFUSION_TRAIN_BASE_BIN, "--latent-size", "12"}, dir_, absl::Seconds(30));
   EXPECT_EQ(r.exit_code, 2);
   EXPECT_NE(r.err.find("--latent-size must be 8 or 16"), std::string::npos) << r.err;

@@ -24,7 +24,6 @@
 #include <ATen/Parallel.h>
 #include <c10/core/InferenceMode.h>
 #include <c10/util/Exception.h>
-#include <sys/stat.h>
 #include <torch/csrc/autograd/grad_mode.h>
 #include <torch/optim/adamw.h>
 
@@ -56,6 +55,7 @@
 #include "perfusion/shapes_world.h"
 #include "perfusion/trainer.h"
 #include "tools/tool_args.h"
+#include "tools/tool_files.h"
 
 using namespace perfusion;
 using Clock = std::chrono::steady_clock;
@@ -155,13 +155,6 @@ void Log(const char* fmt, ...) {
   va_end(ap);
   std::printf("\n");
   std::fflush(stdout);
-}
-
-void MakeDirs(const std::string& dir) {
-  for (size_t p = dir.find('/', 1);; p = dir.find('/', p + 1)) {
-    ::mkdir(dir.substr(0, p).c_str(), 0755);
-    if (p == std::string::npos) break;
-  }
 }
 
 void WritePng(const std::string& path, const Image& im) { WriteFileAtomically(path, EncodePng(im)); }

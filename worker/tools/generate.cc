@@ -10,7 +10,6 @@
 // stderr (denoising step / total).
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -29,6 +28,7 @@
 #include "perfusion/plot.h"
 #include "perfusion/safetensors.h"
 #include "tools/tool_args.h"
+#include "tools/tool_files.h"
 
 using namespace perfusion;
 
@@ -95,13 +95,6 @@ void Usage() {
       "                        in fractions of the image, or left|right|top|bottom|top_left|top_right|\n"
       "                        bottom_left|bottom_right. Places concepts: \"a <a> to the left of a <b>\"\n"
       "                        --region \"left:a small <a> on the left\" --region \"right:a small <b> on the right\"\n");
-}
-
-void MakeDirs(const std::string& dir) {
-  for (size_t p = dir.find('/', 1);; p = dir.find('/', p + 1)) {
-    ::mkdir(dir.substr(0, p).c_str(), 0755);
-    if (p == std::string::npos) break;
-  }
 }
 
 // One line per prompt token, then the end-of-text padding summarised: the gate of every concept

@@ -32,6 +32,7 @@
 #include <torch/optim/adamw.h>
 #include <torch/serialize.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
@@ -39,6 +40,7 @@
 #include <functional>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -51,6 +53,7 @@
 #include "perfusion/scheduler.h"
 #include "perfusion/shapes_world.h"
 #include "tools/tool_args.h"
+#include "tools/tool_files.h"
 
 using namespace perfusion;
 using Clock = std::chrono::steady_clock;
@@ -65,6 +68,7 @@ struct Args {
   double two_object_prob = WorldOptions().two_object_prob;
   int64_t vae_steps = 1500, vae_batch = 32;
   int64_t unet_steps = 9000, unet_batch = 64;
+  std::vector<int64_t> unet_blocks = {64, 128};  // channels per UNet level (2 levels: 8x8 and 4x4)
   double unet_lr = 5e-4;
   double object_weight = 0;  // the UNet stages' loss weights a latent by 1 + object_weight x its object cover
   int64_t pair_steps = 0;
@@ -100,6 +104,9 @@ void Usage() {
       "                        2: keeps 2-pixel patterns, at about 4x the UNet's cost per step)\n"
       "  --unet-steps N        text encoder + UNet steps (default 9000); --unet-batch N (default 64)\n"
       "  --unet-lr X           learning rate (default 5e-4)\n"
+      "  --unet-blocks LIST    channels of each UNet level, each a multiple of 32, 2 to 4 levels, every\n"
+      "                        level with cross-attention (default 64,128). With --latent-size 16,\n"
+      "                        32,64,128 puts the narrowest level at 16x16, where a pixel pattern lives\n"
       "  --object-weight X     weight a latent's loss by 1 + X times the part of it an object covers\n"
       "                        (default 0: uniform, as SD). Objects cover a tenth of a scene, so a\n"
       "                        uniform loss spends most of the UNet on backgrounds; may change on resume\n"
@@ -121,8 +128,8 @@ void Usage() {
       "  --threads N           LibTorch threads (default: all cores)\n\n"
       "A finished --work folder goes back to the UNet, two-object or decoder stage when --unet-steps,\n"
       "--pair-steps or --decoder-steps exceeds the steps it has done, and writes --out again. A rerun\n"
-      "must keep --samples, --seed, --two-object-prob, --pair-prob, --open-textures, --latent-channels and\n"
-      "--latent-size.\n");
+      "must keep --samples, --seed, --two-object-prob, --pair-prob, --open-textures, --latent-channels,\n"
+      "--latent-size and --unet-blocks.\n");
 }
 
 bool Exists(const std::string& p) {
@@ -134,14 +141,15 @@ bool Exists(const std::string& p) {
 CLIPTextModelOptions TextOptions() {
   return CLIPTextModelOptions().hidden_size(64).intermediate_size(256).num_attention_heads(4).num_hidden_layers(3);
 }
-UNetConfig UnetConfig(int64_t latent_channels, int64_t latent_size) {
+// `blocks`: the channels of each resolution level, every level with cross-attention.
+UNetConfig UnetConfig(int64_t latent_channels, int64_t latent_size, const std::vector<int64_t>& blocks) {
   UNetConfig c;
   c.in_channels = latent_channels;
   c.out_channels = latent_channels;
   c.sample_size = latent_size;
-  c.block_out_channels = {64, 128};
-  c.down_block_types = {"CrossAttnDownBlock2D", "CrossAttnDownBlock2D"};
-  c.up_block_types = {"CrossAttnUpBlock2D", "CrossAttnUpBlock2D"};
+  c.block_out_channels = blocks;
+  c.down_block_types.assign(blocks.size(), "CrossAttnDownBlock2D");
+  c.up_block_types.assign(blocks.size(), "CrossAttnUpBlock2D");
   c.layers_per_block = {1};
   c.cross_attention_dim = 64;
   c.attention_head_dim = {4};
@@ -340,6 +348,11 @@ int main(int argc, char** argv) {
       else if (k == "--unet-steps") a.unet_steps = std::stoll(v());
       else if (k == "--unet-batch") a.unet_batch = std::stoll(v());
       else if (k == "--unet-lr") a.unet_lr = std::stod(v());
+      else if (k == "--unet-blocks") {
+        a.unet_blocks.clear();
+        std::stringstream list(v());
+        for (std::string item; std::getline(list, item, ',');) a.unet_blocks.push_back(std::stoll(item));
+      }
       else if (k == "--object-weight") a.object_weight = std::stod(v());
       else if (k == "--decoder-steps") a.decoder_steps = std::stoll(v());
       else if (k == "--pair-steps") a.pair_steps = std::stoll(v());
@@ -361,6 +374,12 @@ int main(int argc, char** argv) {
     })) {
     return *code;
   }
+  const bool blocks_ok = a.unet_blocks.size() >= 2 && a.unet_blocks.size() <= 4 &&
+                         std::all_of(a.unet_blocks.begin(), a.unet_blocks.end(), [](int64_t b) { return b >= 32 && b % 32 == 0; });
+  if (!blocks_ok) {
+    std::fprintf(stderr, "--unet-blocks must list 2 to 4 channel counts, each a multiple of 32 (e.g. 64,128)\n");
+    return 2;
+  }
   if (a.latent_size != 8 && a.latent_size != 16) {
     std::fprintf(stderr, "--latent-size must be 8 or 16, got %lld\n", (long long)a.latent_size);
     return 2;
@@ -378,7 +397,7 @@ int main(int argc, char** argv) {
   try {
     std::setvbuf(stdout, nullptr, _IOLBF, 0);  // progress lines reach a log file at once
     if (a.threads > 0) at::set_num_threads(a.threads);
-    ::mkdir(a.work.c_str(), 0755);
+    MakeDirs(a.work);  // before any work: a missing parent would otherwise fail the first checkpoint
     const auto t0 = Clock::now();
     auto out_of_time = [&] {
       return a.max_minutes > 0 && std::chrono::duration<double>(Clock::now() - t0).count() > a.max_minutes * 60;
@@ -390,14 +409,16 @@ int main(int argc, char** argv) {
       const nlohmann::json now = {{"--samples", a.samples}, {"--seed", a.seed}, {"--two-object-prob", a.two_object_prob},
                                   {"--pair-prob", a.pair_prob}, {"--open-textures", a.open_textures},
                                   {"--latent-channels", a.latent_channels},
-                                  {"--latent-size", a.latent_size}};
+                                  {"--latent-size", a.latent_size}, {"--unet-blocks", a.unet_blocks}};
       for (const auto& [flag, value] : now.items()) {
         // The stage-2b settings matter only once that stage has taken a step.
         if ((flag == "--pair-prob" || flag == "--open-textures") && st.pair_step == 0) continue;
-        // Folders recorded before --latent-size existed were all made with 8.
+        // Folders recorded before --latent-size / --unet-blocks existed were all made with 8 / 64,128.
         const nlohmann::json made = st.data.contains(flag) ? st.data[flag]
-                                    : flag == "--latent-size" && !st.data.empty() ? nlohmann::json(8)
-                                                                                 : nlohmann::json();
+                                    : st.data.empty()      ? nlohmann::json()
+                                    : flag == "--latent-size" ? nlohmann::json(8)
+                                    : flag == "--unet-blocks" ? nlohmann::json(std::vector<int64_t>{64, 128})
+                                                              : nlohmann::json();
         if (!made.is_null() && made != value) {
           std::fprintf(stderr, "error: %s was made with %s %s, not %s: rerun with that value or use another --work\n",
                        a.work.c_str(), flag.c_str(), made.dump().c_str(), value.dump().c_str());
@@ -490,7 +511,7 @@ int main(int argc, char** argv) {
 
     // ---- Stage 2: text encoder + UNet ----------------------------------------------------------
     CLIPTextModel te(TextOptions());
-    UNet2DConditionModel unet(UnetConfig(a.latent_channels, a.latent_size));
+    UNet2DConditionModel unet(UnetConfig(a.latent_channels, a.latent_size, a.unet_blocks));
     const std::string te_path = a.work + "/text_encoder.safetensors", unet_path = a.work + "/unet.safetensors";
     const std::string opt_path = a.work + "/unet_opt.pt";
     if (Exists(te_path)) LoadStateDict(*te, te_path);
@@ -682,7 +703,7 @@ int main(int argc, char** argv) {
     // A small ridge: the young encoder's final LayerNorm keeps its outputs near a hyperplane.
     m.covariance = cov.Covariance(/*ridge=*/1e-3).to(at::kFloat);
     m.model_id = a.model_id;
-    ::mkdir(a.out.c_str(), 0755);
+    MakeDirs(a.out);
     SaveModelDir(m, a.out, at::kHalf);
     st.stage = "done";
     SaveState(a.work, st);

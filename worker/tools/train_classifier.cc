@@ -38,6 +38,7 @@
 #include "perfusion/shapes_classifier.h"
 #include "perfusion/shapes_world.h"
 #include "tools/tool_args.h"
+#include "tools/tool_files.h"
 
 using namespace perfusion;
 using Clock = std::chrono::steady_clock;
@@ -71,12 +72,6 @@ void Usage() {
       "  --seed S              (default 1)\n"
       "  --threads N           LibTorch threads (default: all cores)\n"
       "  --sheet PATH          also write a PNG of 16 held-out scenes: clean, and through the VAE\n");
-}
-
-void MakeDirs(const std::string& path) {
-  for (size_t p = path.find('/', 1); p != std::string::npos; p = path.find('/', p + 1)) {
-    ::mkdir(path.substr(0, p).c_str(), 0755);
-  }
 }
 
 struct Data {
@@ -343,10 +338,10 @@ int main(int argc, char** argv) {
       }
       GridOptions g;
       g.row_labels = test_vae.defined() ? std::vector<std::string>{"render", "VAE"} : std::vector<std::string>{"render"};
-      MakeDirs(a.sheet);
+      MakeParentDirs(a.sheet);
       WriteFileAtomically(a.sheet, EncodePng(ImageGrid(rows, g)));
     }
-    MakeDirs(a.out);
+    MakeParentDirs(a.out);
     nlohmann::json summary = {
         {"command", command},
         {"train_scenes", a.train},
