@@ -101,7 +101,7 @@ void Usage() {
       "  --vae-edge-weight X   edge term (L1 of image gradients) in the VAE stage's loss (default 0)\n"
       "  --latent-channels N   VAE latent channels = UNet in/out channels (default 4, as SD 1.x)\n"
       "  --latent-size N       8 (default: 32x32 images <-> 8x8 latents, downsampling 4) or 16 (downsampling\n"
-      "                        2: keeps 2-pixel patterns, at about 4x the UNet's cost per step)\n"
+      "                        2: keeps 2-pixel patterns, at about 3x the UNet's cost per step)\n"
       "  --unet-steps N        text encoder + UNet steps (default 9000); --unet-batch N (default 64)\n"
       "  --unet-lr X           learning rate (default 5e-4)\n"
       "  --unet-blocks LIST    channels of each UNet level, each a multiple of 32, 2 to 4 levels, every\n"
