@@ -90,12 +90,18 @@ TEST_F(ResearchCliTest, TrainAConceptThenGenerateAndShowItsGates) {
 // gate sweep under both key-locking modes, a repeat with a second seed, and the report with its
 // pictures.
 TEST_F(ResearchCliTest, EvaluateWritesTheReportWithASweepPerKeyLockingMode) {
+  // A toy-sized run into `out`, plus `extra` flags.
+  auto evaluate = [&](const std::string& out, const std::vector<std::string>& extra) {
+    std::vector<std::string> argv = {PERFUSION_EVALUATE_BIN, "--model", TinyModelDir(), "--tokenizer-dir",
+                                     TokenizerDir(), "--out", out, "--concepts", "candy_heart,checker_star",
+                                     "--images", "2", "--steps", "2", "--batch", "2", "--per-prompt", "2",
+                                     "--gen-steps", "2", "--no-ablations", "--betas", "0.7", "--taus", "0.15",
+                                     "--seeds", "1,2", "--threads", "1"};
+    argv.insert(argv.end(), extra.begin(), extra.end());
+    return RunCommand(argv, dir_, absl::Minutes(5));
+  };
   const std::string out = dir_ + "/report";
-  CommandResult r = RunCommand({PERFUSION_EVALUATE_BIN, "--model", TinyModelDir(), "--tokenizer-dir", TokenizerDir(),
-                                "--out", out, "--concepts", "candy_heart,checker_star", "--images", "2", "--steps",
-                                "2", "--batch", "2", "--per-prompt", "2", "--gen-steps", "2", "--no-ablations",
-                                "--betas", "0.7", "--taus", "0.15", "--seeds", "1,2", "--threads", "1"},
-                               dir_, absl::Minutes(5));
+  CommandResult r = evaluate(out, {});
   ASSERT_EQ(r.exit_code, 0) << r.err << r.out;
   for (const char* f : {"report.md", "sweep.png", "two_concepts.png", "methods_candy_heart.png", "base_model.png"}) {
     EXPECT_TRUE(fs::exists(out + "/" + f)) << f;
@@ -111,11 +117,7 @@ TEST_F(ResearchCliTest, EvaluateWritesTheReportWithASweepPerKeyLockingMode) {
   // --finetune adds the full fine-tune and leaves every other method's figures as they were: the
   // tuned UNet weights are swapped in for its own images only, in training and in generation.
   const std::string out_ft = dir_ + "/report-ft";
-  r = RunCommand({PERFUSION_EVALUATE_BIN, "--model", TinyModelDir(), "--tokenizer-dir", TokenizerDir(), "--out", out_ft,
-                  "--concepts", "candy_heart,checker_star", "--images", "2", "--steps", "2", "--batch", "2",
-                  "--per-prompt", "2", "--gen-steps", "2", "--no-ablations", "--betas", "0.7", "--taus", "0.15",
-                  "--seeds", "1,2", "--threads", "1", "--finetune", "--finetune-lr", "1e-3"},
-                 dir_, absl::Minutes(5));
+  r = evaluate(out_ft, {"--finetune", "--finetune-lr", "1e-3"});
   ASSERT_EQ(r.exit_code, 0) << r.err << r.out;
   EXPECT_NE(r.out.find("train candy_heart / full fine-tune: step 2/2"), std::string::npos) << r.out;
   std::ifstream in_ft(out_ft + "/report.md");
@@ -140,18 +142,22 @@ TEST_F(ResearchCliTest, EvaluateWritesTheReportWithASweepPerKeyLockingMode) {
   EXPECT_EQ(rows(md_ft), rows(md));
 
   // Bad flags are usage errors that say what is expected.
-  r = Run({PERFUSION_EVALUATE_BIN, "--finetune-lr", "0"});
-  EXPECT_EQ(r.exit_code, 2);
-  EXPECT_NE(r.err.find("--finetune-lr > 0"), std::string::npos) << r.err;
-  r = Run({PERFUSION_EVALUATE_BIN, "--sweep-locks", "sideways"});
-  EXPECT_EQ(r.exit_code, 2);
-  EXPECT_NE(r.err.find("--sweep-locks"), std::string::npos) << r.err;
-  r = Run({PERFUSION_EVALUATE_BIN, "--seeds", ","});
-  EXPECT_EQ(r.exit_code, 2);
-  EXPECT_NE(r.err.find("--seeds: expected a comma-separated list"), std::string::npos) << r.err;
-  r = Run({PERFUSION_EVALUATE_BIN, "--seeds", "1,x"});
-  EXPECT_EQ(r.exit_code, 2);
-  EXPECT_NE(r.err.find("--seeds: bad value '1,x'"), std::string::npos) << r.err;
+  const struct {
+    std::vector<std::string> args;
+    std::string message;
+  } cases[] = {
+      {{"--finetune-lr", "0"}, "--finetune-lr > 0"},
+      {{"--sweep-locks", "sideways"}, "--sweep-locks"},
+      {{"--seeds", ","}, "--seeds: expected a comma-separated list"},
+      {{"--seeds", "1,x"}, "--seeds: bad value '1,x'"},
+  };
+  for (const auto& c : cases) {
+    std::vector<std::string> argv = {PERFUSION_EVALUATE_BIN};
+    argv.insert(argv.end(), c.args.begin(), c.args.end());
+    r = Run(argv);
+    EXPECT_EQ(r.exit_code, 2) << c.args[0];
+    EXPECT_NE(r.err.find(c.message), std::string::npos) << c.args[0] << ": " << r.err;
+  }
 }
 
 }  // namespace
