@@ -308,4 +308,16 @@ void Cluster::DumpLogs() const {
   }
 }
 
+void ExpectUsageErrors(const std::string& binary, const std::vector<UsageErrorCase>& cases,
+                       const std::string& scratch_dir) {
+  for (const auto& c : cases) {
+    std::vector<std::string> argv = {binary};
+    argv.insert(argv.end(), c.args.begin(), c.args.end());
+    const CommandResult r = RunCommand(argv, scratch_dir, absl::Seconds(60));
+    const std::string what = c.args.empty() ? binary : c.args[0];
+    EXPECT_EQ(r.exit_code, 2) << what << ": " << r.err;
+    EXPECT_NE(r.err.find(c.message), std::string::npos) << what << ": " << r.err;
+  }
+}
+
 }  // namespace perfusion::testing

@@ -33,6 +33,15 @@ std::string TinyModelDir();
 // A CLIP tokenizer folder for models without tokenizer/: <shared>/data/clip when present.
 std::string TokenizerDir();
 
+// A command-line tool's usage error: `args` after the binary, and a piece of the message it must print.
+struct UsageErrorCase {
+  std::vector<std::string> args;
+  std::string message;
+};
+// Runs `binary` once per case (in `scratch_dir`) and expects exit code 2 with the message on stderr.
+void ExpectUsageErrors(const std::string& binary, const std::vector<UsageErrorCase>& cases,
+                       const std::string& scratch_dir);
+
 inline constexpr char kTokenA[] = "acme-token-0123";
 inline constexpr char kTokenB[] = "beta-token-4567";
 inline constexpr char kWorkerToken[] = "worker-token-89ab";

@@ -142,22 +142,12 @@ TEST_F(ResearchCliTest, EvaluateWritesTheReportWithASweepPerKeyLockingMode) {
   EXPECT_EQ(rows(md_ft), rows(md));
 
   // Bad flags are usage errors that say what is expected.
-  const struct {
-    std::vector<std::string> args;
-    std::string message;
-  } cases[] = {
-      {{"--finetune-lr", "0"}, "--finetune-lr > 0"},
-      {{"--sweep-locks", "sideways"}, "--sweep-locks"},
-      {{"--seeds", ","}, "--seeds: expected a comma-separated list"},
-      {{"--seeds", "1,x"}, "--seeds: bad value '1,x'"},
-  };
-  for (const auto& c : cases) {
-    std::vector<std::string> argv = {PERFUSION_EVALUATE_BIN};
-    argv.insert(argv.end(), c.args.begin(), c.args.end());
-    r = Run(argv);
-    EXPECT_EQ(r.exit_code, 2) << c.args[0];
-    EXPECT_NE(r.err.find(c.message), std::string::npos) << c.args[0] << ": " << r.err;
-  }
+  ExpectUsageErrors(PERFUSION_EVALUATE_BIN,
+                    {{{"--finetune-lr", "0"}, "--finetune-lr > 0"},
+                     {{"--sweep-locks", "sideways"}, "--sweep-locks"},
+                     {{"--seeds", ","}, "--seeds: expected a comma-separated list"},
+                     {{"--seeds", "1,x"}, "--seeds: bad value '1,x'"}},
+                    dir_);
 }
 
 }  // namespace

@@ -175,25 +175,15 @@ TEST_F(TrainBaseToolTest, MakesNestedFoldersAndTakesUnetLevels) {
 
 TEST_F(TrainBaseToolTest, RejectsUnknownFlagsAndBadValues) {
   // Each bad flag exits 2 before any work, with a message naming what is expected.
-  const struct {
-    std::vector<std::string> args;
-    std::string message;
-  } cases[] = {
-      {{"--decoder-stepz", "3"}, "--decoder-stepz"},
-      {{"--two-object-prob", "1.5"}, "--two-object-prob, --pair-prob, --open-textures in [0, 1]"},
-      {{"--object-weight", "-1"}, "--object-weight >= 0"},
-      {{"--open-textures", "-0.1"}, "--open-textures in [0, 1]"},
-      {{"--unet-batch", "0"}, "batch sizes >= 1"},
-      {{"--unet-blocks", "64,100"}, "--unet-blocks must list 2 to 4 channel counts"},
-      {{"--latent-size", "12"}, "--latent-size must be 8 or 16"},
-  };
-  for (const auto& c : cases) {
-    std::vector<std::string> argv = {PERFUSION_TRAIN_BASE_BIN};
-    argv.insert(argv.end(), c.args.begin(), c.args.end());
-    const CommandResult r = RunCommand(argv, dir_, absl::Seconds(30));
-    EXPECT_EQ(r.exit_code, 2) << c.args[0];
-    EXPECT_NE(r.err.find(c.message), std::string::npos) << c.args[0] << ": " << r.err;
-  }
+  ExpectUsageErrors(PERFUSION_TRAIN_BASE_BIN,
+                    {{{"--decoder-stepz", "3"}, "--decoder-stepz"},
+                     {{"--two-object-prob", "1.5"}, "--two-object-prob, --pair-prob, --open-textures in [0, 1]"},
+                     {{"--object-weight", "-1"}, "--object-weight >= 0"},
+                     {{"--open-textures", "-0.1"}, "--open-textures in [0, 1]"},
+                     {{"--unet-batch", "0"}, "batch sizes >= 1"},
+                     {{"--unet-blocks", "64,100"}, "--unet-blocks must list 2 to 4 channel counts"},
+                     {{"--latent-size", "12"}, "--latent-size must be 8 or 16"}},
+                    dir_);
 }
 
 }  // namespace
