@@ -52,9 +52,12 @@ TEST_F(TrainBaseToolTest, RunsEveryStageResumesAndExtends) {
   EXPECT_NE(r.out.find("time budget reached at vae step 1"), std::string::npos) << r.out;
   EXPECT_EQ(State()["stage"], "vae");
   EXPECT_FALSE(fs::exists(dir_ + "/model/unet/config.json"));
+  // Every VAE checkpoint shows what the VAE keeps so far.
+  EXPECT_NE(r.out.find("round trip MSE"), std::string::npos) << r.out;
+  EXPECT_TRUE(fs::exists(dir_ + "/work/vae_check.png"));
 
-  // Rerunning resumes at step 2 and runs to the end.
-  r = Train({"--vae-steps", "3", "--unet-steps", "2", "--decoder-steps", "0"});
+  // Rerunning resumes at step 2 and runs to the end (with a lower VAE rate: a rate is not data).
+  r = Train({"--vae-steps", "3", "--unet-steps", "2", "--decoder-steps", "0", "--vae-lr", "3e-4"});
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_EQ(r.out.find("[vae] step      1/"), std::string::npos) << "did not resume:\n" << r.out;
   EXPECT_NE(r.out.find("[vae] step      3/3"), std::string::npos) << r.out;
@@ -137,15 +140,27 @@ TEST_F(TrainBaseToolTest, RunsEveryStageResumesAndExtends) {
   EXPECT_NE(r.err.find("--open-textures 0.5, not 0.0"), std::string::npos) << r.err;
 }
 
-// --latent-size 16: a VAE with one downsampling less (16x16 latents) and a UNet of that sample size.
+// --latent-size 16: a VAE with one downsampling less (16x16 latents) and a UNet of that sample size;
+// --vae-blocks and --vae-layers set the VAE's width and depth.
 TEST_F(TrainBaseToolTest, SixteenBySixteenLatents) {
-  CommandResult r = Train({"--vae-steps", "2", "--unet-steps", "1", "--decoder-steps", "0", "--latent-size", "16"});
+  CommandResult r = Train({"--vae-steps", "2", "--unet-steps", "1", "--decoder-steps", "0", "--latent-size", "16",
+                           "--vae-blocks", "16,48", "--vae-layers", "2"});
   ASSERT_EQ(r.exit_code, 0) << r.err;
   const nlohmann::json unet = nlohmann::json::parse(ReadFileOrEmpty(dir_ + "/model/unet/config.json"));
   const nlohmann::json vae = nlohmann::json::parse(ReadFileOrEmpty(dir_ + "/model/vae/config.json"));
   EXPECT_EQ(unet["sample_size"], 16);
-  EXPECT_EQ(vae["block_out_channels"].size(), 2u) << vae.dump();
+  EXPECT_EQ(vae["block_out_channels"], nlohmann::json({16, 48})) << vae.dump();
+  EXPECT_EQ(vae["layers_per_block"], 2) << vae.dump();
   EXPECT_EQ(vae["sample_size"], 32);
+  // Each shape setting is part of what the checkpoints depend on.
+  r = Train({"--vae-steps", "2", "--unet-steps", "2", "--decoder-steps", "0", "--latent-size", "16",
+             "--vae-blocks", "16,48"});
+  EXPECT_EQ(r.exit_code, 2) << r.out;
+  EXPECT_NE(r.err.find("--vae-layers 2, not 1"), std::string::npos) << r.err;
+  r = Train({"--vae-steps", "2", "--unet-steps", "2", "--decoder-steps", "0", "--latent-size", "16",
+             "--vae-layers", "2"});
+  EXPECT_EQ(r.exit_code, 2) << r.out;
+  EXPECT_NE(r.err.find("--vae-blocks [16,48], not [32,64]"), std::string::npos) << r.err;
   r = Train({"--vae-steps", "2", "--unet-steps", "2", "--decoder-steps", "0"});
   EXPECT_EQ(r.exit_code, 2) << r.out;
   EXPECT_NE(r.err.find("--latent-size 16, not 8"), std::string::npos) << r.err;
@@ -182,7 +197,12 @@ TEST_F(TrainBaseToolTest, RejectsUnknownFlagsAndBadValues) {
                      {{"--open-textures", "-0.1"}, "--open-textures in [0, 1]"},
                      {{"--unet-batch", "0"}, "batch sizes >= 1"},
                      {{"--unet-blocks", "64,100"}, "--unet-blocks must list 2 to 4 channel counts"},
-                     {{"--latent-size", "12"}, "--latent-size must be 8 or 16"}},
+                     {{"--latent-size", "12"}, "--latent-size must be 8 or 16"},
+                     {{"--vae-blocks", "32,64"}, "--vae-blocks must list 3 channel counts for --latent-size 8"},
+                     {{"--latent-size", "16", "--vae-blocks", "32,40"}, "each a multiple of 16"},
+                     {{"--vae-blocks", "32,x,64"}, "--vae-blocks: bad value '32,x,64'"},
+                     {{"--vae-layers", "0"}, "--vae-layers must be 1 to 4"},
+                     {{"--vae-lr", "0"}, "--vae-lr must be > 0"}},
                     dir_);
 }
 

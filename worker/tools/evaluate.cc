@@ -125,15 +125,6 @@ void Usage() {
       "  --threads N           LibTorch threads (default: all cores)\n");
 }
 
-std::vector<std::string> SplitList(const std::string& s) {
-  std::vector<std::string> out;
-  std::stringstream in(s);
-  for (std::string item; std::getline(in, item, ',');) {
-    if (!item.empty()) out.push_back(item);
-  }
-  return out;
-}
-
 std::vector<double> ParseDoubles(const std::string& s) {
   std::vector<double> out;
   for (const auto& item : SplitList(s)) out.push_back(std::stod(item));

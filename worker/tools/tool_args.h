@@ -17,11 +17,14 @@
 #ifndef PERFUSION_WORKER_TOOLS_TOOL_ARGS_H_
 #define PERFUSION_WORKER_TOOLS_TOOL_ARGS_H_
 
+#include <cstdint>
 #include <cstdio>
 #include <functional>
 #include <optional>
+#include <sstream>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 namespace perfusion {
 
@@ -68,6 +71,24 @@ inline std::optional<int> ParseToolArgs(int argc, char** argv, void (*usage)(),
     }
   }
   return std::nullopt;
+}
+
+// The items of a comma-separated list, empty items dropped ("1,,2" -> {"1", "2"}).
+inline std::vector<std::string> SplitList(const std::string& s) {
+  std::vector<std::string> out;
+  std::stringstream in(s);
+  for (std::string item; std::getline(in, item, ',');) {
+    if (!item.empty()) out.push_back(item);
+  }
+  return out;
+}
+
+// A comma-separated list of integers; a bad item throws std::invalid_argument, which
+// ParseToolArgs reports as a bad value of the flag.
+inline std::vector<int64_t> ParseIntList(const std::string& s) {
+  std::vector<int64_t> out;
+  for (const auto& item : SplitList(s)) out.push_back(std::stoll(item));
+  return out;
 }
 
 }  // namespace perfusion

@@ -78,6 +78,9 @@ struct Args {
   double decoder_lr = 5e-4, edge_weight = 1.0;
   int64_t latent_channels = 4;
   int64_t latent_size = 8;  // 8: downsampling 4 (the shipped model); 16: downsampling 2
+  double vae_lr = 1e-3;
+  std::vector<int64_t> vae_blocks;  // channels per VAE level; empty = 32,64,64 (8x8) or 32,64 (16x16)
+  int64_t vae_layers = 1;           // resnets per VAE encoder level (the decoder has one more)
   double vae_edge_weight = 0;
   double ema_decay = 0.999;
   bool sd_schedule = false;
@@ -98,10 +101,14 @@ void Usage() {
       "  --samples N           rendered training scenes (default 30000)\n"
       "  --two-object-prob X   fraction of scenes with two objects (default 0.2)\n"
       "  --vae-steps N         VAE steps (default 1500); --vae-batch N (default 32)\n"
+      "  --vae-lr X            VAE learning rate (default 1e-3); a resumed run may lower it\n"
       "  --vae-edge-weight X   edge term (L1 of image gradients) in the VAE stage's loss (default 0)\n"
       "  --latent-channels N   VAE latent channels = UNet in/out channels (default 4, as SD 1.x)\n"
       "  --latent-size N       8 (default: 32x32 images <-> 8x8 latents, downsampling 4) or 16 (downsampling\n"
       "                        2: keeps 2-pixel patterns, at about 3x the UNet's cost per step)\n"
+      "  --vae-blocks LIST     channels of each VAE level, multiples of 16: 3 levels for --latent-size 8,\n"
+      "                        2 for 16 (default 32,64,64 or 32,64)\n"
+      "  --vae-layers N        resnets per VAE encoder level, the decoder has one more (default 1)\n"
       "  --unet-steps N        text encoder + UNet steps (default 9000); --unet-batch N (default 64)\n"
       "  --unet-lr X           learning rate (default 5e-4)\n"
       "  --unet-blocks LIST    channels of each UNet level, each a multiple of 32, 2 to 4 levels, every\n"
@@ -129,7 +136,7 @@ void Usage() {
       "A finished --work folder goes back to the UNet, two-object or decoder stage when --unet-steps,\n"
       "--pair-steps or --decoder-steps exceeds the steps it has done, and writes --out again. A rerun\n"
       "must keep --samples, --seed, --two-object-prob, --pair-prob, --open-textures, --latent-channels,\n"
-      "--latent-size and --unet-blocks.\n");
+      "--latent-size, --vae-blocks, --vae-layers and --unet-blocks.\n");
 }
 
 bool Exists(const std::string& p) {
@@ -156,12 +163,15 @@ UNetConfig UnetConfig(int64_t latent_channels, int64_t latent_size, const std::v
   c.norm_num_groups = 32;
   return c;
 }
-// 32x32 images: three blocks give 8x8 latents (downsampling 4), two give 16x16 (downsampling 2).
-AutoencoderKLOptions VaeOptions(double scaling, int64_t latent_channels, int64_t latent_size) {
+// 32x32 images: three levels give 8x8 latents (downsampling 4), two give 16x16 (downsampling 2).
+std::vector<int64_t> DefaultVaeBlocks(int64_t latent_size) {
+  return latent_size == 16 ? std::vector<int64_t>{32, 64} : std::vector<int64_t>{32, 64, 64};
+}
+AutoencoderKLOptions VaeOptions(double scaling, const Args& a) {
   return AutoencoderKLOptions()
-      .block_out_channels(latent_size == 16 ? std::vector<int64_t>{32, 64} : std::vector<int64_t>{32, 64, 64})
-      .layers_per_block(1)
-      .latent_channels(latent_channels)
+      .block_out_channels(a.vae_blocks)
+      .layers_per_block(a.vae_layers)
+      .latent_channels(a.latent_channels)
       .norm_num_groups(16)
       .sample_size(32)
       .scaling_factor(scaling);
@@ -345,14 +355,13 @@ int main(int argc, char** argv) {
       else if (k == "--vae-edge-weight") a.vae_edge_weight = std::stod(v());
       else if (k == "--latent-channels") a.latent_channels = std::stoll(v());
       else if (k == "--latent-size") a.latent_size = std::stoll(v());
+      else if (k == "--vae-blocks") a.vae_blocks = ParseIntList(v());
+      else if (k == "--vae-layers") a.vae_layers = std::stoll(v());
+      else if (k == "--vae-lr") a.vae_lr = std::stod(v());
       else if (k == "--unet-steps") a.unet_steps = std::stoll(v());
       else if (k == "--unet-batch") a.unet_batch = std::stoll(v());
       else if (k == "--unet-lr") a.unet_lr = std::stod(v());
-      else if (k == "--unet-blocks") {
-        a.unet_blocks.clear();
-        std::stringstream list(v());
-        for (std::string item; std::getline(list, item, ',');) a.unet_blocks.push_back(std::stoll(item));
-      }
+      else if (k == "--unet-blocks") a.unet_blocks = ParseIntList(v());
       else if (k == "--object-weight") a.object_weight = std::stod(v());
       else if (k == "--decoder-steps") a.decoder_steps = std::stoll(v());
       else if (k == "--pair-steps") a.pair_steps = std::stoll(v());
@@ -384,6 +393,22 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "--latent-size must be 8 or 16, got %lld\n", (long long)a.latent_size);
     return 2;
   }
+  if (a.vae_blocks.empty()) a.vae_blocks = DefaultVaeBlocks(a.latent_size);
+  const size_t vae_levels = a.latent_size == 16 ? 2 : 3;
+  if (a.vae_blocks.size() != vae_levels ||
+      !std::all_of(a.vae_blocks.begin(), a.vae_blocks.end(), [](int64_t b) { return b >= 16 && b % 16 == 0; })) {
+    std::fprintf(stderr, "--vae-blocks must list %zu channel counts for --latent-size %lld, each a multiple of 16\n",
+                 vae_levels, (long long)a.latent_size);
+    return 2;
+  }
+  if (!(a.vae_lr > 0)) {
+    std::fprintf(stderr, "--vae-lr must be > 0\n");
+    return 2;
+  }
+  if (a.vae_layers < 1 || a.vae_layers > 4) {
+    std::fprintf(stderr, "--vae-layers must be 1 to 4, got %lld\n", (long long)a.vae_layers);
+    return 2;
+  }
   if (a.samples < 1 || a.vae_batch < 1 || a.unet_batch < 1 || a.decoder_batch < 1 || a.vae_steps < 0 ||
       a.unet_steps < 0 || a.decoder_steps < 0 || a.pair_steps < 0 || a.checkpoint_every < 1 ||
       a.latent_channels < 1 || !(a.two_object_prob >= 0 && a.two_object_prob <= 1) ||
@@ -409,15 +434,20 @@ int main(int argc, char** argv) {
       const nlohmann::json now = {{"--samples", a.samples}, {"--seed", a.seed}, {"--two-object-prob", a.two_object_prob},
                                   {"--pair-prob", a.pair_prob}, {"--open-textures", a.open_textures},
                                   {"--latent-channels", a.latent_channels},
-                                  {"--latent-size", a.latent_size}, {"--unet-blocks", a.unet_blocks}};
+                                  {"--latent-size", a.latent_size}, {"--unet-blocks", a.unet_blocks},
+                                  {"--vae-blocks", a.vae_blocks}, {"--vae-layers", a.vae_layers}};
       for (const auto& [flag, value] : now.items()) {
         // The stage-2b settings matter only once that stage has taken a step.
         if ((flag == "--pair-prob" || flag == "--open-textures") && st.pair_step == 0) continue;
-        // Folders recorded before --latent-size / --unet-blocks existed were all made with 8 / 64,128.
+        // Folders recorded before a shape flag existed were made with its default then: latent size 8,
+        // UNet 64,128, the latent size's default VAE levels, one resnet per VAE level.
+        const int64_t made_size = st.data.value("--latent-size", int64_t{8});
         const nlohmann::json made = st.data.contains(flag) ? st.data[flag]
                                     : st.data.empty()      ? nlohmann::json()
                                     : flag == "--latent-size" ? nlohmann::json(8)
                                     : flag == "--unet-blocks" ? nlohmann::json(std::vector<int64_t>{64, 128})
+                                    : flag == "--vae-blocks"  ? nlohmann::json(DefaultVaeBlocks(made_size))
+                                    : flag == "--vae-layers"  ? nlohmann::json(1)
                                                               : nlohmann::json();
         if (!made.is_null() && made != value) {
           std::fprintf(stderr, "error: %s was made with %s %s, not %s: rerun with that value or use another --work\n",
@@ -454,12 +484,14 @@ int main(int argc, char** argv) {
     at::Generator gen = MakeGenerator(a.seed * 7919 + 17);
 
     // ---- Stage 1: VAE --------------------------------------------------------------------------
-    AutoencoderKL vae(VaeOptions(1.0, a.latent_channels, a.latent_size));
+    AutoencoderKL vae(VaeOptions(1.0, a));
     const std::string vae_path = a.work + "/vae.safetensors", vae_opt_path = a.work + "/vae_opt.pt";
     if (Exists(vae_path)) LoadStateDict(*vae, vae_path);
     if (st.stage == "vae") {
-      torch::optim::AdamW opt(vae->parameters(), torch::optim::AdamWOptions(1e-3).weight_decay(0));
+      torch::optim::AdamW opt(vae->parameters(), torch::optim::AdamWOptions(a.vae_lr).weight_decay(0));
       if (Exists(vae_opt_path)) torch::load(opt, vae_opt_path);
+      // A resumed run may lower the rate (the saved optimizer state carries the old one).
+      for (auto& group : opt.param_groups()) static_cast<torch::optim::AdamWOptions&>(group.options()).lr(a.vae_lr);
       StageLoop loop("vae", a.vae_steps, 100, 0.98, a.checkpoint_every, out_of_time);
       while (st.step < a.vae_steps) {
         ++st.step;
@@ -476,6 +508,9 @@ int main(int argc, char** argv) {
               SaveStateDict(*vae, vae_path);
               torch::save(opt, vae_opt_path);
               SaveState(a.work, st);
+              // What the VAE keeps so far, to judge a long run before it ends.
+              std::printf("  round trip MSE %.5f (%s/vae_check.png)\n", VaeCheck(vae, a.work + "/vae_check.png"),
+                          a.work.c_str());
             })) {
           return 0;
         }
@@ -696,7 +731,7 @@ int main(int argc, char** argv) {
     StableDiffusion m;
     m.text_encoder = te;
     m.unet = unet;
-    AutoencoderKL final_vae(VaeOptions(st.latent_scale, a.latent_channels, a.latent_size));
+    AutoencoderKL final_vae(VaeOptions(st.latent_scale, a));
     LoadStateDict(*final_vae, Exists(vae_ft_path) ? vae_ft_path : vae_path);
     m.vae = final_vae;
     m.scheduler = sched;
