@@ -169,15 +169,21 @@ TEST_F(TrainBaseToolTest, SixteenBySixteenLatents) {
 // Missing parents of --work and --out are made before any work, and --unet-blocks sets the levels.
 TEST_F(TrainBaseToolTest, MakesNestedFoldersAndTakesUnetLevels) {
   const std::string work = dir_ + "/runs/a/work", out = dir_ + "/models/b/tiny";
-  CommandResult r = Train({"--vae-steps", "1", "--unet-steps", "1", "--decoder-steps", "0", "--work", work, "--out", out,
-                           "--unet-blocks", "32,64,128"});
+  // A VAE may be trained first and the UNet's levels chosen later: they bind only once the UNet has
+  // taken a step.
+  CommandResult r = Train({"--vae-steps", "2", "--unet-steps", "1", "--decoder-steps", "0", "--work", work, "--out", out,
+                           "--max-minutes", "0.000001"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("time budget reached at vae step 1"), std::string::npos) << r.out;
+  r = Train({"--vae-steps", "2", "--unet-steps", "1", "--decoder-steps", "0", "--work", work, "--out", out,
+             "--unet-blocks", "32,64,128"});
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_TRUE(fs::exists(work + "/state.json"));
   const nlohmann::json unet = nlohmann::json::parse(ReadFileOrEmpty(out + "/unet/config.json"));
   EXPECT_EQ(unet["block_out_channels"], nlohmann::json({32, 64, 128})) << unet.dump();
   EXPECT_EQ(unet["down_block_types"].size(), 3u) << unet.dump();
   // The levels are part of what the checkpoints depend on.
-  r = Train({"--vae-steps", "1", "--unet-steps", "2", "--decoder-steps", "0", "--work", work, "--out", out});
+  r = Train({"--vae-steps", "2", "--unet-steps", "2", "--decoder-steps", "0", "--work", work, "--out", out});
   EXPECT_EQ(r.exit_code, 2) << r.out;
   EXPECT_NE(r.err.find("--unet-blocks [32,64,128], not [64,128]"), std::string::npos) << r.err;
   // A file where a folder must go is named.

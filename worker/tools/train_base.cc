@@ -136,7 +136,8 @@ void Usage() {
       "A finished --work folder goes back to the UNet, two-object or decoder stage when --unet-steps,\n"
       "--pair-steps or --decoder-steps exceeds the steps it has done, and writes --out again. A rerun\n"
       "must keep --samples, --seed, --two-object-prob, --pair-prob, --open-textures, --latent-channels,\n"
-      "--latent-size, --vae-blocks, --vae-layers and --unet-blocks.\n");
+      "--latent-size, --vae-blocks and --vae-layers, and --unet-blocks once the UNet has taken a step\n"
+      "(so a VAE may be trained and judged first).\n");
 }
 
 bool Exists(const std::string& p) {
@@ -439,6 +440,8 @@ int main(int argc, char** argv) {
       for (const auto& [flag, value] : now.items()) {
         // The stage-2b settings matter only once that stage has taken a step.
         if ((flag == "--pair-prob" || flag == "--open-textures") && st.pair_step == 0) continue;
+        // The UNet's levels matter only once the UNet has taken a step: a VAE may be trained first.
+        if (flag == "--unet-blocks" && (st.stage == "vae" || (st.stage == "unet" && st.step == 0))) continue;
         // Folders recorded before a shape flag existed were made with its default then: latent size 8,
         // UNet 64,128, the latent size's default VAE levels, one resnet per VAE level.
         const int64_t made_size = st.data.value("--latent-size", int64_t{8});
