@@ -21,6 +21,12 @@ inline void MakeDirs(const std::string& dir) {
   }
 }
 
+// Whether `path` names anything (file or folder); errors such as a missing parent read as no.
+inline bool Exists(const std::string& path) {
+  std::error_code ec;
+  return std::filesystem::exists(path, ec);
+}
+
 // MakeDirs for the folder that will hold `file`.
 inline void MakeParentDirs(const std::string& file) {
   MakeDirs(std::filesystem::path(file).parent_path().string());

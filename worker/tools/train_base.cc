@@ -27,7 +27,6 @@
 #include <ATen/Functions.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
-#include <sys/stat.h>
 #include <torch/csrc/autograd/grad_mode.h>
 #include <torch/optim/adamw.h>
 #include <torch/serialize.h>
@@ -138,11 +137,6 @@ void Usage() {
       "must keep --samples, --seed, --two-object-prob, --pair-prob, --open-textures, --latent-channels,\n"
       "--latent-size, --vae-blocks and --vae-layers, and --unet-blocks once the UNet has taken a step\n"
       "(so a VAE may be trained and judged first).\n");
-}
-
-bool Exists(const std::string& p) {
-  struct stat st;
-  return ::stat(p.c_str(), &st) == 0;
 }
 
 // The tiny model's architecture.
@@ -511,9 +505,11 @@ int main(int argc, char** argv) {
               SaveStateDict(*vae, vae_path);
               torch::save(opt, vae_opt_path);
               SaveState(a.work, st);
-              // What the VAE keeps so far, to judge a long run before it ends.
-              std::printf("  round trip MSE %.5f (%s/vae_check.png)\n", VaeCheck(vae, a.work + "/vae_check.png"),
-                          a.work.c_str());
+              // What the VAE keeps so far, to judge a long run before it ends (the stage's last
+              // step is checked once, after the loop).
+              if (st.step < a.vae_steps)
+                std::printf("  round trip MSE %.5f (%s/vae_check.png)\n", VaeCheck(vae, a.work + "/vae_check.png"),
+                            a.work.c_str());
             })) {
           return 0;
         }

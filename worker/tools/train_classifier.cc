@@ -14,7 +14,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Reduction.h>
 #include <c10/util/Exception.h>
-#include <sys/stat.h>
 #include <torch/csrc/autograd/grad_mode.h>
 #include <torch/nn/functional/loss.h>
 #include <torch/optim/adamw.h>
@@ -117,11 +116,6 @@ Data RenderData(int64_t n, uint64_t seed, int64_t size) {
 
 at::Tensor ToFloat(const at::Tensor& u8) { return u8.to(at::kFloat) / 127.5 - 1.0; }
 at::Tensor ToByte(const at::Tensor& f) { return ((f.clamp(-1, 1) + 1) * 127.5).round().to(at::kByte); }
-
-bool Exists(const std::string& p) {
-  struct stat st;
-  return ::stat(p.c_str(), &st) == 0;
-}
 
 // The model folder's VAE alone (vae/config.json + weights, fp32 or the fp16 variant), float32 on the CPU.
 AutoencoderKL LoadVae(const std::string& dir) {
