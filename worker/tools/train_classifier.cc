@@ -10,6 +10,7 @@
 // same renders through the VAE. Writes the weights (config and accuracy in the safetensors metadata)
 // and a JSON summary beside them (<out without .safetensors>.json). Deterministic for a seed and
 // thread count.
+#include <ATen/Context.h>
 #include <ATen/Functions.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Reduction.h>
@@ -23,6 +24,7 @@
 #include <cmath>
 #include <cstdio>
 #include <memory>
+#include <optional>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
@@ -226,8 +228,19 @@ int main(int argc, char** argv) {
     return *code;
   }
   for (int i = 1; i < argc; ++i) command += std::string(" ") + argv[i];
-  if (a.train < a.batch || a.test < 1 || a.steps < 1 || a.vae_fraction < 0 || a.vae_fraction > 1) {
-    std::fprintf(stderr, "need --train >= --batch, --test >= 1, --steps >= 1 and --vae-fraction in [0, 1]\n");
+  // Each refusal names its flag (exit 2), before any work starts.
+  const char* bad = nullptr;
+  if (a.batch < 1) bad = "--batch must be >= 1";
+  else if (a.train < a.batch) bad = "--train must be >= --batch";
+  else if (a.test < 1) bad = "--test must be >= 1";
+  else if (a.steps < 1) bad = "--steps must be >= 1";
+  else if (!(a.lr > 0)) bad = "--lr must be > 0";
+  else if (!(a.vae_fraction >= 0 && a.vae_fraction <= 1)) bad = "--vae-fraction must be in [0, 1]";
+  else if (a.width < 1) bad = "--width must be >= 1";
+  else if (a.threads < 0) bad = "--threads must be >= 0";
+  else if (a.out.empty()) bad = "--out must name a file";
+  if (bad != nullptr) {
+    std::fprintf(stderr, "%s (see --help)\n", bad);
     return 2;
   }
   try {
@@ -235,6 +248,18 @@ int main(int argc, char** argv) {
     const auto t0 = Clock::now();
     auto seconds = [&] { return std::chrono::duration<double>(Clock::now() - t0).count(); };
     const int64_t S = 32;
+    // A missing model or an unwritable output folder fails now, not after minutes of rendering and training.
+    std::optional<AutoencoderKL> vae;
+    std::string model_id;
+    if (a.model != "none") {
+      vae.emplace(LoadVae(a.model));
+      if (Exists(a.model + "/perfusion/model_id")) {
+        model_id = ReadFileToString(a.model + "/perfusion/model_id");
+        while (!model_id.empty() && std::isspace(static_cast<unsigned char>(model_id.back()))) model_id.pop_back();
+      }
+    }
+    MakeParentDirs(a.out);
+    if (!a.sheet.empty()) MakeParentDirs(a.sheet);
     std::printf("rendering %lld training and %lld held-out scenes...\n", (long long)a.train, (long long)a.test);
     std::fflush(stdout);
     Data train = RenderData(a.train, DeriveSeed(a.seed, 1), S);
@@ -242,23 +267,19 @@ int main(int argc, char** argv) {
     std::printf("rendered in %.1f s\n", seconds());
 
     // The VAE round trip: training scenes [0, n_vae) get a second, decoded version; every held-out scene too.
-    std::string model_id;
     at::Tensor train_vae, test_vae;
-    const int64_t n_vae = a.model == "none" ? 0 : static_cast<int64_t>(std::llround(a.vae_fraction * a.train));
-    if (a.model != "none") {
-      AutoencoderKL vae = LoadVae(a.model);
-      if (Exists(a.model + "/perfusion/model_id")) {
-        model_id = ReadFileToString(a.model + "/perfusion/model_id");
-        while (!model_id.empty() && std::isspace(static_cast<unsigned char>(model_id.back()))) model_id.pop_back();
-      }
+    const int64_t n_vae = vae ? static_cast<int64_t>(std::llround(a.vae_fraction * a.train)) : 0;
+    if (vae) {
       std::printf("VAE round trip of %lld training and %lld held-out scenes (%s)...\n", (long long)n_vae,
                   (long long)a.test, a.model.c_str());
       std::fflush(stdout);
-      if (n_vae > 0) train_vae = RoundTrip(vae, train.images.slice(0, 0, n_vae));
-      test_vae = RoundTrip(vae, test.images);
+      if (n_vae > 0) train_vae = RoundTrip(*vae, train.images.slice(0, 0, n_vae));
+      test_vae = RoundTrip(*vae, test.images);
       std::printf("  done at %.1f s\n", seconds());
     }
 
+    // The initial weights come from the global generator: seed it, so that --seed fixes the whole run.
+    at::manual_seed(DeriveSeed(a.seed, 4));
     ShapesClassifier net(ShapesClassifierOptions().width(a.width));
     torch::optim::AdamW opt(net->parameters(), torch::optim::AdamWOptions(a.lr).weight_decay(1e-4));
     at::Generator gen = MakeGenerator(DeriveSeed(a.seed, 3));
@@ -332,10 +353,8 @@ int main(int argc, char** argv) {
       }
       GridOptions g;
       g.row_labels = test_vae.defined() ? std::vector<std::string>{"render", "VAE"} : std::vector<std::string>{"render"};
-      MakeParentDirs(a.sheet);
       WriteFileAtomically(a.sheet, EncodePng(ImageGrid(rows, g)));
     }
-    MakeParentDirs(a.out);
     nlohmann::json summary = {
         {"command", command},
         {"train_scenes", a.train},
