@@ -27,8 +27,10 @@ class TrainBaseToolTest : public ::testing::Test {
     ASSERT_FALSE(dir_.empty()) << "mkdtemp failed";
   }
 
-  CommandResult Train(const std::vector<std::string>& extra) {
-    std::vector<std::string> argv = {PERFUSION_TRAIN_BASE_BIN, "--out", dir_ + "/model", "--work", dir_ + "/work",
+  // Trains into <dir>/<name> (the model) and <dir>/work (or <name>-work for another name).
+  CommandResult Train(const std::vector<std::string>& extra, const std::string& name = "model") {
+    const std::string work = name == "model" ? "/work" : "/" + name + "-work";
+    std::vector<std::string> argv = {PERFUSION_TRAIN_BASE_BIN, "--out", dir_ + "/" + name, "--work", dir_ + work,
                                      "--tokenizer-dir", TokenizerDir(), "--samples", "48", "--vae-batch", "4",
                                      "--unet-batch", "4", "--cov-captions", "64", "--checkpoint-every", "1",
                                      "--threads", "1", "--model-id", "toy-model"};
@@ -73,6 +75,7 @@ TEST_F(TrainBaseToolTest, RunsEveryStageResumesAndExtends) {
   const std::string vae_before = ReadFileOrEmpty(dir_ + "/model/vae/diffusion_pytorch_model.safetensors");
   const std::string unet_before = ReadFileOrEmpty(dir_ + "/model/unet/diffusion_pytorch_model.safetensors");
   ASSERT_FALSE(vae_before.empty());
+
 
   // Other data settings on the same work folder are refused, naming the flag.
   r = Train({"--vae-steps", "3", "--unet-steps", "4", "--decoder-steps", "0", "--two-object-prob", "0.7"});
@@ -142,6 +145,34 @@ TEST_F(TrainBaseToolTest, RunsEveryStageResumesAndExtends) {
 
 // --latent-size 16: a VAE with one downsampling less (16x16 latents) and a UNet of that sample size;
 // --vae-blocks and --vae-layers set the VAE's width and depth.
+// --seed fixes the whole run: the initial weights are seeded and every step draws its batch and noise
+// from its own step number, so a run stopped and resumed equals one that ran through.
+TEST_F(TrainBaseToolTest, SeedFixesTheWeightsAcrossAStop) {
+  const std::vector<std::string> steps = {"--vae-steps", "2", "--unet-steps", "2", "--decoder-steps", "1"};
+  std::vector<std::string> stop = steps;
+  stop.insert(stop.end(), {"--max-minutes", "0.000001"});
+  CommandResult r = Train(stop, "a");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("time budget reached at vae step 1"), std::string::npos) << r.out;
+  r = Train(stop, "a");  // resumes, and stops again at its next checkpoint
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  r = Train(steps, "a");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  r = Train(steps, "b");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  std::vector<std::string> other_seed = steps;
+  other_seed.insert(other_seed.end(), {"--seed", "2"});
+  r = Train(other_seed, "c");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  for (const char* f : {"unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+                        "text_encoder/model.safetensors"}) {
+    const std::string a = ReadFileOrEmpty(dir_ + "/a/" + f);
+    ASSERT_FALSE(a.empty()) << f;
+    EXPECT_TRUE(a == ReadFileOrEmpty(dir_ + "/b/" + f)) << f << ": same seed, other weights";
+    EXPECT_FALSE(a == ReadFileOrEmpty(dir_ + "/c/" + f)) << f << ": another seed, the same weights";
+  }
+}
+
 TEST_F(TrainBaseToolTest, SixteenBySixteenLatents) {
   CommandResult r = Train({"--vae-steps", "2", "--unet-steps", "1", "--decoder-steps", "0", "--latent-size", "16",
                            "--vae-blocks", "16,48", "--vae-layers", "2"});

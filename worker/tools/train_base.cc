@@ -24,6 +24,7 @@
 //   4. final: the text encoder's covariance over fresh captions (perfusion/covariance.safetensors),
 //             then the folder (fp16 weights) with model_id.
 // Long runs: --max-minutes stops cleanly at a checkpoint; the next run continues.
+#include <ATen/Context.h>
 #include <ATen/Functions.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
@@ -481,6 +482,9 @@ int main(int argc, char** argv) {
     at::Generator gen = MakeGenerator(a.seed * 7919 + 17);
 
     // ---- Stage 1: VAE --------------------------------------------------------------------------
+    // Initial weights come from LibTorch's global generator: seed it before each model is made, so
+    // that --seed fixes them (a resumed run loads its checkpoints over them).
+    at::manual_seed(DeriveSeed(a.seed, 4000000));
     AutoencoderKL vae(VaeOptions(1.0, a));
     const std::string vae_path = a.work + "/vae.safetensors", vae_opt_path = a.work + "/vae_opt.pt";
     if (Exists(vae_path)) LoadStateDict(*vae, vae_path);
@@ -544,6 +548,7 @@ int main(int argc, char** argv) {
     };
 
     // ---- Stage 2: text encoder + UNet ----------------------------------------------------------
+    at::manual_seed(DeriveSeed(a.seed, 4000001));
     CLIPTextModel te(TextOptions());
     UNet2DConditionModel unet(UnetConfig(a.latent_channels, a.latent_size, a.unet_blocks));
     const std::string te_path = a.work + "/text_encoder.safetensors", unet_path = a.work + "/unet.safetensors";
