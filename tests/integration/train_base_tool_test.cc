@@ -76,7 +76,6 @@ TEST_F(TrainBaseToolTest, RunsEveryStageResumesAndExtends) {
   const std::string unet_before = ReadFileOrEmpty(dir_ + "/model/unet/diffusion_pytorch_model.safetensors");
   ASSERT_FALSE(vae_before.empty());
 
-
   // Other data settings on the same work folder are refused, naming the flag.
   r = Train({"--vae-steps", "3", "--unet-steps", "4", "--decoder-steps", "0", "--two-object-prob", "0.7"});
   EXPECT_EQ(r.exit_code, 2);
@@ -143,8 +142,6 @@ TEST_F(TrainBaseToolTest, RunsEveryStageResumesAndExtends) {
   EXPECT_NE(r.err.find("--open-textures 0.5, not 0.0"), std::string::npos) << r.err;
 }
 
-// --latent-size 16: a VAE with one downsampling less (16x16 latents) and a UNet of that sample size;
-// --vae-blocks and --vae-layers set the VAE's width and depth.
 // --seed fixes the whole run: the initial weights are seeded and every step draws its batch and noise
 // from its own step number, so a run stopped and resumed equals one that ran through.
 TEST_F(TrainBaseToolTest, SeedFixesTheWeightsAcrossAStop) {
@@ -173,6 +170,8 @@ TEST_F(TrainBaseToolTest, SeedFixesTheWeightsAcrossAStop) {
   }
 }
 
+// --latent-size 16: a VAE with one downsampling less (16x16 latents) and a UNet of that sample size;
+// --vae-blocks and --vae-layers set the VAE's width and depth.
 TEST_F(TrainBaseToolTest, SixteenBySixteenLatents) {
   CommandResult r = Train({"--vae-steps", "2", "--unet-steps", "1", "--decoder-steps", "0", "--latent-size", "16",
                            "--vae-blocks", "16,48", "--vae-layers", "2"});
