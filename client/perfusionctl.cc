@@ -53,9 +53,11 @@ Usage: perfusionctl [global flags] COMMAND [args] [flags]
 Commands:
   train DIR --superclass WORD --name NAME [--steps N] [--seed S] [--priority P]
         [--label K=V]... [--request-id ID] [--lr X] [--embedding-lr X] [--batch-size N]
-        [--resolution PX] [--wait | --no-wait] [--timeout DUR]
+        [--resolution PX] [--captions] [--wait | --no-wait] [--timeout DUR]
       Uploads every PNG/JPEG file in DIR as a training job, then follows it with a progress
       bar until it is final (--wait, the default); --no-wait prints the job id and returns.
+      --captions sends each image's caption from the .txt file of the same name beside it
+      (rex1.png: rex1.txt), naming the concept as <NAME>: "a photo of <rex> on a beach".
   jobs list [--state STATE] [--limit N]
   jobs get ID
   jobs cancel ID
@@ -99,7 +101,7 @@ const std::vector<FlagSpec>& AllFlags() {
       {"superclass", true}, {"name", true}, {"steps", true}, {"seed", true}, {"priority", true},
       {"label", true}, {"request-id", true}, {"lr", true}, {"embedding-lr", true},
       {"batch-size", true}, {"resolution", true}, {"wait", false}, {"no-wait", false},
-      {"timeout", true},
+      {"timeout", true}, {"captions", false},
       // jobs / concepts
       {"state", true}, {"limit", true}, {"out", true, "o"},
       // generate
@@ -121,7 +123,7 @@ const std::map<std::string, std::set<std::string>>& CommandFlags() {
   static const std::map<std::string, std::set<std::string>> m = {
       {"train",
        {"superclass", "name", "steps", "seed", "priority", "label", "request-id", "lr",
-        "embedding-lr", "batch-size", "resolution", "wait", "no-wait", "timeout"}},
+        "embedding-lr", "batch-size", "resolution", "wait", "no-wait", "timeout", "captions"}},
       {"jobs list", {"state", "limit"}},
       {"jobs get", {}},
       {"jobs cancel", {}},
@@ -439,6 +441,16 @@ class Cli {
       auto data = ReadFile(f.string());
       if (!data.ok()) return Fail(data.status());
       req.add_images(*std::move(data));
+      if (args_.Has("captions")) {
+        fs::path txt = f;
+        txt.replace_extension(".txt");
+        auto caption = ReadFile(txt.string());
+        if (!caption.ok()) {
+          return Fail(absl::InvalidArgumentError(
+              absl::StrCat("--captions: no caption file ", txt.string(), " for ", f.string())));
+        }
+        req.mutable_options()->add_captions(std::string(absl::StripTrailingAsciiWhitespace(*caption)));
+      }
     }
     auto* o = req.mutable_options();
     auto steps = args_.GetInt("steps", 0);

@@ -38,6 +38,7 @@ TrainingOptions FromProto(const v1::TrainingOptions& p) {
   if (p.has_seed()) o.seed = p.seed();
   o.train_beta = p.train_beta();
   o.train_temperature = p.train_temperature();
+  o.captions.assign(p.captions().begin(), p.captions().end());
   return o;
 }
 
@@ -50,6 +51,7 @@ void ToProto(const TrainingOptions& o, v1::TrainingOptions* p) {
   if (o.seed) p->set_seed(*o.seed);
   p->set_train_beta(o.train_beta);
   p->set_train_temperature(o.train_temperature);
+  for (const auto& c : o.captions) p->add_captions(c);
 }
 
 TrainingRequest FromProto(v1::CreateTrainingJobRequest&& p) {

@@ -36,6 +36,7 @@ std::string TrainingOptionsToJson(const TrainingOptions& o) {
                       {"train_temperature", o.train_temperature}};
   // JSON numbers lose uint64 precision in some readers: keep the seed as a string.
   if (o.seed) j["seed"] = std::to_string(*o.seed);
+  if (!o.captions.empty()) j["captions"] = o.captions;
   return j.dump();
 }
 
@@ -54,6 +55,7 @@ absl::StatusOr<TrainingOptions> TrainingOptionsFromJson(const std::string& json)
   if (j.contains("seed") && j["seed"].is_string()) {
     o.seed = std::stoull(j["seed"].get<std::string>());
   }
+  if (j.contains("captions")) o.captions = j["captions"].get<std::vector<std::string>>();
   } catch (const std::exception& e) {
     return absl::DataLossError(absl::StrCat("stored training options: ", e.what()));
   }

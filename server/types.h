@@ -45,6 +45,7 @@ struct TrainingOptions {
   std::optional<uint64_t> seed;
   float train_beta = 0;
   float train_temperature = 0;
+  std::vector<std::string> captions;  // per image, "<concept_name>" marks the concept; empty = templates
 };
 std::string TrainingOptionsToJson(const TrainingOptions& o);
 absl::StatusOr<TrainingOptions> TrainingOptionsFromJson(const std::string& json);

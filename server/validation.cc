@@ -262,6 +262,28 @@ absl::Status ValidateImageCount(int count, const ValidationLimits& limits,
   return absl::OkStatus();
 }
 
+absl::Status ValidateCaptions(const std::vector<std::string>& captions, int image_count,
+                              absl::string_view concept_name) {
+  if (captions.empty()) return absl::OkStatus();
+  if (static_cast<int>(captions.size()) != image_count) {
+    return Invalid("options.captions", absl::StrCat(captions.size(), " caption(s) for ", image_count,
+                                                    " image(s); give one per image, in order, or none"));
+  }
+  const std::string token = absl::StrCat("<", concept_name, ">");
+  for (size_t i = 0; i < captions.size(); ++i) {
+    const std::string field = absl::StrCat("options.captions[", i, "]");
+    const std::string& c = captions[i];
+    if (Utf8Chars(c) > 300 || !Printable(c)) {
+      return Invalid(field, "must be printable text of at most 300 characters");
+    }
+    const size_t at = c.find(token);
+    if (at == std::string::npos || c.find(token, at + 1) != std::string::npos) {
+      return Invalid(field, absl::StrCat("must name the concept exactly once as ", token, ": '", c, "'"));
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::Status ValidateTrainingRequest(TrainingRequest& r, const ValidationLimits& limits,
                                      const Vocab* vocab, bool check_image_count) {
   if (check_image_count) {
@@ -295,6 +317,11 @@ absl::Status ValidateTrainingRequest(TrainingRequest& r, const ValidationLimits&
   if (auto s = CheckRange("options.train_beta", o.train_beta, 0, 1, false); !s.ok()) return s;
   if (auto s = CheckRange("options.train_temperature", o.train_temperature, 0, 1, false); !s.ok()) {
     return s;
+  }
+  if (check_image_count) {
+    if (auto s = ValidateCaptions(o.captions, static_cast<int>(r.images.size()), r.concept_name); !s.ok()) {
+      return s;
+    }
   }
   return absl::OkStatus();
 }

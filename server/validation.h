@@ -85,6 +85,10 @@ absl::Status ValidateRequestId(absl::string_view request_id);
 // `check_image_count`). Fills option defaults (steps).
 absl::Status ValidateTrainingRequest(TrainingRequest& request, const ValidationLimits& limits,
                                      const Vocab* vocab, bool check_image_count);
+// options.captions: none, or one per image (`image_count` of them), each naming the concept exactly
+// once as "<concept_name>", printable, at most 300 characters.
+absl::Status ValidateCaptions(const std::vector<std::string>& captions, int image_count,
+                              absl::string_view concept_name);
 // The image count alone (min..max), naming `field`.
 absl::Status ValidateImageCount(int count, const ValidationLimits& limits, absl::string_view field);
 

@@ -9,6 +9,7 @@
 #include "absl/random/random.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_replace.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "server/log.h"
@@ -461,6 +462,10 @@ void Agent::RunTraining(std::unique_ptr<HeldItem> item) {
   spec.train_beta = w.options().train_beta();
   spec.train_temperature = w.options().train_temperature();
   spec.seed = w.options().has_seed() ? w.options().seed() : 0;
+  // The API names the concept as in prompts, "<name>"; the trainer marks its place with "{}".
+  for (const std::string& caption : w.options().captions()) {
+    spec.captions.push_back(absl::StrReplaceAll(caption, {{"<" + spec.name + ">", "{}"}}));
+  }
   LogEvent("training_started", {{"job", w.job_id()},
                                 {"lease", item->lease_id()},
                                 {"steps", std::to_string(spec.steps)},

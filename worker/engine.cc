@@ -129,6 +129,7 @@ absl::StatusOr<TrainResult> Engine::Train(const TrainSpec& spec, const std::func
     if (spec.train_beta > 0) o.edit.train_beta(spec.train_beta);
     if (spec.train_temperature > 0) o.edit.train_temperature(spec.train_temperature);
     o.seed = spec.seed;
+    o.captions = spec.captions;
     o.progress = [&](const TrainProgress& p) {
       if (!progress) return true;
       return progress(TrainUpdate{p.step, p.total, p.loss_ema, p.eta_s});

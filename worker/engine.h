@@ -43,6 +43,8 @@ struct TrainSpec {
   double lr_embedding = 0;          // 0 = default (0.006)
   double train_beta = 0, train_temperature = 0;  // 0 = defaults (0.75, 0.1)
   uint64_t seed = 0;
+  // Per-image captions (none or one per image) with "{}" where the concept goes; empty = templates.
+  std::vector<std::string> captions;
 };
 
 struct TrainUpdate {

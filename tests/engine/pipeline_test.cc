@@ -113,6 +113,56 @@ TEST_F(PipelineTest, BadTrainingInputGivesClearErrors) {
   EXPECT_THROW(TrainConcept(*model_, {}, t), c10::ValueError);
 }
 
+TEST(TrainingPromptsTest, TemplatesOrEachImagesCaptionMirroredWithItsImage) {
+  TrainOptions t;
+  t.superclass = "star";
+  const auto all = TrainingPrompts(t, 0, false);
+  ASSERT_EQ(all.size(), DefaultTemplates().size());
+  EXPECT_EQ(all[0], "a photo of a star");
+  EXPECT_EQ(TrainingPrompts(t, 5, true), all) << "templates do not depend on the image or the flip";
+  t.captions = {"a small {} in the top left on a blue background", "a {} on the right, Left of nothing; leftover"};
+  EXPECT_EQ(TrainingPrompts(t, 0, false), std::vector<std::string>{"a small star in the top left on a blue background"});
+  EXPECT_EQ(TrainingPrompts(t, 0, true), std::vector<std::string>{"a small star in the top right on a blue background"});
+  EXPECT_EQ(TrainingPrompts(t, 1, true), std::vector<std::string>{"a star on the left, Right of nothing; leftover"});
+  EXPECT_THROW(TrainingPrompts(t, 2, false), c10::ValueError);
+  t.captions = {"a star on the left"};
+  try {
+    TrainingPrompts(t, 0, false);
+    FAIL();
+  } catch (const c10::ValueError& e) {
+    EXPECT_NE(std::string(e.what_without_backtrace()).find("captions[0]"), std::string::npos);
+  }
+}
+
+TEST_F(PipelineTest, TrainingWithCaptionsUsesThemAndChecksTheirCount) {
+  TrainOptions t;
+  t.name = "cap";
+  t.superclass = concept_->superclass;
+  t.steps = 3;
+  t.seed = 9;
+  std::vector<at::Tensor> images;
+  for (const auto& s : RenderConcept(FindConcept("checker_star"), 3, /*seed=*/11, /*size=*/32)) {
+    images.push_back(ImageToTensor(s.image));
+    std::string c = Caption(s.scene, 0);
+    c.replace(c.find(" star"), 5, " {}");
+    t.captions.push_back(c);
+  }
+  const Concept a = TrainConcept(*model_, images, t), b = TrainConcept(*model_, images, t);
+  EXPECT_TRUE(at::equal(a.v_targets, b.v_targets)) << "deterministic";
+  EXPECT_EQ(a.info.at("captions"), "per image");
+  TrainOptions plain = t;
+  plain.captions.clear();
+  EXPECT_FALSE(at::equal(TrainConcept(*model_, images, plain).v_targets, a.v_targets)) << "the captions were used";
+  t.captions.pop_back();
+  try {
+    TrainConcept(*model_, images, t);
+    FAIL();
+  } catch (const c10::ValueError& e) {
+    EXPECT_NE(std::string(e.what_without_backtrace()).find("captions: 2 caption(s) for 3 image(s)"), std::string::npos)
+        << e.what_without_backtrace();
+  }
+}
+
 TEST_F(PipelineTest, PromptWithoutTheConceptGivesTheBaseModelImage) {
   Pipeline pipe(model_);
   GenerationRequest with = Request("a red circle on a blue background");

@@ -1,6 +1,8 @@
 // The whole product through its command line: a real perfusion-server and perfusion-worker on
 // loopback, driven by the perfusionctl binary as a user (or a script) would.
 #include <filesystem>
+#include <fstream>
+#include <sstream>
 #include <string>
 
 #include <gtest/gtest.h>
@@ -46,15 +48,47 @@ TEST_F(CliRoundTripTest, TrainWatchListGenerateExportImportDelete) {
   EXPECT_EQ(star_concept_id.rfind("cpt_", 0), 0u) << star_concept_id;
   EXPECT_NE(r.err.find("5/5"), std::string::npos) << "no progress shown: " << r.err;
 
+  // --captions: a caption file beside each image, naming the concept as in prompts (from the
+  // renderer's table: file, caption, ..., background in column 9).
+  {
+    std::istringstream table(ReadFileOrEmpty(heart + "/captions.tsv"));
+    std::string line;
+    std::getline(table, line);  // header
+    int written = 0;
+    while (std::getline(table, line)) {
+      std::vector<std::string> cols;
+      std::istringstream fields(line);
+      for (std::string c; std::getline(fields, c, '\t');) cols.push_back(c);
+      ASSERT_GE(cols.size(), 9u) << line;
+      std::ofstream(heart + "/" + fs::path(cols[0]).stem().string() + ".txt")
+          << "a <candy-heart> on a " << cols[8] << " background\n";
+      ++written;
+    }
+    ASSERT_EQ(written, 4);
+  }
   // --no-wait prints the id; `jobs watch` follows it to the end.
   r = cluster_.Ctl({"train", heart, "--superclass", "heart", "--name", "candy-heart", "--steps",
-                    "5", "--no-wait"});
+                    "5", "--captions", "--no-wait"});
   ASSERT_EQ(r.exit_code, 0) << r.err;
   const std::string heart_job = std::string(r.out.substr(0, r.out.find('\n')));
   EXPECT_EQ(heart_job.rfind("job_", 0), 0u) << r.out;
   r = cluster_.Ctl({"jobs", "watch", heart_job});
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_NE(r.out.find("SUCCEEDED"), std::string::npos) << r.out;
+  r = cluster_.Ctl({"jobs", "get", heart_job, "--output", "json"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  json heart_captions = ParseJson(r)["options"]["captions"];
+  ASSERT_EQ(heart_captions.size(), 4u) << r.out;
+  EXPECT_EQ(heart_captions[0].get<std::string>().rfind("a <candy-heart> on a ", 0), 0u) << r.out;
+  // A caption that does not name the concept is refused before any training, naming the field.
+  std::ofstream(heart + "/000002.txt") << "a heart\n";
+  r = cluster_.Ctl({"train", heart, "--superclass", "heart", "--name", "candy-heart", "--captions"});
+  EXPECT_EQ(r.exit_code, 4) << r.err;
+  EXPECT_NE(r.err.find("options.captions[2]"), std::string::npos) << r.err;
+  fs::remove(heart + "/000001.txt");
+  r = cluster_.Ctl({"train", heart, "--superclass", "heart", "--name", "candy-heart", "--captions"});
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.err.find("000001.txt"), std::string::npos) << r.err;
 
   // Listing: both jobs succeeded, both concepts stored.
   r = cluster_.Ctl({"jobs", "list", "--output", "json"});

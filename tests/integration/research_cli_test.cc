@@ -79,6 +79,28 @@ TEST_F(ResearchCliTest, TrainAConceptThenGenerateAndShowItsGates) {
   EXPECT_EQ(r.exit_code, 1) << r.err;
   EXPECT_NE(r.err.find("region box"), std::string::npos) << r.err;
 
+  // --captions: each image trains with the caption in the .txt file beside it, naming the concept
+  // as in prompts. A missing file or a caption without the concept is refused before training.
+  for (int i = 0; i < 4; ++i) {
+    std::ofstream(dir_ + "/imgs/00000" + std::to_string(i) + ".txt") << "a <candy> on the left\n";
+  }
+  const std::vector<std::string> train_captioned = {
+      PERFUSION_TRAIN_CONCEPT_BIN, dir_ + "/imgs", "--superclass", "heart", "--name", "candy", "--out",
+      dir_ + "/candy-cap.bin", "--model", TinyModelDir(), "--tokenizer-dir", TokenizerDir(), "--steps", "4",
+      "--threads", "1", "--quiet", "--captions"};
+  r = Run(train_captioned);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(ReadFileOrEmpty(dir_ + "/candy-cap.bin"), ReadFileOrEmpty(dir_ + "/candy.bin"));
+  std::ofstream(dir_ + "/imgs/000003.txt") << "a heart on the left";
+  r = Run(train_captioned);
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("000003.txt: the caption must name the concept exactly once as <candy>"), std::string::npos)
+      << r.err;
+  fs::remove(dir_ + "/imgs/000002.txt");
+  r = Run(train_captioned);
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("--captions: no caption file"), std::string::npos) << r.err;
+
   // A prompt naming a concept that was not loaded is an error that names it.
   r = Run({PERFUSION_GENERATE_BIN, "a <nope>", "--concept", dir_ + "/candy.bin", "--model", TinyModelDir(),
            "--tokenizer-dir", TokenizerDir(), "-o", dir_ + "/out3", "--threads", "1", "--quiet"});

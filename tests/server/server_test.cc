@@ -591,7 +591,11 @@ TEST_F(ServerTest, TenantQuotaIsResourceExhausted) {
 }
 
 TEST_F(ServerTest, TrainingRoundTripThroughTheWorkerProtocol) {
-  auto job = Create(Job("teddy"));
+  v1::CreateTrainingJobRequest req = Job("teddy");
+  for (const char* c : {"a photo of <teddy>", "<teddy> on the left", "a small <teddy> on a beach"}) {
+    req.mutable_options()->add_captions(c);
+  }
+  auto job = Create(req);
   ASSERT_THAT(job, IsOk());
   EXPECT_EQ(job->state(), v1::QUEUED);
   EXPECT_EQ(job->queue_position(), 1);
@@ -606,6 +610,8 @@ TEST_F(ServerTest, TrainingRoundTripThroughTheWorkerProtocol) {
   ASSERT_EQ(lease.training().images_size(), 3);
   EXPECT_EQ(lease.training().images(2), Job("teddy").images(2));
   EXPECT_EQ(lease.training().options().steps(), 40);
+  ASSERT_EQ(lease.training().options().captions_size(), 3);
+  EXPECT_EQ(lease.training().options().captions(1), "<teddy> on the left");
   EXPECT_EQ(lease.training().attempt(), 1);
 
   ASSERT_THAT(Heartbeat(lease.lease_id(), 20, 40, 0.5f), IsOk());

@@ -44,6 +44,7 @@ JobRecord NewJob(const std::string& id, const std::string& tenant,
   j.superclass = "toy";
   j.options.steps = 100;
   j.options.seed = 42;
+  j.options.captions = {"a photo of <teddy>", "<teddy> on the left, \"quoted\""};
   j.labels = {{"team", "a"}};
   j.priority = priority;
   j.image_count = 2;
@@ -154,6 +155,7 @@ TEST_P(StoreConformanceTest, JobRoundTripsEveryField) {
   EXPECT_EQ(j->priority, 7);
   EXPECT_EQ(j->options.steps, 100);
   EXPECT_EQ(j->options.seed, 42u);
+  EXPECT_EQ(j->options.captions, (std::vector<std::string>{"a photo of <teddy>", "<teddy> on the left, \"quoted\""}));
   EXPECT_EQ(j->labels.at("team"), "a");
   EXPECT_EQ(j->state, JobState::kQueued);
   EXPECT_EQ(j->loss, in.loss);

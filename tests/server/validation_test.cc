@@ -127,6 +127,31 @@ TEST(ValidateTest, TrainingRequestChecksCountOptionsAndFillsDefaults) {
               StatusIs(kInvalid, HasSubstr("request_id")));
 }
 
+TEST(ValidateTest, CaptionsAreOnePerImageAndNameTheConceptOnce) {
+  ValidationLimits limits;
+  TrainingRequest r;
+  r.concept_name = "teddy";
+  r.superclass = "toy";
+  r.images.assign(3, MakePng(8, 8));
+  r.options.captions = {"a photo of <teddy> on a beach", "<teddy> on the left", "a small <teddy>"};
+  EXPECT_THAT(ValidateTrainingRequest(r, limits, nullptr, true), IsOk());
+  r.options.captions.pop_back();
+  EXPECT_THAT(ValidateTrainingRequest(r, limits, nullptr, true),
+              StatusIs(kInvalid, HasSubstr("options.captions: 2 caption(s) for 3 image(s)")));
+  // The upload stream knows the count from its header before any image arrives.
+  EXPECT_THAT(ValidateCaptions(r.options.captions, 2, "teddy"), IsOk());
+  r.options.captions = {"a photo of <teddy>", "a photo of a toy", "a small <teddy>"};
+  EXPECT_THAT(ValidateTrainingRequest(r, limits, nullptr, true),
+              StatusIs(kInvalid, HasSubstr("options.captions[1]: must name the concept exactly once as <teddy>")));
+  r.options.captions[1] = "<teddy> beside <teddy>";
+  EXPECT_THAT(ValidateTrainingRequest(r, limits, nullptr, true), StatusIs(kInvalid, HasSubstr("options.captions[1]")));
+  r.options.captions[1] = "<teddy>" + std::string(300, 'x');
+  EXPECT_THAT(ValidateTrainingRequest(r, limits, nullptr, true),
+              StatusIs(kInvalid, HasSubstr("options.captions[1]: must be printable text of at most 300")));
+  r.options.captions[1] = "<teddy>\nline two";
+  EXPECT_THAT(ValidateTrainingRequest(r, limits, nullptr, true), StatusIs(kInvalid, HasSubstr("options.captions[1]")));
+}
+
 TEST(PromptTest, ParsesDistinctConceptReferencesInOrder) {
   auto refs = ParsePromptReferences("<teddy> and <bike@2> with <teddy> on a beach", "prompt");
   ASSERT_THAT(refs, IsOk());

@@ -5,6 +5,7 @@
 #include <torch/csrc/autograd/grad_mode.h>
 #include <torch/optim/adamw.h>
 
+#include <algorithm>
 #include <chrono>
 
 #include "perfusion/concept_token.h"
@@ -23,7 +24,44 @@ std::string Fill(const std::string& tmpl, const std::string& word) {
   return out;
 }
 
+// Swaps the whole words "left" and "right" (any case of the first letter kept as written).
+std::string MirrorWords(const std::string& text) {
+  std::string out;
+  size_t i = 0;
+  auto is_letter = [](char c) { return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z'); };
+  while (i < text.size()) {
+    if (!is_letter(text[i])) {
+      out += text[i++];
+      continue;
+    }
+    size_t j = i;
+    while (j < text.size() && is_letter(text[j])) ++j;
+    const std::string word = text.substr(i, j - i);
+    if (word == "left") out += "right";
+    else if (word == "right") out += "left";
+    else if (word == "Left") out += "Right";
+    else if (word == "Right") out += "Left";
+    else out += word;
+    i = j;
+  }
+  return out;
+}
+
 }  // namespace
+
+std::vector<std::string> TrainingPrompts(const TrainOptions& o, size_t index, bool flipped) {
+  std::vector<std::string> out;
+  if (o.captions.empty()) {
+    for (const auto& t : o.templates.empty() ? DefaultTemplates() : o.templates) out.push_back(Fill(t, o.superclass));
+    return out;
+  }
+  TORCH_CHECK_VALUE(index < o.captions.size(), "captions: ", o.captions.size(), " caption(s) for training image ", index);
+  const std::string& c = o.captions[index];
+  TORCH_CHECK_VALUE(c.find("{}") != std::string::npos, "captions[", index, "]: '", c,
+                    "' has no {} marking where the concept goes");
+  out.push_back(Fill(flipped ? MirrorWords(c) : c, o.superclass));
+  return out;
+}
 
 const std::vector<std::string>& DefaultTemplates() {
   static const std::vector<std::string> t = {
@@ -62,12 +100,8 @@ Concept TrainConcept(StableDiffusion& model, const std::vector<at::Tensor>& imag
   TORCH_CHECK_VALUE(!o.superclass.empty() && superclass_id.has_value(), "superclass: '", o.superclass,
                     "' is not a single token of the vocabulary (", model.tokenizer->Encode(o.superclass).size(),
                     " tokens); choose a one-word superclass such as \"dog\"");
-  const auto& templates = o.templates.empty() ? DefaultTemplates() : o.templates;
-  std::vector<std::vector<int64_t>> prompt_ids;
-  for (const auto& t : templates) {
-    auto padded = model.tokenizer->EncodePadded(Fill(t, o.superclass));
-    prompt_ids.push_back(padded.ids);
-  }
+  TORCH_CHECK_VALUE(o.captions.empty() || o.captions.size() == images.size(), "captions: ", o.captions.size(),
+                    " caption(s) for ", images.size(), " image(s); give one per image or none");
   const auto dev = model.device;
   const auto dtype = model.dtype;
   const int64_t f = model.vae->downsample_factor();
@@ -76,8 +110,10 @@ Concept TrainConcept(StableDiffusion& model, const std::vector<at::Tensor>& imag
                     " must be a multiple of ", f * 8, " (or the model's native ", model.image_size(), ")");
   const auto start = std::chrono::steady_clock::now();
 
-  // Latents and masks of every image and its mirror image, computed once.
+  // Latents, masks and prompts of every image and its mirror image, computed once.
   std::vector<at::Tensor> latents, masks;
+  std::vector<std::vector<std::vector<int64_t>>> prompt_ids;  // per latent: the prompts it trains with
+  size_t max_prompts = 1;
   {
     torch::NoGradGuard no_grad;
     for (size_t i = 0; i < images.size(); ++i) {
@@ -89,6 +125,11 @@ Concept TrainConcept(StableDiffusion& model, const std::vector<at::Tensor>& imag
         latents.push_back(model.vae->encode(im.unsqueeze(0).to(dev, dtype)).mode().to(at::kFloat) * model.vae->scaling_factor());
         masks.push_back(o.masked_loss ? ForegroundMask(im, f, o.mask_min, o.mask_distance).to(dev)
                                       : at::ones({size / f, size / f}, at::TensorOptions().device(dev)));
+        prompt_ids.emplace_back();
+        for (const auto& text : TrainingPrompts(o, i, flip == 1)) {
+          prompt_ids.back().push_back(model.tokenizer->EncodePadded(text).ids);
+        }
+        max_prompts = std::max(max_prompts, prompt_ids.back().size());
       }
     }
   }
@@ -117,13 +158,15 @@ Concept TrainConcept(StableDiffusion& model, const std::vector<at::Tensor>& imag
   p.total = o.steps;
   for (int64_t step = 1; step <= o.steps; ++step) {
     const at::Tensor pick = at::randint(static_cast<int64_t>(latents.size()), {B}, gen, at::TensorOptions().dtype(at::kLong));
-    const at::Tensor tmpl = at::randint(static_cast<int64_t>(prompt_ids.size()), {B}, gen, at::TensorOptions().dtype(at::kLong));
+    // One draw per item whatever the prompt lists hold, so runs without captions keep their sequence.
+    const at::Tensor tmpl = at::randint(static_cast<int64_t>(max_prompts), {B}, gen, at::TensorOptions().dtype(at::kLong));
     std::vector<at::Tensor> lat, msk;
     std::vector<int64_t> ids;
     for (int64_t b = 0; b < B; ++b) {
       lat.push_back(latents[pick[b].item<int64_t>()]);
       msk.push_back(masks[pick[b].item<int64_t>()]);
-      const auto& pid = prompt_ids[tmpl[b].item<int64_t>()];
+      const auto& choices = prompt_ids[pick[b].item<int64_t>()];
+      const auto& pid = choices[tmpl[b].item<int64_t>() % choices.size()];
       ids.insert(ids.end(), pid.begin(), pid.end());
     }
     const at::Tensor x0 = at::cat(lat);  // [B, C, h, w]
@@ -188,6 +231,7 @@ Concept TrainConcept(StableDiffusion& model, const std::vector<at::Tensor>& imag
   c.info["final_loss"] = std::to_string(p.loss_ema);
   c.info["train_seconds"] = std::to_string(p.elapsed_s);
   c.info["masked_loss"] = o.masked_loss ? "true" : "false";
+  if (!o.captions.empty()) c.info["captions"] = "per image";
   return c;
 }
 

@@ -6,7 +6,8 @@
 // EMA of the concept token's encoding (decay 0.99); training gate beta = 0.75, tau = 0.1.
 //
 // Per step: a batch of training images (random horizontal flips) with prompts from templates
-// ("a photo of a {}") where {} is the superclass word; the concept token replaces it, the concept
+// ("a photo of a {}") or the images' own captions, where {} is the superclass word; the concept token
+// replaces it, the concept
 // prompt and the superclass prompt run through the COMPLETE text encoder, every attn2 K/V goes through
 // its Rank1Edit's training forward, and the loss is the epsilon-prediction MSE at a uniformly drawn
 // DDPM timestep.
@@ -56,6 +57,13 @@ struct TrainOptions {
   uint64_t seed = 0;
   // Prompt templates; "{}" is replaced by the superclass word. Empty = a built-in list.
   std::vector<std::string> templates;
+  // Per-image captions, one per training image, each with "{}" where the concept goes ("a small {}
+  // in the top left on a blue background"). When set they replace the templates: image i always
+  // trains with captions[i], and its mirror image with "left" and "right" swapped. Saying what else
+  // is in a picture (where, how large, on what) lets the other words carry it, so the concept has to
+  // learn less of its training images' context; hosted fine-tuning APIs and LoRA trainers take
+  // captions for the same reason.
+  std::vector<std::string> captions;
   bool flip = true;
   // Key-locking (the method). false trains the K targets like the V targets (the paper's "trained K"
   // ablation); the concept then stores its K targets too.
@@ -71,6 +79,12 @@ struct TrainOptions {
 
 // The built-in prompt templates (textual-inversion style).
 const std::vector<std::string>& DefaultTemplates();
+
+// The prompts (with the superclass word in place of "{}") that training may pair with training image
+// `index`, or with its mirror image when `flipped`: every template, or that image's caption with the
+// words "left" and "right" swapped when flipped. Throws c10::ValueError naming the template or
+// caption that has no "{}".
+std::vector<std::string> TrainingPrompts(const TrainOptions& options, size_t index, bool flipped);
 
 // Trains one concept from `images` ([3, H, W] float in [-1, 1], any size: centre-cropped and resized
 // to the model's resolution with image_io's CenterCropResize). Throws c10::ValueError for bad options (no images, empty name, a

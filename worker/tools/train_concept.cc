@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cstdio>
 #include <string>
 #include <vector>
@@ -37,6 +38,7 @@ struct Args {
   std::string dtype = "fp16";
   int threads = 0;
   bool quiet = false;
+  bool captions = false;
 };
 
 void Usage() {
@@ -55,6 +57,10 @@ void Usage() {
       "  --lr-embedding X      (default 0.006); --lr-values X (default 0.03)\n"
       "  --no-mask             plain loss instead of the foreground-weighted one\n"
       "  --no-flip             no horizontal flips\n"
+      "  --captions            train each image with its own caption, read from the .txt file of the same\n"
+      "                        name beside it (dog1.png: dog1.txt), naming the concept as <NAME>:\n"
+      "                        \"a photo of <rex> on a beach, on the left\". The other words carry the\n"
+      "                        context, so the concept learns less of it (mirror images swap left/right)\n"
       "  --beta X --tau X      inference gate stored in the concept (default 0.7 / 0.15)\n"
       "  --dtype fp16|bf16|fp32  storage of embedding and V targets (default fp16)\n"
       "  --threads N           LibTorch threads (default: all cores)\n"
@@ -115,6 +121,7 @@ int main(int argc, char** argv) {
       else if (k == "--lr-values") a.train.lr_values = std::stod(v());
       else if (k == "--no-mask") a.train.masked_loss = false;
       else if (k == "--no-flip") a.train.flip = false;
+      else if (k == "--captions") a.captions = true;
       else if (k == "--beta") a.train.default_gate.beta = std::stod(v());
       else if (k == "--tau") a.train.default_gate.temperature = std::stod(v());
       else if (k == "--dtype") a.dtype = v();
@@ -153,6 +160,23 @@ int main(int argc, char** argv) {
         images.push_back(ImageToTensor(DecodeImage(ReadFileToString(f))));
       } catch (const c10::Error& e) {
         TORCH_CHECK_VALUE(false, f, ": ", e.what_without_backtrace());
+      }
+    }
+    if (a.captions) {
+      const std::string token = "<" + a.name + ">";
+      for (const auto& f : files) {
+        const std::string txt = f.substr(0, f.size() - 4) + ".txt";
+        std::string caption;
+        try {
+          caption = ReadFileToString(txt);
+        } catch (const c10::Error&) {
+          TORCH_CHECK_VALUE(false, "--captions: no caption file ", txt, " for ", f);
+        }
+        while (!caption.empty() && std::isspace(static_cast<unsigned char>(caption.back()))) caption.pop_back();
+        const size_t at = caption.find(token);
+        TORCH_CHECK_VALUE(at != std::string::npos && caption.find(token, at + 1) == std::string::npos, txt,
+                          ": the caption must name the concept exactly once as ", token, ": '", caption, "'");
+        a.train.captions.push_back(caption.replace(at, token.size(), "{}"));
       }
     }
     ModelDirOptions mo;
