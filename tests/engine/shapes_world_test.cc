@@ -201,6 +201,27 @@ TEST(ShapesWorldTest, CaptionWordsCoverEveryGeneratedCaption) {
   for (const auto& w : words) EXPECT_TRUE(seen.count(w)) << "'" << w << "' never appears in a caption";
 }
 
+TEST(ShapesWorldTest, ConceptInWordsNamesTheLookAsABaseCaptionWould) {
+  EXPECT_EQ(ConceptInWords(FindConcept("checker_star")), "red and yellow checked star");
+  EXPECT_EQ(ConceptInWords(FindConcept("candy_heart")), "pink and white angled heart");
+  const auto list = CaptionWords();
+  const std::set<std::string> words(list.begin(), list.end());
+  for (const auto& c : BuiltinConcepts()) {
+    const std::string phrase = ConceptInWords(c);
+    for (const auto& w : Words(phrase)) EXPECT_TRUE(words.count(w)) << "'" << w << "' in '" << phrase << "'";
+    // A base object of that look, captioned in full, is named with the same words.
+    SceneSpec scene;
+    ObjectSpec o;
+    o.shape = c.shape;
+    o.texture = c.texture;
+    o.color = c.color;
+    o.color2 = c.color2;
+    scene.objects.push_back(o);
+    const std::string caption = Caption(scene, 0);
+    EXPECT_NE(caption.find(" " + phrase + " "), std::string::npos) << caption << " / " << phrase;
+  }
+}
+
 TEST(ShapesWorldTest, CaptionsFollowTheGrammar) {
   SceneSpec scene;
   scene.background = Color::kBlue;

@@ -452,6 +452,15 @@ void SplitWords(const std::string& text, std::set<std::string>* out) {
 
 int NumCaptionTemplates(const SceneSpec& scene) { return static_cast<int>(TemplatesFor(scene).size()); }
 
+std::string ConceptInWords(const ConceptSpec& c) {
+  ObjectSpec o;
+  o.shape = c.shape;
+  o.texture = c.texture;
+  o.color = c.color;
+  o.color2 = c.color2;
+  return LookPhrase(o, false) + " " + Noun(o);  // as a two-object caption names a base object
+}
+
 std::string Caption(const SceneSpec& scene, int template_id) {
   const auto& templates = TemplatesFor(scene);
   const int n = static_cast<int>(templates.size());

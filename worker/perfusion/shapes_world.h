@@ -142,6 +142,11 @@ struct ConceptSpec {
 std::vector<ConceptSpec> BuiltinConcepts();
 // REQUIRES: `name` is a builtin concept's name; otherwise throws c10::ValueError listing them.
 ConceptSpec FindConcept(const std::string& name);
+// The concept's look in the base world's caption words, as a base caption names such an object:
+// "red and yellow checked star", "pink and white angled heart". A base model can only follow it as
+// far as it learnt each word: the concept patterns' words ("angled", "ringed", "chevron") occur in
+// its captions only when WorldOptions::open_texture_prob > 0, and the colour pair never does.
+std::string ConceptInWords(const ConceptSpec& concept_spec);
 
 // True when `object` shows `concept_spec`'s look: a two-colour texture (any pattern, any shape) in
 // the concept's two colours (either order), or, unless `patterns_open`, the concept's pattern when

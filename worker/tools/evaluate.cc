@@ -9,6 +9,9 @@
 //   render      the prompt rendered by the shapes world (a perfect model)
 //   render_vae  that render encoded and decoded by the model's VAE (the best its decoder can show)
 //   base        the base model with the superclass word instead of the concept (reference)
+//   words       the base model with the concept's look in caption words ("pink and white angled
+//               heart", ConceptInWords): what the base model draws of it from language alone, which
+//               tells a trainer that misses what the model can draw from a model that cannot draw it
 //   perfusion   TrainConcept + Pipeline (local key-lock), the product path
 //   global      the same concept with global key-locking at inference
 //   ti          embedding only (Textual Inversion): no K/V edits; only the concept embedding trains
@@ -86,6 +89,7 @@ struct Args {
   std::vector<double> taus = {0.05, 0.15, 0.3};
   std::vector<std::string> sweep_locks = {"local", "global"};
   bool ablations = true;
+  bool captions = false;  // train with each render's full caption instead of the templates
   bool finetune = false;
   double finetune_lr = 5e-5;
   bool sweep = true;
@@ -118,6 +122,8 @@ void Usage() {
       "  --taus LIST           sweep temperatures (default 0.05,0.15,0.3)\n"
       "  --sweep-locks LIST    key-locking modes swept: local, global or both (default local,global)\n"
       "  --no-ablations        skip the embedding-only and no-key-lock methods\n"
+      "  --captions            train every method with each training render's full caption (\"a small {}\n"
+      "                        in the top left on a blue background\") instead of the templates\n"
       "  --finetune            add a full fine-tune: the concept embedding and every UNet weight train\n"
       "                        (DreamBooth without prior preservation; --finetune-lr X, default 5e-5).\n"
       "                        It shows what this UNet can draw once any weight may change\n"
@@ -302,18 +308,23 @@ class ParamsRestorer {
 AblationConcept TrainAblation(StableDiffusion& model, const std::vector<at::Tensor>& images, const TrainOptions& o,
                               Ablation which, double lr_embedding, double lr_unet = 0) {
   const int64_t superclass_id = *model.tokenizer->SingleTokenId(o.superclass);
-  std::vector<std::vector<int64_t>> prompt_ids;
-  for (const auto& t : DefaultTemplates()) prompt_ids.push_back(model.tokenizer->EncodePadded(ReplaceAll(t, "{}", o.superclass)).ids);
+  std::vector<std::vector<std::vector<int64_t>>> prompt_ids;  // per latent, as TrainConcept pairs them
+  size_t max_prompts = 1;
   const int64_t size = model.image_size(), f = model.vae->downsample_factor();
   std::vector<at::Tensor> latents, masks;
   {
     torch::NoGradGuard ng;
-    for (const auto& image : images) {
-      at::Tensor img = CenterCropResize(image.to(at::kFloat), static_cast<int>(size));
+    for (size_t i = 0; i < images.size(); ++i) {
+      at::Tensor img = CenterCropResize(images[i].to(at::kFloat), static_cast<int>(size));
       for (int flip = 0; flip < 2; ++flip) {
         at::Tensor im = flip ? img.flip({2}) : img;
         latents.push_back(model.vae->encode(im.unsqueeze(0)).mode().to(at::kFloat) * model.vae->scaling_factor());
         masks.push_back(ForegroundMask(im, f, o.mask_min, o.mask_distance));
+        prompt_ids.emplace_back();
+        for (const auto& text : TrainingPrompts(o, i, flip == 1)) {
+          prompt_ids.back().push_back(model.tokenizer->EncodePadded(text).ids);
+        }
+        max_prompts = std::max(max_prompts, prompt_ids.back().size());
       }
     }
   }
@@ -356,13 +367,14 @@ AblationConcept TrainAblation(StableDiffusion& model, const std::vector<at::Tens
   const auto start = Clock::now();
   for (int64_t step = 1; step <= o.steps; ++step) {
     const at::Tensor pick = at::randint(static_cast<int64_t>(latents.size()), {B}, gen, at::TensorOptions().dtype(at::kLong));
-    const at::Tensor tmpl = at::randint(static_cast<int64_t>(prompt_ids.size()), {B}, gen, at::TensorOptions().dtype(at::kLong));
+    const at::Tensor tmpl = at::randint(static_cast<int64_t>(max_prompts), {B}, gen, at::TensorOptions().dtype(at::kLong));
     std::vector<at::Tensor> lat, msk;
     std::vector<int64_t> ids;
     for (int64_t b = 0; b < B; ++b) {
       lat.push_back(latents[pick[b].item<int64_t>()]);
       msk.push_back(masks[pick[b].item<int64_t>()]);
-      const auto& pid = prompt_ids[tmpl[b].item<int64_t>()];
+      const auto& choices = prompt_ids[pick[b].item<int64_t>()];
+      const auto& pid = choices[tmpl[b].item<int64_t>() % choices.size()];
       ids.insert(ids.end(), pid.begin(), pid.end());
     }
     const at::Tensor x0 = at::cat(lat);
@@ -522,6 +534,7 @@ const std::vector<Method>& Methods() {
       {"render", "Reference: the prompt rendered by the shapes world"},
       {"render_vae", "Reference: that render through the model's VAE"},
       {"base", "Base model, superclass word"},
+      {"words", "Base model, the concept's look in words"},
       {"ti", "Embedding only (Textual Inversion)"},
       {"nolock", "Perfusion without key-lock"},
       {"finetune", "Full fine-tune: embedding + every UNet weight (DreamBooth-like)"},
@@ -535,6 +548,7 @@ struct ConceptRun {
   ConceptSpec spec;
   int index = 0;  // in BuiltinConcepts() (the presence head's order)
   std::vector<Image> train_images;
+  std::vector<std::string> captions;  // each training image's full caption, {} for the concept
   at::Tensor reference;  // mean classifier features of the training images
   std::shared_ptr<Concept> perfusion;
   std::optional<AblationConcept> ti, nolock, finetune;
@@ -751,6 +765,7 @@ class Evaluation {
     o.steps = a_.steps;
     o.batch_size = a_.batch;
     o.seed = DeriveSeed(a_.seed, 200 + i);
+    if (a_.captions) o.captions = r.captions;
     const std::string what = r.spec.name + " / " + method;
     const int64_t every = std::max<int64_t>(1, a_.steps / 4);
     o.progress = [what, every](const TrainProgress& p) {
@@ -770,6 +785,11 @@ class Evaluation {
     for (const Sample& s : RenderConcept(r.spec, a_.images, DeriveSeed(a_.seed, 100 + i), 32)) {
       r.train_images.push_back(s.image);
       images.push_back(ImageToTensor(s.image));
+      // The caption naming size, position and background, with {} for the superclass word.
+      const std::string full = Caption(s.scene, 0);
+      const size_t at = (" " + full + " ").find(" " + r.spec.superclass + " ");
+      TORCH_CHECK(at != std::string::npos, "caption '", full, "' does not name ", r.spec.superclass);
+      r.captions.push_back(full.substr(0, at) + "{}" + full.substr(at + r.spec.superclass.size()));
     }
     at::Tensor feats;
     for (const auto& p : Predict(clf_, StackImages(images))) feats = feats.defined() ? feats + p.features : p.features.clone();
@@ -820,12 +840,13 @@ class Evaluation {
         if (method == "render_vae") imgs = VaeRoundTrip(imgs);
         per_prompt.push_back(imgs);
       }
-    } else if (method == "base" || method == "perfusion" || method == "global") {
+    } else if (method == "base" || method == "words" || method == "perfusion" || method == "global") {
       std::vector<GenerationRequest> reqs;
       for (size_t p = 0; p < r.prompts.size(); ++p) {
         GenerationRequest req = HeldOutRequest(r.prompts[p].text, p);
-        if (method == "base") {
-          req.prompt = ReplaceAll(req.prompt, "<" + r.spec.name + ">", r.spec.superclass);
+        if (method == "base" || method == "words") {
+          req.prompt = ReplaceAll(req.prompt, "<" + r.spec.name + ">",
+                                  method == "base" ? r.spec.superclass : ConceptInWords(r.spec));
         } else {
           ConceptRef ref;
           ref.concept = r.perfusion;
@@ -1056,7 +1077,7 @@ void Evaluation::WriteReport(const std::string& command, const std::vector<SeedT
      << "Model `" << model_->model_id << "` (" << a_.model << "), classifier `" << a_.classifier << "`, " << date
      << ", " << Fmt(Elapsed() / 60, 1) << " min on " << at::get_num_threads() << " thread(s).\n\n"
      << "Each concept: " << a_.images << " training renders, " << a_.steps << " steps of batch " << a_.batch
-     << " per method; " << a_.per_prompt << " images per held-out prompt, " << a_.gen_steps << " " << a_.sampler
+     << " per method" << (a_.captions ? ", trained with each render's full caption" : "") << "; " << a_.per_prompt << " images per held-out prompt, " << a_.gen_steps << " " << a_.sampler
      << " steps, guidance " << a_.guidance << ". Fidelity: the classifier's presence head says the concept's "
      << "object is in the image. Alignment: every attribute the prompt asks for (background colour, position, size) "
      << "is what the classifier reads. Similarity: cosine of the classifier's features to the mean features of the "
@@ -1407,6 +1428,7 @@ int main(int argc, char** argv) {
       else if (k == "--taus") a.taus = ParseDoubles(v());
       else if (k == "--sweep-locks") a.sweep_locks = SplitList(v());
       else if (k == "--no-ablations") a.ablations = false;
+      else if (k == "--captions") a.captions = true;
       else if (k == "--finetune") a.finetune = true;
       else if (k == "--finetune-lr") a.finetune_lr = std::stod(v());
       else if (k == "--no-sweep") a.sweep = false;
