@@ -85,7 +85,8 @@ class UploadReactor final : public grpc::ServerReadReactor<v1::UploadTrainingJob
       RETURN_IF_ERROR(ValidateImageCount(count_, c_->limits, "header.image_count"));
       RETURN_IF_ERROR(ValidateTrainingRequest(request_, c_->limits, c_->vocab,
                                               /*check_image_count=*/false));
-      RETURN_IF_ERROR(ValidateCaptions(request_.options.captions, count_, request_.concept_name));
+      RETURN_IF_ERROR(ValidateCaptions(request_.options.captions, count_, request_.concept_name,
+                                       request_.superclass));
       return absl::OkStatus();
     }
     if (!msg_.has_chunk()) return absl::InvalidArgumentError("part: neither header nor chunk");

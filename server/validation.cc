@@ -12,6 +12,7 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 
 namespace perfusion::server {
 namespace {
@@ -263,7 +264,7 @@ absl::Status ValidateImageCount(int count, const ValidationLimits& limits,
 }
 
 absl::Status ValidateCaptions(const std::vector<std::string>& captions, int image_count,
-                              absl::string_view concept_name) {
+                              absl::string_view concept_name, absl::string_view superclass) {
   if (captions.empty()) return absl::OkStatus();
   if (static_cast<int>(captions.size()) != image_count) {
     return Invalid("options.captions", absl::StrCat(captions.size(), " caption(s) for ", image_count,
@@ -279,6 +280,14 @@ absl::Status ValidateCaptions(const std::vector<std::string>& captions, int imag
     const size_t at = c.find(token);
     if (at == std::string::npos || c.find(token, at + 1) != std::string::npos) {
       return Invalid(field, absl::StrCat("must name the concept exactly once as ", token, ": '", c, "'"));
+    }
+    // Whole words, case-insensitive (the tokenizer lowercases), outside the concept's token.
+    const std::string rest = absl::AsciiStrToLower(absl::StrCat(c.substr(0, at), " ", c.substr(at + token.size())));
+    for (absl::string_view word : absl::StrSplit(rest, absl::ByAnyChar(" \t,.;:!?\"'()[]{}<>/-"), absl::SkipEmpty())) {
+      if (word == absl::AsciiStrToLower(superclass)) {
+        return Invalid(field, absl::StrCat("uses the superclass word '", superclass, "' besides ", token,
+                                           "; the trainer would train it as the concept too: '", c, "'"));
+      }
     }
   }
   return absl::OkStatus();
@@ -319,7 +328,8 @@ absl::Status ValidateTrainingRequest(TrainingRequest& r, const ValidationLimits&
     return s;
   }
   if (check_image_count) {
-    if (auto s = ValidateCaptions(o.captions, static_cast<int>(r.images.size()), r.concept_name); !s.ok()) {
+    if (auto s = ValidateCaptions(o.captions, static_cast<int>(r.images.size()), r.concept_name, r.superclass);
+        !s.ok()) {
       return s;
     }
   }

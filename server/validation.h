@@ -86,9 +86,10 @@ absl::Status ValidateRequestId(absl::string_view request_id);
 absl::Status ValidateTrainingRequest(TrainingRequest& request, const ValidationLimits& limits,
                                      const Vocab* vocab, bool check_image_count);
 // options.captions: none, or one per image (`image_count` of them), each naming the concept exactly
-// once as "<concept_name>", printable, at most 300 characters.
+// once as "<concept_name>" and the superclass word nowhere else (the trainer finds the concept by
+// the superclass token), printable, at most 300 characters.
 absl::Status ValidateCaptions(const std::vector<std::string>& captions, int image_count,
-                              absl::string_view concept_name);
+                              absl::string_view concept_name, absl::string_view superclass);
 // The image count alone (min..max), naming `field`.
 absl::Status ValidateImageCount(int count, const ValidationLimits& limits, absl::string_view field);
 

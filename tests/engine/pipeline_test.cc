@@ -125,6 +125,10 @@ TEST(TrainingPromptsTest, TemplatesOrEachImagesCaptionMirroredWithItsImage) {
   EXPECT_EQ(TrainingPrompts(t, 0, true), std::vector<std::string>{"a small star in the top right on a blue background"});
   EXPECT_EQ(TrainingPrompts(t, 1, true), std::vector<std::string>{"a star on the left, Right of nothing; leftover"});
   EXPECT_THROW(TrainingPrompts(t, 2, false), c10::ValueError);
+  t.captions = {"a {} beside a Star"};
+  EXPECT_THROW(TrainingPrompts(t, 0, false), c10::ValueError) << "the superclass word besides {}";
+  t.captions = {"a {} beside stars"};
+  EXPECT_EQ(TrainingPrompts(t, 0, false), std::vector<std::string>{"a star beside stars"});
   t.captions = {"a star on the left"};
   try {
     TrainingPrompts(t, 0, false);

@@ -139,7 +139,7 @@ TEST(ValidateTest, CaptionsAreOnePerImageAndNameTheConceptOnce) {
   EXPECT_THAT(ValidateTrainingRequest(r, limits, nullptr, true),
               StatusIs(kInvalid, HasSubstr("options.captions: 2 caption(s) for 3 image(s)")));
   // The upload stream knows the count from its header before any image arrives.
-  EXPECT_THAT(ValidateCaptions(r.options.captions, 2, "teddy"), IsOk());
+  EXPECT_THAT(ValidateCaptions(r.options.captions, 2, "teddy", "toy"), IsOk());
   r.options.captions = {"a photo of <teddy>", "a photo of a toy", "a small <teddy>"};
   EXPECT_THAT(ValidateTrainingRequest(r, limits, nullptr, true),
               StatusIs(kInvalid, HasSubstr("options.captions[1]: must name the concept exactly once as <teddy>")));
@@ -148,6 +148,11 @@ TEST(ValidateTest, CaptionsAreOnePerImageAndNameTheConceptOnce) {
   r.options.captions[1] = "<teddy>" + std::string(300, 'x');
   EXPECT_THAT(ValidateTrainingRequest(r, limits, nullptr, true),
               StatusIs(kInvalid, HasSubstr("options.captions[1]: must be printable text of at most 300")));
+  r.options.captions[1] = "<teddy>, a Toy, beside another";
+  EXPECT_THAT(ValidateTrainingRequest(r, limits, nullptr, true),
+              StatusIs(kInvalid, HasSubstr("options.captions[1]: uses the superclass word 'toy' besides <teddy>")));
+  r.options.captions[1] = "<teddy> beside toys and a toyshop";  // other words are fine
+  EXPECT_THAT(ValidateTrainingRequest(r, limits, nullptr, true), IsOk());
   r.options.captions[1] = "<teddy>\nline two";
   EXPECT_THAT(ValidateTrainingRequest(r, limits, nullptr, true), StatusIs(kInvalid, HasSubstr("options.captions[1]")));
 }

@@ -6,6 +6,7 @@
 #include <torch/optim/adamw.h>
 
 #include <algorithm>
+#include <cctype>
 #include <chrono>
 
 #include "perfusion/concept_token.h"
@@ -59,6 +60,13 @@ std::vector<std::string> TrainingPrompts(const TrainOptions& o, size_t index, bo
   const std::string& c = o.captions[index];
   TORCH_CHECK_VALUE(c.find("{}") != std::string::npos, "captions[", index, "]: '", c,
                     "' has no {} marking where the concept goes");
+  // The concept is found by its superclass token, so the word must not occur anywhere else.
+  std::string rest;
+  for (char ch : c) rest += std::isalpha(static_cast<unsigned char>(ch)) ? static_cast<char>(std::tolower(ch)) : ' ';
+  std::string lower_super;
+  for (char ch : o.superclass) lower_super += static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+  TORCH_CHECK_VALUE((" " + rest + " ").find(" " + lower_super + " ") == std::string::npos, "captions[", index, "]: '", c,
+                    "' uses the superclass word '", o.superclass, "' besides {}; it would train as the concept too");
   out.push_back(Fill(flipped ? MirrorWords(c) : c, o.superclass));
   return out;
 }
