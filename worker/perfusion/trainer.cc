@@ -71,6 +71,19 @@ std::vector<std::string> TrainingPrompts(const TrainOptions& o, size_t index, bo
   return out;
 }
 
+LatentPrompts EncodeLatentPrompts(const ClipTokenizer& tokenizer, const TrainOptions& o, size_t num_images,
+                                  int flips) {
+  LatentPrompts out;
+  for (size_t i = 0; i < num_images; ++i) {
+    for (int flip = 0; flip < flips; ++flip) {
+      out.ids.emplace_back();
+      for (const auto& text : TrainingPrompts(o, i, flip == 1)) out.ids.back().push_back(tokenizer.EncodePadded(text).ids);
+      out.max_prompts = std::max(out.max_prompts, out.ids.back().size());
+    }
+  }
+  return out;
+}
+
 const std::vector<std::string>& DefaultTemplates() {
   static const std::vector<std::string> t = {
       "a photo of a {}",     "a rendering of a {}",  "a picture of a {}",   "an image of a {}",
@@ -119,9 +132,8 @@ Concept TrainConcept(StableDiffusion& model, const std::vector<at::Tensor>& imag
   const auto start = std::chrono::steady_clock::now();
 
   // Latents, masks and prompts of every image and its mirror image, computed once.
+  const LatentPrompts prompts_of = EncodeLatentPrompts(*model.tokenizer, o, images.size(), o.flip ? 2 : 1);
   std::vector<at::Tensor> latents, masks;
-  std::vector<std::vector<std::vector<int64_t>>> prompt_ids;  // per latent: the prompts it trains with
-  size_t max_prompts = 1;
   {
     torch::NoGradGuard no_grad;
     for (size_t i = 0; i < images.size(); ++i) {
@@ -133,11 +145,6 @@ Concept TrainConcept(StableDiffusion& model, const std::vector<at::Tensor>& imag
         latents.push_back(model.vae->encode(im.unsqueeze(0).to(dev, dtype)).mode().to(at::kFloat) * model.vae->scaling_factor());
         masks.push_back(o.masked_loss ? ForegroundMask(im, f, o.mask_min, o.mask_distance).to(dev)
                                       : at::ones({size / f, size / f}, at::TensorOptions().device(dev)));
-        prompt_ids.emplace_back();
-        for (const auto& text : TrainingPrompts(o, i, flip == 1)) {
-          prompt_ids.back().push_back(model.tokenizer->EncodePadded(text).ids);
-        }
-        max_prompts = std::max(max_prompts, prompt_ids.back().size());
       }
     }
   }
@@ -167,14 +174,13 @@ Concept TrainConcept(StableDiffusion& model, const std::vector<at::Tensor>& imag
   for (int64_t step = 1; step <= o.steps; ++step) {
     const at::Tensor pick = at::randint(static_cast<int64_t>(latents.size()), {B}, gen, at::TensorOptions().dtype(at::kLong));
     // One draw per item whatever the prompt lists hold, so runs without captions keep their sequence.
-    const at::Tensor tmpl = at::randint(static_cast<int64_t>(max_prompts), {B}, gen, at::TensorOptions().dtype(at::kLong));
+    const at::Tensor tmpl = at::randint(static_cast<int64_t>(prompts_of.max_prompts), {B}, gen, at::TensorOptions().dtype(at::kLong));
     std::vector<at::Tensor> lat, msk;
     std::vector<int64_t> ids;
     for (int64_t b = 0; b < B; ++b) {
       lat.push_back(latents[pick[b].item<int64_t>()]);
       msk.push_back(masks[pick[b].item<int64_t>()]);
-      const auto& choices = prompt_ids[pick[b].item<int64_t>()];
-      const auto& pid = choices[tmpl[b].item<int64_t>() % choices.size()];
+      const auto& pid = prompts_of.Pick(pick[b].item<int64_t>(), tmpl[b].item<int64_t>());
       ids.insert(ids.end(), pid.begin(), pid.end());
     }
     const at::Tensor x0 = at::cat(lat);  // [B, C, h, w]

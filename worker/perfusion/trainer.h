@@ -86,6 +86,20 @@ const std::vector<std::string>& DefaultTemplates();
 // caption that has no "{}".
 std::vector<std::string> TrainingPrompts(const TrainOptions& options, size_t index, bool flipped);
 
+// TrainingPrompts of every training latent, tokenized: latent 2i + f (f = 0, or 1 for the mirror image
+// when `flips` is 2) is image i. A step draws one index below `max_prompts` per batch item and takes
+// it modulo that latent's list (Pick), so runs with templates keep one random sequence.
+struct LatentPrompts {
+  std::vector<std::vector<std::vector<int64_t>>> ids;  // [latent][prompt] -> padded token ids
+  size_t max_prompts = 1;
+  const std::vector<int64_t>& Pick(int64_t latent, int64_t draw) const {
+    const auto& choices = ids[static_cast<size_t>(latent)];
+    return choices[static_cast<size_t>(draw) % choices.size()];
+  }
+};
+LatentPrompts EncodeLatentPrompts(const ClipTokenizer& tokenizer, const TrainOptions& options, size_t num_images,
+                                  int flips);
+
 // Trains one concept from `images` ([3, H, W] float in [-1, 1], any size: centre-cropped and resized
 // to the model's resolution with image_io's CenterCropResize). Throws c10::ValueError for bad options (no images, empty name, a
 // superclass that is not one token, ...), CancelledError when cancelled.

@@ -308,23 +308,17 @@ class ParamsRestorer {
 AblationConcept TrainAblation(StableDiffusion& model, const std::vector<at::Tensor>& images, const TrainOptions& o,
                               Ablation which, double lr_embedding, double lr_unet = 0) {
   const int64_t superclass_id = *model.tokenizer->SingleTokenId(o.superclass);
-  std::vector<std::vector<std::vector<int64_t>>> prompt_ids;  // per latent, as TrainConcept pairs them
-  size_t max_prompts = 1;
+  const LatentPrompts prompts_of = EncodeLatentPrompts(*model.tokenizer, o, images.size(), /*flips=*/2);
   const int64_t size = model.image_size(), f = model.vae->downsample_factor();
   std::vector<at::Tensor> latents, masks;
   {
     torch::NoGradGuard ng;
-    for (size_t i = 0; i < images.size(); ++i) {
-      at::Tensor img = CenterCropResize(images[i].to(at::kFloat), static_cast<int>(size));
+    for (const auto& image : images) {
+      at::Tensor img = CenterCropResize(image.to(at::kFloat), static_cast<int>(size));
       for (int flip = 0; flip < 2; ++flip) {
         at::Tensor im = flip ? img.flip({2}) : img;
         latents.push_back(model.vae->encode(im.unsqueeze(0)).mode().to(at::kFloat) * model.vae->scaling_factor());
         masks.push_back(ForegroundMask(im, f, o.mask_min, o.mask_distance));
-        prompt_ids.emplace_back();
-        for (const auto& text : TrainingPrompts(o, i, flip == 1)) {
-          prompt_ids.back().push_back(model.tokenizer->EncodePadded(text).ids);
-        }
-        max_prompts = std::max(max_prompts, prompt_ids.back().size());
       }
     }
   }
@@ -367,14 +361,13 @@ AblationConcept TrainAblation(StableDiffusion& model, const std::vector<at::Tens
   const auto start = Clock::now();
   for (int64_t step = 1; step <= o.steps; ++step) {
     const at::Tensor pick = at::randint(static_cast<int64_t>(latents.size()), {B}, gen, at::TensorOptions().dtype(at::kLong));
-    const at::Tensor tmpl = at::randint(static_cast<int64_t>(max_prompts), {B}, gen, at::TensorOptions().dtype(at::kLong));
+    const at::Tensor tmpl = at::randint(static_cast<int64_t>(prompts_of.max_prompts), {B}, gen, at::TensorOptions().dtype(at::kLong));
     std::vector<at::Tensor> lat, msk;
     std::vector<int64_t> ids;
     for (int64_t b = 0; b < B; ++b) {
       lat.push_back(latents[pick[b].item<int64_t>()]);
       msk.push_back(masks[pick[b].item<int64_t>()]);
-      const auto& choices = prompt_ids[pick[b].item<int64_t>()];
-      const auto& pid = choices[tmpl[b].item<int64_t>() % choices.size()];
+      const auto& pid = prompts_of.Pick(pick[b].item<int64_t>(), tmpl[b].item<int64_t>());
       ids.insert(ids.end(), pid.begin(), pid.end());
     }
     const at::Tensor x0 = at::cat(lat);
