@@ -167,6 +167,31 @@ TEST_F(PipelineTest, TrainingWithCaptionsUsesThemAndChecksTheirCount) {
   }
 }
 
+// A GPU worker runs the model in half precision (--dtype fp16). bf16 is the reduced precision a CPU
+// runs, so this covers the same paths: a concept trains (float32 edits and embedding on a bf16
+// model), its blob holds float data, and generation with it stays close to the float32 model's.
+TEST_F(PipelineTest, TrainsAndGeneratesOnAReducedPrecisionModel) {
+  ModelDirOptions opts;
+  opts.tokenizer_dir = testing::SharedDir() + "/data/clip";
+  opts.dtype = at::kBFloat16;
+  auto bf16 = LoadModelDir(TinyModelDir(), opts);
+  TrainOptions t;
+  t.name = "checker";
+  t.superclass = FindConcept("checker_star").superclass;
+  t.steps = 3;
+  t.seed = 3;
+  const Concept c = TrainConcept(*bf16, ConceptImages("checker_star", 2), t);
+  EXPECT_EQ(c.v_targets.scalar_type(), at::kFloat);
+  EXPECT_TRUE(c.v_targets.isfinite().all().item<bool>());
+  Pipeline low(bf16), full(model_);
+  GenerationRequest r = Request("a photo of a <checker> on a blue background");
+  r.concepts["checker"] = {concept_, {}, false};
+  const at::Tensor a = low.Generate({r})[0].images[0], b = full.Generate({r})[0].images[0];
+  EXPECT_EQ(a.scalar_type(), at::kFloat);
+  EXPECT_TRUE(a.isfinite().all().item<bool>());
+  EXPECT_LT((a - b).abs().mean().item<double>(), 0.1) << "bf16 drifted from float32";
+}
+
 TEST_F(PipelineTest, PromptWithoutTheConceptGivesTheBaseModelImage) {
   Pipeline pipe(model_);
   GenerationRequest with = Request("a red circle on a blue background");

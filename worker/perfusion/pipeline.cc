@@ -235,7 +235,7 @@ double Pipeline::DenoisingLoss(const std::string& prompt, const std::map<std::st
   double total = 0;
   for (int64_t d = 0; d < draws; ++d) {
     const at::Tensor t = ddpm.sample_timesteps(x0.size(0), gen, dev);
-    const at::Tensor noise = at::randn(x0.sizes(), gen, x0.options());
+    const at::Tensor noise = ddpm.sample_noise(x0, gen);  // on the CPU generator, then moved to x0's device
     const at::Tensor eps = model_->unet->forward(ddpm.add_noise(x0, noise, t).to(dtype), t, kv).to(at::kFloat);
     total += (eps - ddpm.training_target(x0, noise, t)).pow(2).mean().item<double>();
   }

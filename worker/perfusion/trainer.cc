@@ -199,7 +199,8 @@ Concept TrainConcept(StableDiffusion& model, const std::vector<at::Tensor>& imag
       kv.push_back({k_edits[l]->training_forward(X, X_sup, prompts.concept_index),
                     v_edits[l]->training_forward(X, X_sup, prompts.concept_index)});
     }
-    const at::Tensor noise = at::randn(x0.sizes(), gen, x0.options());
+    // Drawn on the generator's device (the CPU) and moved: a CPU generator cannot fill a CUDA tensor.
+    const at::Tensor noise = ddpm.sample_noise(x0, gen);
     const at::Tensor t = ddpm.sample_timesteps(B, gen, dev);
     const at::Tensor noisy = ddpm.add_noise(x0, noise, t);
     const at::Tensor target = ddpm.training_target(x0, noise, t);
