@@ -168,8 +168,13 @@ TEST_F(ResearchCliTest, EvaluateWritesTheReportWithASweepPerKeyLockingMode) {
                     {{{"--finetune-lr", "0"}, "--finetune-lr > 0"},
                      {{"--sweep-locks", "sideways"}, "--sweep-locks"},
                      {{"--seeds", ","}, "--seeds: expected a comma-separated list"},
-                     {{"--seeds", "1,x"}, "--seeds: bad value '1,x'"}},
+                     {{"--seeds", "1,x"}, "--seeds: bad value '1,x'"},
+                     {{"--device", "gpu"}, "--device: 'gpu' is not a device"}},
                     dir_);
+  // Every engine tool takes --device the same way.
+  for (const char* bin : {PERFUSION_GENERATE_BIN, PERFUSION_TRAIN_CONCEPT_BIN}) {
+    ExpectUsageErrors(bin, {{{"--device", "cuda:x"}, "--device: 'cuda:x' is not a device"}}, dir_);
+  }
 }
 
 }  // namespace

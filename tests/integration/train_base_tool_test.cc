@@ -224,6 +224,47 @@ TEST_F(TrainBaseToolTest, MakesNestedFoldersAndTakesUnetLevels) {
   EXPECT_NE(r.err.find("cannot create folder " + blocked + "/work"), std::string::npos) << r.err;
 }
 
+// --finish: when --max-minutes runs out, the training ends at that step and the folder is written
+// anyway (a fixed-time run on a lent machine). The record keeps the steps done, so asking for more
+// steps later extends it from there.
+TEST_F(TrainBaseToolTest, FinishWritesTheModelWhenTheTimeRunsOut) {
+  CommandResult r = Train({"--vae-steps", "2", "--unet-steps", "0", "--decoder-steps", "0"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  ASSERT_EQ(State()["stage"], "done");
+  // More UNet and decoder steps, with no time for them: one UNet step, then the model is written.
+  r = Train({"--vae-steps", "2", "--unet-steps", "3", "--decoder-steps", "2", "--max-minutes", "0.000001", "--finish"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("time budget reached at unet step 1: ending the training here (--finish)"), std::string::npos)
+      << r.out;
+  EXPECT_EQ(r.out.find("[decoder]"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("wrote " + dir_ + "/model"), std::string::npos) << r.out;
+  EXPECT_EQ(State()["stage"], "done");
+  EXPECT_EQ(State()["step"], 1);
+  EXPECT_EQ(State()["decoder_step"], 0);
+  EXPECT_TRUE(fs::exists(dir_ + "/model/unet/diffusion_pytorch_model.safetensors"));
+  // Without the budget the same steps continue where the training ended.
+  r = Train({"--vae-steps", "2", "--unet-steps", "3", "--decoder-steps", "2"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("extending the UNet training: 1 -> 3"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("[unet] step      3/3"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("[decoder] step      2/2"), std::string::npos) << r.out;
+  EXPECT_EQ(State()["step"], 3);
+  EXPECT_EQ(State()["decoder_step"], 2);
+}
+
+// --device picks where the models train. This LibTorch decides whether cuda is there: without it
+// the flag is refused before any work, naming it; with it a toy run trains on the GPU.
+TEST_F(TrainBaseToolTest, DeviceCudaTrainsOrIsRefusedClearly) {
+  CommandResult r = Train({"--vae-steps", "1", "--unet-steps", "1", "--decoder-steps", "1", "--device", "cuda"});
+  if (r.exit_code == 2) {
+    EXPECT_NE(r.err.find("--device cuda: this LibTorch has no CUDA support"), std::string::npos) << r.err;
+    EXPECT_FALSE(fs::exists(dir_ + "/work")) << "refused after starting work";
+  } else {
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    EXPECT_TRUE(fs::exists(dir_ + "/model/unet/diffusion_pytorch_model.safetensors"));
+  }
+}
+
 TEST_F(TrainBaseToolTest, RejectsUnknownFlagsAndBadValues) {
   // Each bad flag exits 2 before any work, with a message naming what is expected.
   ExpectUsageErrors(PERFUSION_TRAIN_BASE_BIN,
@@ -238,7 +279,10 @@ TEST_F(TrainBaseToolTest, RejectsUnknownFlagsAndBadValues) {
                      {{"--latent-size", "16", "--vae-blocks", "32,40"}, "each a multiple of 16"},
                      {{"--vae-blocks", "32,x,64"}, "--vae-blocks: bad value '32,x,64'"},
                      {{"--vae-layers", "0"}, "--vae-layers must be 1 to 4"},
-                     {{"--vae-lr", "0"}, "--vae-lr must be > 0"}},
+                     {{"--vae-lr", "0"}, "--vae-lr must be > 0"},
+                     {{"--finish"}, "--finish needs --max-minutes"},
+                     {{"--device", "gpu"}, "--device: 'gpu' is not a device (cpu, cuda, cuda:1, ...)"},
+                     {{"--device", "vulkan"}, "--device: only cpu and cuda are supported"}},
                     dir_);
 }
 

@@ -118,6 +118,7 @@ TEST_F(TrainClassifierToolTest, RefusesBadInputBeforeAnyWork) {
   ExpectUsageErrors(PERFUSION_TRAIN_CLASSIFIER_BIN,
                     {{{"--stepz", "3"}, "--stepz"},
                      {{"--batch", "0"}, "--batch must be >= 1"},
+                     {{"--device", "vulkan"}, "--device: only cpu and cuda are supported"},
                      {{"--train", "4", "--batch", "8"}, "--train must be >= --batch"},
                      {{"--test", "0"}, "--test must be >= 1"},
                      {{"--steps", "0"}, "--steps must be >= 1"},

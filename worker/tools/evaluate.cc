@@ -58,6 +58,7 @@
 #include "perfusion/shapes_world.h"
 #include "perfusion/trainer.h"
 #include "tools/tool_args.h"
+#include "tools/tool_device.h"
 #include "tools/tool_files.h"
 
 using namespace perfusion;
@@ -94,6 +95,7 @@ struct Args {
   double finetune_lr = 5e-5;
   bool sweep = true;
   int threads = 0;
+  c10::Device device = c10::Device(c10::kCPU);
 };
 
 void Usage() {
@@ -128,7 +130,9 @@ void Usage() {
       "                        (DreamBooth without prior preservation; --finetune-lr X, default 5e-5).\n"
       "                        It shows what this UNet can draw once any weight may change\n"
       "  --no-sweep            skip the beta/tau sweep\n"
-      "  --threads N           LibTorch threads (default: all cores)\n");
+      "  --threads N           LibTorch threads (default: all cores)\n"
+      "  --device D            cpu (default), cuda or cuda:N: where the model and the classifier run. Noise\n"
+      "                        and batches are drawn on the CPU, so a seed means the same draws anywhere\n");
 }
 
 std::vector<double> ParseDoubles(const std::string& s) {
@@ -310,6 +314,7 @@ AblationConcept TrainAblation(StableDiffusion& model, const std::vector<at::Tens
   const int64_t superclass_id = *model.tokenizer->SingleTokenId(o.superclass);
   const LatentPrompts prompts_of = EncodeLatentPrompts(*model.tokenizer, o, images.size(), /*flips=*/2);
   const int64_t size = model.image_size(), f = model.vae->downsample_factor();
+  const auto dev = model.device;
   std::vector<at::Tensor> latents, masks;
   {
     torch::NoGradGuard ng;
@@ -317,8 +322,8 @@ AblationConcept TrainAblation(StableDiffusion& model, const std::vector<at::Tens
       at::Tensor img = CenterCropResize(image.to(at::kFloat), static_cast<int>(size));
       for (int flip = 0; flip < 2; ++flip) {
         at::Tensor im = flip ? img.flip({2}) : img;
-        latents.push_back(model.vae->encode(im.unsqueeze(0)).mode().to(at::kFloat) * model.vae->scaling_factor());
-        masks.push_back(ForegroundMask(im, f, o.mask_min, o.mask_distance));
+        latents.push_back(model.vae->encode(im.unsqueeze(0).to(dev)).mode().to(at::kFloat) * model.vae->scaling_factor());
+        masks.push_back(ForegroundMask(im, f, o.mask_min, o.mask_distance).to(dev));
       }
     }
   }
@@ -372,7 +377,7 @@ AblationConcept TrainAblation(StableDiffusion& model, const std::vector<at::Tens
     }
     const at::Tensor x0 = at::cat(lat);
     const at::Tensor mask = at::stack(msk).unsqueeze(1);
-    const ConceptPromptBatch prompts = token->forward(at::tensor(ids, at::TensorOptions().dtype(at::kLong)).reshape({B, -1}));
+    const ConceptPromptBatch prompts = token->forward(at::tensor(ids, at::TensorOptions().dtype(at::kLong)).reshape({B, -1}).to(dev));
     const at::Tensor X = model.text_encoder->forward_embeds(prompts.concept_embeds);
     std::vector<CrossAttnKV> kv;
     if (which != Ablation::kNoKeyLock) {
@@ -388,8 +393,8 @@ AblationConcept TrainAblation(StableDiffusion& model, const std::vector<at::Tens
                       v_edits[l]->training_forward(X, X_sup, prompts.concept_index)});
       }
     }
-    const at::Tensor noise = at::randn(x0.sizes(), gen, x0.options());
-    const at::Tensor t = ddpm.sample_timesteps(B, gen);
+    const at::Tensor noise = ddpm.sample_noise(x0, gen);  // drawn on the CPU generator, as TrainConcept
+    const at::Tensor t = ddpm.sample_timesteps(B, gen, dev);
     const at::Tensor pred = model.unet->forward(ddpm.add_noise(x0, noise, t), t, kv);
     const at::Tensor loss = ((pred - ddpm.training_target(x0, noise, t)).pow(2) * mask).mean() / mask.mean();
     optimizer.zero_grad();
@@ -419,7 +424,7 @@ AblationConcept TrainAblation(StableDiffusion& model, const std::vector<at::Tens
       v.push_back(v_edits[l]->o_star().detach()[0].clone());
       out.k_targets.push_back(k_edits[l]->o_star().detach()[0].clone());
     } else {
-      v.push_back(at::zeros({layers[l].to_v->weight.size(0)}));
+      v.push_back(at::zeros({layers[l].to_v->weight.size(0)}, at::TensorOptions().device(dev)));
     }
   }
   c->v_targets = at::cat(v);
@@ -429,7 +434,7 @@ AblationConcept TrainAblation(StableDiffusion& model, const std::vector<at::Tens
     c->i_sup = v_edits[0]->i_sup()[0].clone();
   } else {
     // Not used without edits; the concept token's last encoding, so the struct is complete.
-    const at::Tensor batch = at::arange(last_X.size(0), at::TensorOptions().dtype(at::kLong));
+    const at::Tensor batch = at::arange(last_X.size(0), at::TensorOptions().dtype(at::kLong).device(dev));
     c->i_star = last_X.index({batch, last_index}).mean(0);
     c->i_sup = c->i_star.clone();
   }
@@ -449,7 +454,7 @@ std::vector<CrossAttnKV> AblationKV(const Pipeline& pipe, const std::string& pro
   std::map<std::string, ConceptRef> refs;
   refs[ac.concept->name].concept = ac.concept;
   const PromptTokens t = pipe.Tokenize(prompt, refs);
-  const at::Tensor ids = at::tensor(t.ids, at::TensorOptions().dtype(at::kLong)).reshape({1, -1});
+  const at::Tensor ids = at::tensor(t.ids, at::TensorOptions().dtype(at::kLong)).reshape({1, -1}).to(m.device);
   const at::Tensor X = m.text_encoder->forward_embeds(
       EmbedWithConcepts(m.text_encoder->token_embedding_weight(), ids, ac.concept->embedding.unsqueeze(0)));
   if (which != Ablation::kNoKeyLock || t.concepts.empty()) return m.unet->precompute_kv(X);
@@ -497,7 +502,7 @@ std::vector<std::vector<at::Tensor>> SampleWithKV(const Pipeline& pipe, const st
   }
   auto sampler = MakeSampler(sampler_name, m.scheduler);
   sampler->set_timesteps(steps);
-  at::Tensor x = sampler->initial_latents(at::cat(noise));
+  at::Tensor x = sampler->initial_latents(at::cat(noise).to(m.device));
   for (int64_t i = 0; i < sampler->num_inference_steps(); ++i) {
     at::Tensor xin = sampler->scale_model_input(x, i);
     if (cfg) xin = at::cat({xin, xin});
@@ -707,14 +712,16 @@ class Evaluation {
     c10::InferenceMode guard;
     const std::vector<std::string>& captions = base.captions;
     const int64_t n = static_cast<int64_t>(captions.size());
-    const at::Tensor x0 = model_->vae->encode(StackImages(base.renders)).mode() * model_->vae->scaling_factor();
+    const at::Tensor x0 =
+        model_->vae->encode(StackImages(base.renders).to(model_->device)).mode() * model_->vae->scaling_factor();
     auto encode = [&](const std::vector<std::string>& texts) {
       std::vector<int64_t> ids;
       for (const auto& t : texts) {
         const auto p = model_->tokenizer->EncodePadded(t).ids;
         ids.insert(ids.end(), p.begin(), p.end());
       }
-      return model_->text_encoder->forward(at::tensor(ids, at::TensorOptions().dtype(at::kLong)).reshape({n, -1}));
+      return model_->text_encoder->forward(
+          at::tensor(ids, at::TensorOptions().dtype(at::kLong)).reshape({n, -1}).to(model_->device));
     };
     std::vector<std::string> shuffled(n), empty(n);
     for (int64_t i = 0; i < n; ++i) shuffled[i] = captions[(i + 7) % n];
@@ -724,8 +731,8 @@ class Evaluation {
     for (int64_t t : {T / 10, 3 * T / 10, T / 2, 7 * T / 10, 9 * T / 10, T - 10}) {
       std::array<double, 3> loss{};
       for (int d = 0; d < 4; ++d) {
-        const at::Tensor noise = at::randn(x0.sizes(), MakeGenerator(DeriveSeed(a_.seed, 9900 + d)));
-        const at::Tensor ts = at::full({n}, t, at::TensorOptions().dtype(at::kLong));
+        const at::Tensor noise = at::randn(x0.sizes(), MakeGenerator(DeriveSeed(a_.seed, 9900 + d))).to(model_->device);
+        const at::Tensor ts = at::full({n}, t, at::TensorOptions().dtype(at::kLong).device(model_->device));
         const at::Tensor xt = ddpm.add_noise(x0, noise, ts), target = ddpm.training_target(x0, noise, ts);
         for (int k = 0; k < 3; ++k) loss[k] += (model_->unet->forward(xt, ts, text[k]) - target).pow(2).mean().item<double>() / 4;
       }
@@ -1426,6 +1433,7 @@ int main(int argc, char** argv) {
       else if (k == "--finetune-lr") a.finetune_lr = std::stod(v());
       else if (k == "--no-sweep") a.sweep = false;
       else if (k == "--threads") a.threads = std::stoi(v());
+      else if (k == "--device") a.device = ParseToolDevice(v());
       else return false;
       return true;
     })) {
@@ -1455,10 +1463,12 @@ int main(int argc, char** argv) {
     if (a.sweep_concept.empty()) a.sweep_concept = specs[0].name;
     ModelDirOptions mo;
     mo.tokenizer_dir = a.tokenizer_dir;
+    mo.device = a.device;
     auto model = LoadModelDir(a.model, mo);
     TORCH_CHECK_VALUE(model->image_size() == 32, "the shapes harness expects a 32x32 model; ", a.model, " makes ",
                       model->image_size(), "x", model->image_size(), " images");
     ShapesClassifier clf = LoadShapesClassifier(a.classifier);
+    clf->to(a.device);
     Log("model %s (%s), classifier %s, %zu concept(s), %d thread(s)", model->model_id.c_str(), a.model.c_str(),
         a.classifier.c_str(), specs.size(), at::get_num_threads());
     Evaluation eval(a, model, clf);

@@ -28,6 +28,7 @@
 #include "perfusion/plot.h"
 #include "perfusion/safetensors.h"
 #include "tools/tool_args.h"
+#include "tools/tool_device.h"
 #include "tools/tool_files.h"
 
 using namespace perfusion;
@@ -52,6 +53,7 @@ struct Args {
   std::string sampler = "ddim";
   int64_t width = 0, height = 0;
   int threads = 0;
+  c10::Device device = c10::Device(c10::kCPU);
   bool quiet = false;
   bool show_gates = false;
   std::vector<PromptRegion> regions;
@@ -87,6 +89,7 @@ void Usage() {
       "  --width N --height N  image size (default: the model's)\n"
       "  --grid                also write <seed>_grid.png with all images\n"
       "  --threads N           LibTorch threads (default: all cores)\n"
+      "  --device D            cpu (default), cuda or cuda:N (needs a CUDA LibTorch build)\n"
       "  --quiet               no progress bar\n"
       "  --show-gates          print each token's gate per concept (where each edit acts) on stderr, for the\n"
       "                        prompt and each region\n"
@@ -171,6 +174,7 @@ int main(int argc, char** argv) {
       else if (k == "--height") a.height = std::stoll(v());
       else if (k == "--grid") a.grid = true;
       else if (k == "--threads") a.threads = std::stoi(v());
+      else if (k == "--device") a.device = ParseToolDevice(v());
       else if (k == "--quiet") a.quiet = true;
       else if (k == "--show-gates") a.show_gates = true;
       else if (k == "--region") a.regions.push_back(ParseRegion(v()));
@@ -193,6 +197,7 @@ int main(int argc, char** argv) {
     if (a.threads > 0) at::set_num_threads(a.threads);
     ModelDirOptions mo;
     mo.tokenizer_dir = a.tokenizer_dir;
+    mo.device = a.device;
     auto model = LoadModelDir(a.model, mo);
     Pipeline pipe(model);
     GenerationRequest req;

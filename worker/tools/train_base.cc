@@ -23,7 +23,9 @@
 //             Writes decoder_check.png.
 //   4. final: the text encoder's covariance over fresh captions (perfusion/covariance.safetensors),
 //             then the folder (fp16 weights) with model_id.
-// Long runs: --max-minutes stops cleanly at a checkpoint; the next run continues.
+// Long runs: --max-minutes stops cleanly at a checkpoint; the next run continues. With --finish it
+// ends the training there instead and writes the folder (fixed-time runs, e.g. on a lent GPU).
+// --device cuda trains on a GPU; data, batches and noise are still drawn on the CPU.
 #include <ATen/Context.h>
 #include <ATen/Functions.h>
 #include <ATen/Parallel.h>
@@ -53,6 +55,7 @@
 #include "perfusion/scheduler.h"
 #include "perfusion/shapes_world.h"
 #include "tools/tool_args.h"
+#include "tools/tool_device.h"
 #include "tools/tool_files.h"
 
 using namespace perfusion;
@@ -88,8 +91,10 @@ struct Args {
   int64_t cov_captions = 6000;
   uint64_t seed = 1;
   double max_minutes = 0;  // 0 = no limit
+  bool finish = false;     // when max_minutes runs out: end the training there and write the folder
   int64_t checkpoint_every = 250;
   int threads = 0;
+  c10::Device device = c10::Device(c10::kCPU);
 };
 
 void Usage() {
@@ -131,8 +136,15 @@ void Usage() {
       "  --cov-captions N      captions for the covariance (default 6000)\n"
       "  --seed S              (default 1)\n"
       "  --max-minutes M       stop at the next checkpoint after M minutes (0 = run to the end)\n"
+      "  --finish              with --max-minutes: when the time runs out, end the training at that step\n"
+      "                        and write --out anyway (the folder records the steps done; a rerun with\n"
+      "                        more UNet, --pair-steps or decoder steps extends it, while a VAE stage\n"
+      "                        ended early stays as it is). For fixed-time runs, e.g. on a lent GPU\n"
       "  --checkpoint-every N  steps between checkpoints (default 250)\n"
-      "  --threads N           LibTorch threads (default: all cores)\n\n"
+      "  --threads N           LibTorch threads (default: all cores)\n"
+      "  --device D            cpu (default), cuda or cuda:N: where the models train. Renders, batches,\n"
+      "                        noise and timesteps are drawn on the CPU, so a seed picks the same data on\n"
+      "                        any device; a work folder may continue on another device\n\n"
       "A finished --work folder goes back to the UNet, two-object or decoder stage when --unet-steps,\n"
       "--pair-steps or --decoder-steps exceeds the steps it has done, and writes --out again. A rerun\n"
       "must keep --samples, --seed, --two-object-prob, --pair-prob, --open-textures, --latent-channels,\n"
@@ -276,7 +288,7 @@ double VaeCheck(AutoencoderKL& vae, const std::string& png_path) {
   for (int i = 0; i < 12; ++i) xs.push_back(ImageToTensor(Render(SampleScene(DeriveSeed(424242, i)), 32)));
   for (const auto& c : BuiltinConcepts()) xs.push_back(ImageToTensor(RenderConcept(c, 1, 7, 32)[0].image));
   const at::Tensor x = at::stack(xs);
-  const at::Tensor y = vae->decode(vae->encode(x).mode()).clamp(-1, 1);
+  const at::Tensor y = vae->decode(vae->encode(x.to(vae->parameters()[0].device())).mode()).clamp(-1, 1).cpu();
   std::vector<std::vector<Image>> rows(2);
   for (int64_t i = 0; i < x.size(0); ++i) {
     rows[0].push_back(TensorToImage(x[i]));
@@ -293,8 +305,9 @@ double VaeCheck(AutoencoderKL& vae, const std::string& png_path) {
 class StageLoop {
  public:
   StageLoop(const char* name, int64_t total, int64_t log_every, double loss_decay, int64_t checkpoint_every,
-            std::function<bool()> out_of_time)
-      : name_(name),
+            std::function<bool()> out_of_time, bool finish = false)
+      : finish_(finish),
+        name_(name),
         total_(total),
         log_every_(log_every),
         decay_(loss_decay),
@@ -302,7 +315,8 @@ class StageLoop {
         out_of_time_(std::move(out_of_time)) {}
 
   // After step `step` (1-based) with training loss `loss`: logs, and calls `save` when a checkpoint
-  // is due. Returns false when the time budget stopped the run at that checkpoint.
+  // is due. Returns false when the time budget stopped the run at that checkpoint (with `finish`,
+  // the caller then ends the training and writes the model).
   bool AfterStep(int64_t step, double loss, const std::function<void()>& save) {
     ++since_;
     avg_ = since_ == 1 && !logged_ ? loss : decay_ * avg_ + (1 - decay_) * loss;
@@ -317,7 +331,9 @@ class StageLoop {
     if (step % checkpoint_every_ == 0 || step == total_ || stop) {
       save();
       if (stop && step < total_) {
-        std::printf("time budget reached at %s step %lld; rerun to resume\n", name_, (long long)step);
+        std::printf(finish_ ? "time budget reached at %s step %lld: ending the training here (--finish)\n"
+                            : "time budget reached at %s step %lld; rerun to resume\n",
+                    name_, (long long)step);
         return false;
       }
     }
@@ -325,6 +341,7 @@ class StageLoop {
   }
 
  private:
+  bool finish_;
   const char* name_;
   int64_t total_, log_every_;
   double decay_;
@@ -372,8 +389,10 @@ int main(int argc, char** argv) {
       else if (k == "--cov-captions") a.cov_captions = std::stoll(v());
       else if (k == "--seed") a.seed = std::stoull(v());
       else if (k == "--max-minutes") a.max_minutes = std::stod(v());
+      else if (k == "--finish") a.finish = true;
       else if (k == "--checkpoint-every") a.checkpoint_every = std::stoll(v());
       else if (k == "--threads") a.threads = std::stoi(v());
+      else if (k == "--device") a.device = ParseToolDevice(v());
       else return false;
       return true;
     })) {
@@ -395,6 +414,10 @@ int main(int argc, char** argv) {
       !std::all_of(a.vae_blocks.begin(), a.vae_blocks.end(), [](int64_t b) { return b >= 16 && b % 16 == 0; })) {
     std::fprintf(stderr, "--vae-blocks must list %zu channel counts for --latent-size %lld, each a multiple of 16\n",
                  vae_levels, (long long)a.latent_size);
+    return 2;
+  }
+  if (a.finish && !(a.max_minutes > 0)) {
+    std::fprintf(stderr, "--finish needs --max-minutes (the time after which the training ends)\n");
     return 2;
   }
   if (!(a.vae_lr > 0)) {
@@ -423,6 +446,8 @@ int main(int argc, char** argv) {
     auto out_of_time = [&] {
       return a.max_minutes > 0 && std::chrono::duration<double>(Clock::now() - t0).count() > a.max_minutes * 60;
     };
+    // --finish: the time ran out in a training stage; the later stages train no further.
+    bool finishing = false;
     State st = LoadState(a.work);
     {
       // Resuming with other data settings would silently mix two runs: refuse, naming the flag.
@@ -485,20 +510,22 @@ int main(int argc, char** argv) {
     // Initial weights come from LibTorch's global generator: seed it before each model is made, so
     // that --seed fixes them (a resumed run loads its checkpoints over them).
     at::manual_seed(DeriveSeed(a.seed, 4000000));
+    const c10::Device dev = a.device;
     AutoencoderKL vae(VaeOptions(1.0, a));
+    vae->to(dev);
     const std::string vae_path = a.work + "/vae.safetensors", vae_opt_path = a.work + "/vae_opt.pt";
     if (Exists(vae_path)) LoadStateDict(*vae, vae_path);
     if (st.stage == "vae") {
       torch::optim::AdamW opt(vae->parameters(), torch::optim::AdamWOptions(a.vae_lr).weight_decay(0));
-      if (Exists(vae_opt_path)) torch::load(opt, vae_opt_path);
+      if (Exists(vae_opt_path)) torch::load(opt, vae_opt_path, dev);
       // A resumed run may lower the rate (the saved optimizer state carries the old one).
       for (auto& group : opt.param_groups()) static_cast<torch::optim::AdamWOptions&>(group.options()).lr(a.vae_lr);
-      StageLoop loop("vae", a.vae_steps, 100, 0.98, a.checkpoint_every, out_of_time);
+      StageLoop loop("vae", a.vae_steps, 100, 0.98, a.checkpoint_every, out_of_time, a.finish);
       while (st.step < a.vae_steps) {
         ++st.step;
         at::Generator g = MakeGenerator(DeriveSeed(a.seed, 1000000 + st.step));
         at::Tensor idx = at::randint(a.samples, {a.vae_batch}, g, at::TensorOptions().dtype(at::kLong));
-        at::Tensor x = data.images.index_select(0, idx).to(at::kFloat);
+        at::Tensor x = data.images.index_select(0, idx).to(dev, at::kFloat);
         DiagonalGaussian post = vae->encode(x);
         at::Tensor recon = vae->decode(post.sample(g));
         at::Tensor loss = ReconstructionLoss(recon, x, a.vae_edge_weight) + 1e-5 * post.kl().mean();
@@ -515,13 +542,15 @@ int main(int argc, char** argv) {
                 std::printf("  round trip MSE %.5f (%s/vae_check.png)\n", VaeCheck(vae, a.work + "/vae_check.png"),
                             a.work.c_str());
             })) {
-          return 0;
+          if (!a.finish) return 0;
+          finishing = true;
+          break;
         }
       }
       // Latent scale: 1 / std of the latents (SD's 0.18215 plays this role).
       torch::NoGradGuard ng;
       vae->eval();
-      at::Tensor lat = vae->encode(data.images.slice(0, 0, 2048).to(at::kFloat)).mode();
+      at::Tensor lat = vae->encode(data.images.slice(0, 0, 2048).to(dev, at::kFloat)).mode();
       st.latent_scale = 1.0 / lat.std().item<double>();
       std::printf("latent std %.4f -> scaling_factor %.5f\n", 1.0 / st.latent_scale, st.latent_scale);
       std::printf("VAE round trip: MSE %.5f on fresh scenes and the builtin concepts (%s)\n",
@@ -540,7 +569,7 @@ int main(int argc, char** argv) {
       const int64_t n_all = d.images.size(0);
       for (int64_t i = 0; i < n_all; i += 512) {
         int64_t n = std::min<int64_t>(512, n_all - i);
-        parts.push_back(vae->encode(d.images.slice(0, i, i + n).to(at::kFloat)).mode() * st.latent_scale);
+        parts.push_back(vae->encode(d.images.slice(0, i, i + n).to(dev, at::kFloat)).mode() * st.latent_scale);
       }
       at::Tensor latents = at::cat(parts);
       std::printf("encoded %lld latents %s\n", (long long)n_all, c10::str(latents.sizes()).c_str());
@@ -551,6 +580,8 @@ int main(int argc, char** argv) {
     at::manual_seed(DeriveSeed(a.seed, 4000001));
     CLIPTextModel te(TextOptions());
     UNet2DConditionModel unet(UnetConfig(a.latent_channels, a.latent_size, a.unet_blocks));
+    te->to(dev);
+    unet->to(dev);
     const std::string te_path = a.work + "/text_encoder.safetensors", unet_path = a.work + "/unet.safetensors";
     const std::string opt_path = a.work + "/unet_opt.pt";
     if (Exists(te_path)) LoadStateDict(*te, te_path);
@@ -569,7 +600,7 @@ int main(int argc, char** argv) {
     const std::string ema_path = a.work + "/ema.pt";
     if (a.ema_decay > 0) {
       if (Exists(ema_path)) {
-        torch::load(avg, ema_path);
+        torch::load(avg, ema_path, dev);
         TORCH_CHECK(avg.size() == live.size(), ema_path, " does not match the model");
       } else {
         for (auto& p : live) avg.push_back(p.detach().clone());
@@ -581,7 +612,7 @@ int main(int argc, char** argv) {
       std::vector<at::Tensor> params = te->parameters();
       for (auto& p : unet->parameters()) params.push_back(p);
       torch::optim::AdamW opt(params, torch::optim::AdamWOptions(a.unet_lr).weight_decay(0.01));
-      if (Exists(opt_path)) torch::load(opt, opt_path);
+      if (Exists(opt_path)) torch::load(opt, opt_path, dev);
       DDPMScheduler ddpm(sched);
       auto save = [&] {
         SaveStateDict(*te, te_path);
@@ -614,16 +645,17 @@ int main(int argc, char** argv) {
           auto p = tok->EncodePadded(caption).ids;
           ids.insert(ids.end(), p.begin(), p.end());
         }
-        at::Tensor id_t = at::tensor(ids, at::TensorOptions().dtype(at::kLong)).reshape({a.unet_batch, 77});
-        at::Tensor x0 = latents.index_select(0, idx);
-        at::Tensor noise = at::randn(x0.sizes(), g);
-        at::Tensor t = ddpm.sample_timesteps(a.unet_batch, g);
+        at::Tensor id_t = at::tensor(ids, at::TensorOptions().dtype(at::kLong)).reshape({a.unet_batch, 77}).to(dev);
+        const at::Tensor idx_dev = idx.to(dev);
+        at::Tensor x0 = latents.index_select(0, idx_dev);
+        at::Tensor noise = ddpm.sample_noise(x0, g);  // drawn on the CPU: the same on any device
+        at::Tensor t = ddpm.sample_timesteps(a.unet_batch, g, dev);
         at::Tensor pred = unet->forward(ddpm.add_noise(x0, noise, t), t, te->forward(id_t));
         at::Tensor err = (pred - ddpm.training_target(x0, noise, t)).pow(2);
         at::Tensor loss;
         if (cover.defined()) {
           // Normalised, so the loss keeps the uniform loss's scale and the learning rate its meaning.
-          const at::Tensor w = 1.0 + a.object_weight * cover.index_select(0, idx);
+          const at::Tensor w = 1.0 + a.object_weight * cover.index_select(0, idx_dev);
           loss = (err * w).mean() / w.mean();
         } else {
           loss = err.mean();
@@ -638,29 +670,35 @@ int main(int argc, char** argv) {
         }
         return loss.item<double>();
       };
-      if (st.stage == "unet") {
+      if (st.stage == "unet" && !finishing) {
         const at::Tensor latents = encode_all(data);
-        const at::Tensor cover = a.object_weight > 0 ? ObjectCover(data, a.latent_size) : at::Tensor();
-        StageLoop loop("unet", a.unet_steps, 50, 0.99, a.checkpoint_every, out_of_time);
-        while (st.step < a.unet_steps) {
+        const at::Tensor cover = a.object_weight > 0 ? ObjectCover(data, a.latent_size).to(dev) : at::Tensor();
+        StageLoop loop("unet", a.unet_steps, 50, 0.99, a.checkpoint_every, out_of_time, a.finish);
+        while (st.step < a.unet_steps && !finishing) {
           ++st.step;
-          if (!loop.AfterStep(st.step, train_step(data, latents, cover, 2000000 + st.step, st.step), save)) return 0;
+          if (!loop.AfterStep(st.step, train_step(data, latents, cover, 2000000 + st.step, st.step), save)) {
+            if (!a.finish) return 0;
+            finishing = true;
+          }
         }
         st.stage = after_unet;
         SaveState(a.work, st);
       }
-      if (st.stage == "pairs") {
+      if (st.stage == "pairs" && !finishing) {
         // Stage 2b: the same training on fresh scenes with more two-object ones.
         std::printf("rendering %lld scenes, %.0f%% with two objects, %.0f%% of textured objects in a concept "
                     "pattern...\n", (long long)a.samples, 100 * a.pair_prob, 100 * a.open_textures);
         const Dataset pairs = Render(a.samples, DeriveSeed(a.seed, 0x9a125), a.pair_prob, a.open_textures);
         const at::Tensor latents = encode_all(pairs);
-        const at::Tensor cover = a.object_weight > 0 ? ObjectCover(pairs, a.latent_size) : at::Tensor();
-        StageLoop loop("pairs", a.pair_steps, 50, 0.99, a.checkpoint_every, out_of_time);
-        while (st.pair_step < a.pair_steps) {
+        const at::Tensor cover = a.object_weight > 0 ? ObjectCover(pairs, a.latent_size).to(dev) : at::Tensor();
+        StageLoop loop("pairs", a.pair_steps, 50, 0.99, a.checkpoint_every, out_of_time, a.finish);
+        while (st.pair_step < a.pair_steps && !finishing) {
           ++st.pair_step;
           const double loss = train_step(pairs, latents, cover, 4000000 + st.pair_step, st.step + st.pair_step);
-          if (!loop.AfterStep(st.pair_step, loss, save)) return 0;
+          if (!loop.AfterStep(st.pair_step, loss, save)) {
+            if (!a.finish) return 0;
+            finishing = true;
+          }
         }
         st.stage = after_pairs;
         SaveState(a.work, st);
@@ -669,7 +707,7 @@ int main(int argc, char** argv) {
 
     // ---- Stage 3: decoder fine-tuning ----------------------------------------------------------
     const std::string vae_ft_path = a.work + "/vae_ft.safetensors", dec_opt_path = a.work + "/decoder_opt.pt";
-    if (st.stage == "decoder") {
+    if (st.stage == "decoder" && !finishing) {
       if (Exists(vae_ft_path)) LoadStateDict(*vae, vae_ft_path);
       std::vector<at::Tensor> params = vae->decoder->parameters();
       if (vae->post_quant_conv) {
@@ -677,8 +715,8 @@ int main(int argc, char** argv) {
       }
       for (auto& p : params) p.set_requires_grad(true);
       torch::optim::AdamW opt(params, torch::optim::AdamWOptions(a.decoder_lr).weight_decay(0));
-      if (Exists(dec_opt_path)) torch::load(opt, dec_opt_path);
-      StageLoop loop("decoder", a.decoder_steps, 100, 0.98, a.checkpoint_every, out_of_time);
+      if (Exists(dec_opt_path)) torch::load(opt, dec_opt_path, dev);
+      StageLoop loop("decoder", a.decoder_steps, 100, 0.98, a.checkpoint_every, out_of_time, a.finish);
       while (st.decoder_step < a.decoder_steps) {
         ++st.decoder_step;
         const double warm = std::min(1.0, st.decoder_step / 100.0);
@@ -687,7 +725,7 @@ int main(int argc, char** argv) {
         }
         at::Generator g = MakeGenerator(DeriveSeed(a.seed, 3000000 + st.decoder_step));
         at::Tensor idx = at::randint(a.samples, {a.decoder_batch}, g, at::TensorOptions().dtype(at::kLong));
-        at::Tensor x = data.images.index_select(0, idx).to(at::kFloat);
+        at::Tensor x = data.images.index_select(0, idx).to(dev, at::kFloat);
         at::Tensor z;
         {
           torch::NoGradGuard ng;
@@ -703,7 +741,8 @@ int main(int argc, char** argv) {
               torch::save(opt, dec_opt_path);
               SaveState(a.work, st);
             })) {
-          return 0;
+          if (!a.finish) return 0;
+          break;
         }
       }
       std::printf("decoder round trip: MSE %.5f on fresh scenes and the builtin concepts (%s)\n",
@@ -730,8 +769,10 @@ int main(int argc, char** argv) {
         auto p = tok->EncodePadded(Caption(s, static_cast<int>((i + b) % NumCaptionTemplates(s)))).ids;
         ids.insert(ids.end(), p.begin(), p.end());
       }
-      cov.Add(te->forward(at::tensor(ids, at::TensorOptions().dtype(at::kLong)).reshape({n, 77})));
+      cov.Add(te->forward(at::tensor(ids, at::TensorOptions().dtype(at::kLong)).reshape({n, 77}).to(dev)));
     }
+    te->to(at::kCPU);  // the folder is written from the CPU
+    unet->to(at::kCPU);
     StableDiffusion m;
     m.text_encoder = te;
     m.unet = unet;

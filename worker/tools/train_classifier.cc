@@ -39,6 +39,7 @@
 #include "perfusion/shapes_classifier.h"
 #include "perfusion/shapes_world.h"
 #include "tools/tool_args.h"
+#include "tools/tool_device.h"
 #include "tools/tool_files.h"
 
 using namespace perfusion;
@@ -57,6 +58,7 @@ struct Args {
   uint64_t seed = 1;
   int threads = 0;
   std::string sheet;  // PNG: held-out scenes, clean and through the VAE
+  c10::Device device = c10::Device(c10::kCPU);
 };
 
 void Usage() {
@@ -72,6 +74,8 @@ void Usage() {
       "  --width N             first conv width (default 24)\n"
       "  --seed S              (default 1)\n"
       "  --threads N           LibTorch threads (default: all cores)\n"
+      "  --device D            cpu (default), cuda or cuda:N: where the VAE and the classifier run (batches\n"
+      "                        and noise are drawn on the CPU, so a seed picks the same data anywhere)\n"
       "  --sheet PATH          also write a PNG of 16 held-out scenes: clean, and through the VAE\n");
 }
 
@@ -131,13 +135,15 @@ AutoencoderKL LoadVae(const std::string& dir) {
   return vae;
 }
 
-// Encodes and decodes images through the VAE (the posterior mode), in batches.
+// Encodes and decodes images through the VAE (the posterior mode), in batches, on the VAE's device;
+// the result is on the CPU.
 at::Tensor RoundTrip(AutoencoderKL& vae, const at::Tensor& u8) {
   torch::NoGradGuard ng;
+  const c10::Device dev = vae->parameters()[0].device();
   std::vector<at::Tensor> out;
   for (int64_t s = 0; s < u8.size(0); s += 128) {
-    at::Tensor x = ToFloat(u8.slice(0, s, std::min(u8.size(0), s + 128)));
-    out.push_back(ToByte(vae->decode(vae->encode(x).mode()).to(at::kFloat)));
+    at::Tensor x = ToFloat(u8.slice(0, s, std::min(u8.size(0), s + 128))).to(dev);
+    out.push_back(ToByte(vae->decode(vae->encode(x).mode()).to(at::kFloat)).cpu());
   }
   return at::cat(out);
 }
@@ -222,6 +228,7 @@ int main(int argc, char** argv) {
       else if (k == "--seed") a.seed = std::stoull(v());
       else if (k == "--threads") a.threads = std::stoi(v());
       else if (k == "--sheet") a.sheet = v();
+      else if (k == "--device") a.device = ParseToolDevice(v());
       else return false;
       return true;
     })) {
@@ -253,6 +260,7 @@ int main(int argc, char** argv) {
     std::string model_id;
     if (a.model != "none") {
       vae.emplace(LoadVae(a.model));
+      (*vae)->to(a.device);
       if (Exists(a.model + "/perfusion/model_id")) {
         model_id = ReadFileToString(a.model + "/perfusion/model_id");
         while (!model_id.empty() && std::isspace(static_cast<unsigned char>(model_id.back()))) model_id.pop_back();
@@ -281,6 +289,7 @@ int main(int argc, char** argv) {
     // The initial weights come from the global generator: seed it, so that --seed fixes the whole run.
     at::manual_seed(DeriveSeed(a.seed, 4));
     ShapesClassifier net(ShapesClassifierOptions().width(a.width));
+    net->to(a.device);
     torch::optim::AdamW opt(net->parameters(), torch::optim::AdamWOptions(a.lr).weight_decay(1e-4));
     at::Generator gen = MakeGenerator(DeriveSeed(a.seed, 3));
     net->train();
@@ -301,8 +310,8 @@ int main(int argc, char** argv) {
         x = at::where(pick, alt, x);
       }
       x = x + noise_scale * at::randn(x.sizes(), gen);
-      const ShapesClassifierOutput y = net->forward(x);
-      at::Tensor loss = at::zeros({}, at::kFloat);
+      const ShapesClassifierOutput y = net->forward(x.to(a.device));
+      at::Tensor loss = at::zeros({}, at::TensorOptions().dtype(at::kFloat).device(a.device));
       for (int h = 0; h < kNumHeads; ++h) {
         std::vector<int64_t> target, mask;
         for (int64_t b = 0; b < a.batch; ++b) {
@@ -310,8 +319,8 @@ int main(int argc, char** argv) {
           target.push_back(l.head[h]);
           mask.push_back(l.valid[h]);
         }
-        const at::Tensor t = at::tensor(target, at::TensorOptions().dtype(at::kLong));
-        const at::Tensor m = at::tensor(mask, at::TensorOptions().dtype(at::kLong)).to(at::kFloat);
+        const at::Tensor t = at::tensor(target, at::TensorOptions().dtype(at::kLong)).to(a.device);
+        const at::Tensor m = at::tensor(mask, at::TensorOptions().dtype(at::kLong)).to(a.device, at::kFloat);
         const at::Tensor ce = at::cross_entropy_loss(y.logits[h], t, {}, at::Reduction::None);
         loss = loss + (ce * m).sum() / m.sum().clamp_min(1);
       }
@@ -320,7 +329,7 @@ int main(int argc, char** argv) {
         const auto& c = train.labels[idx[b].item<int64_t>()].concepts;
         presence.insert(presence.end(), c.begin(), c.end());
       }
-      const at::Tensor pt = at::tensor(presence).reshape({a.batch, -1});
+      const at::Tensor pt = at::tensor(presence).reshape({a.batch, -1}).to(a.device);
       loss = loss + 2.0 * at::binary_cross_entropy_with_logits(y.concepts, pt);
       opt.zero_grad();
       loss.backward();
@@ -374,6 +383,7 @@ int main(int argc, char** argv) {
         {"train_seconds", seconds()},
     };
     for (const auto& c : BuiltinConcepts()) summary["concepts"].push_back(c.name);
+    net->to(at::kCPU);  // written from the CPU
     SaveShapesClassifier(net, a.out, {{"accuracy", acc.dump()}, {"command", command}});
     std::string json_path = a.out;
     if (json_path.size() > 12 && json_path.substr(json_path.size() - 12) == ".safetensors") {

@@ -24,6 +24,7 @@
 #include "perfusion/safetensors.h"
 #include "perfusion/trainer.h"
 #include "tools/tool_args.h"
+#include "tools/tool_device.h"
 
 using namespace perfusion;
 
@@ -37,6 +38,7 @@ struct Args {
   TrainOptions train;
   std::string dtype = "fp16";
   int threads = 0;
+  c10::Device device = c10::Device(c10::kCPU);
   bool quiet = false;
   bool captions = false;
 };
@@ -64,6 +66,7 @@ void Usage() {
       "  --beta X --tau X      inference gate stored in the concept (default 0.7 / 0.15)\n"
       "  --dtype fp16|bf16|fp32  storage of embedding and V targets (default fp16)\n"
       "  --threads N           LibTorch threads (default: all cores)\n"
+      "  --device D            cpu (default), cuda or cuda:N (needs a CUDA LibTorch build)\n"
       "  --quiet               no progress bar\n");
 }
 
@@ -126,6 +129,7 @@ int main(int argc, char** argv) {
       else if (k == "--tau") a.train.default_gate.temperature = std::stod(v());
       else if (k == "--dtype") a.dtype = v();
       else if (k == "--threads") a.threads = std::stoi(v());
+      else if (k == "--device") a.device = ParseToolDevice(v());
       else if (k == "--quiet") a.quiet = true;
       else if (!k.empty() && k[0] == '-') return false;
       else if (a.dir.empty()) a.dir = k;
@@ -181,6 +185,7 @@ int main(int argc, char** argv) {
     }
     ModelDirOptions mo;
     mo.tokenizer_dir = a.tokenizer_dir;
+    mo.device = a.device;
     auto model = LoadModelDir(a.model, mo);
     std::fprintf(stderr, "training <%s> (superclass '%s') on %zu image(s) with %s (%lld steps, batch %lld)\n",
                  a.name.c_str(), a.superclass.c_str(), images.size(), model->model_id.c_str(),
