@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# A fixed-time quality run on one CUDA GPU: builds the engine's tools against the machine's CUDA
+# LibTorch, trains a 16x16-latent tiny base model for a fixed number of minutes, trains its
+# classifier, and scores the four builtin concepts with the quick harness (three seeds). Everything
+# lands in one archive, so a machine lent for minutes gives back a model and its figures.
+#
+# This is what docs/quality.md ("What would close the gap") asks for: far more UNet training than two
+# CPU cores give. It needs no Debian packages: CMake, Ninja, a C++17 compiler and a LibTorch with CUDA
+# (PyTorch's own is found through python3). nlohmann/json.hpp and, optionally, libpng come from the
+# system or from EXTRA_PREFIX.
+#
+#   scripts/gpu-quality-run.sh                                   # defaults below
+#   scripts/gpu-quality-run.sh --pack-extra DIR                  # on a Debian 12 machine with the
+#       build dependencies: copy nlohmann/json.hpp, libpng and zlib (headers, static libraries) into
+#       DIR, for EXTRA_PREFIX=DIR on a machine that has only a compiler, CMake and a CUDA LibTorch
+#   TRAIN_MINUTES=20 OUT=/tmp/q TOKENIZER_DIR=../shared/data/clip scripts/gpu-quality-run.sh
+#
+# Settings (environment):
+#   OUT            where the results go (default out/gpu-quality): report.md, logs.tar.gz (logs, the
+#                  harness's pictures, the VAE check) and model.tar.gz in parts of at most 15 MB
+#                  (model.tar.gz.part-aa, -ab: `cat model.tar.gz.part-* | tar xz` gives model/)
+#   SCRATCH        the work folder (checkpoints, about 130 MB) and the model (default $OUT/scratch); a
+#                  rerun with the same SCRATCH continues the training where it ended
+#   TOKENIZER_DIR  CLIP vocab.json + merges.txt (default ../shared/data/clip)
+#   TORCH_PREFIX   LibTorch's CMake prefix (default: python3's torch.utils.cmake_prefix_path)
+#   EXTRA_PREFIX   a folder with include/nlohmann/json.hpp and optionally include/png.h + lib/libpng16.a
+#                  + lib/libz.a, for machines without those headers (default: none)
+#   TRAIN_MINUTES  base model budget from the tool's start, rendering and the VAE stage included (default 4;
+#                  0.5 with SMOKE=1); the UNet trains until it runs out, then the model is written
+#   UNET_BATCH     UNet batch (default 256: a GPU step costs about the same at 64 and at 256)
+#   DEVICE         default cuda
+#   SEEDS          harness seeds (default 1,2,3)
+#   TOOLS_DIR      use tools already built there instead of building (e.g. build/worker/tools)
+#   SMOKE=1        a dry run of every step at toy sizes (a few minutes on a CPU): check the script and
+#                  the tools on a machine of your own before spending a lent GPU's minutes
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+if [[ "${1:-}" == "--pack-extra" ]]; then
+  dir=${2:?--pack-extra needs a folder}
+  lib=/usr/lib/x86_64-linux-gnu
+  mkdir -p "$dir/include" "$dir/lib"
+  cp -r /usr/include/nlohmann "$dir/include/"
+  cp /usr/include/{png.h,pngconf.h,pnglibconf.h,zlib.h,zconf.h} "$dir/include/"
+  cp "$lib/libpng16.a" "$lib/libz.a" "$dir/lib/"
+  echo "gpu-quality: packed $(du -sh "$dir" | cut -f1) into $dir"
+  exit 0
+fi
+[[ $# -eq 0 ]] || { echo "gpu-quality: settings are environment variables (see the top of $0)" >&2; exit 2; }
+OUT=${OUT:-$ROOT/out/gpu-quality}
+TOKENIZER_DIR=${TOKENIZER_DIR:-$(cd "$ROOT/.." && pwd)/shared/data/clip}
+SMOKE=${SMOKE:-0}
+TRAIN_MINUTES=${TRAIN_MINUTES:-$([[ "$SMOKE" == 1 ]] && echo 0.5 || echo 4)}
+UNET_BATCH=${UNET_BATCH:-256}
+DEVICE=${DEVICE:-cuda}
+SEEDS=${SEEDS:-1,2,3}
+BUILD_DIR=${BUILD_DIR:-$ROOT/build-gpu}
+SCRATCH=${SCRATCH:-$OUT/scratch}
+mkdir -p "$OUT" "$SCRATCH"
+log() { echo "[gpu-quality $(date +%H:%M:%S)] $*"; }
+
+if [[ ! -f "$TOKENIZER_DIR/vocab.json" || ! -f "$TOKENIZER_DIR/merges.txt" ]]; then
+  echo "gpu-quality: no CLIP vocab.json + merges.txt in $TOKENIZER_DIR (set TOKENIZER_DIR)" >&2
+  exit 1
+fi
+if [[ -n "${TOOLS_DIR:-}" ]]; then
+  BIN=$TOOLS_DIR
+elif [[ -z "${TORCH_PREFIX:-}" ]]; then
+  TORCH_PREFIX=$(python3 -c 'import torch; print(torch.utils.cmake_prefix_path)' 2>/dev/null) || {
+    echo "gpu-quality: no TORCH_PREFIX and python3 has no torch: point TORCH_PREFIX at a CUDA LibTorch" >&2
+    exit 1
+  }
+fi
+if [[ -z "${TOOLS_DIR:-}" ]]; then
+  CMAKE_ARGS=(-S "$ROOT" -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release -DPERFUSION_ENGINE_ONLY=ON
+              -DPERFUSION_BUILD_TESTS=OFF -DPERFUSION_BUILD_BENCH=OFF -DCMAKE_PREFIX_PATH="$TORCH_PREFIX"
+              -DPERFUSION_SHARED_DIR="$(dirname "$(dirname "$TOKENIZER_DIR")")")
+  if [[ -n "${EXTRA_PREFIX:-}" ]]; then
+    CMAKE_ARGS+=(-DCMAKE_CXX_FLAGS="-I$EXTRA_PREFIX/include")
+    if [[ -f "$EXTRA_PREFIX/lib/libpng16.a" ]]; then
+      CMAKE_ARGS+=(-DPNG_PNG_INCLUDE_DIR="$EXTRA_PREFIX/include" -DPNG_LIBRARY="$EXTRA_PREFIX/lib/libpng16.a"
+                   -DZLIB_INCLUDE_DIR="$EXTRA_PREFIX/include" -DZLIB_LIBRARY="$EXTRA_PREFIX/lib/libz.a")
+    fi
+  fi
+  log "configure against $TORCH_PREFIX"
+  cmake "${CMAKE_ARGS[@]}" >"$OUT/configure.log" 2>&1 || { tail -40 "$OUT/configure.log"; exit 1; }
+  grep -q "PERFUSION_HAVE_PNG" "$BUILD_DIR/build.ninja" ||
+    log "warning: no libpng; the tools' PNG sheets will fail (set EXTRA_PREFIX)"
+  log "build"
+  cmake --build "$BUILD_DIR" --target perfusion-train-base perfusion-train-classifier perfusion-evaluate \
+    >"$OUT/build.log" 2>&1 || { tail -60 "$OUT/build.log"; exit 1; }
+  BIN=$BUILD_DIR/worker/tools
+fi
+
+# Sizes: the real run, or a toy one that exercises the same steps.
+BASE_SIZES=(--vae-steps 6000 --vae-batch 64 --unet-steps 1000000 --unet-batch "$UNET_BATCH" --checkpoint-every 1000)
+CLF_SIZES=()
+EVAL_SIZES=(--per-prompt 8 --seeds "$SEEDS")
+if [[ "$SMOKE" == 1 ]]; then
+  BASE_SIZES=(--samples 256 --vae-steps 4 --vae-batch 8 --unet-steps 1000000 --unet-batch 8 --cov-captions 64
+              --checkpoint-every 2)
+  CLF_SIZES=(--train 256 --test 64 --steps 4 --batch 16)
+  EVAL_SIZES=(--per-prompt 2 --seeds 1 --concepts candy_heart --steps 2 --gen-steps 2)
+fi
+
+MODEL=$SCRATCH/model
+WORK=$SCRATCH/work
+log "base model: $TRAIN_MINUTES min on $DEVICE"
+# The v4 recipe (docs/quality.md, models/tiny/README.md) with a GPU's batch, ended by time.
+"$BIN/perfusion-train-base" --device "$DEVICE" --work "$WORK" --out "$MODEL" --tokenizer-dir "$TOKENIZER_DIR" \
+  --latent-size 16 --latent-channels 8 --vae-blocks 32,64 --vae-edge-weight 1 --unet-blocks 32,64,128 \
+  --decoder-steps 0 --model-id perfusion-tiny-gpu --max-minutes "$TRAIN_MINUTES" --finish "${BASE_SIZES[@]}" \
+  2>&1 | tee "$OUT/train_base.log"
+log "classifier"
+"$BIN/perfusion-train-classifier" --device "$DEVICE" --model "$MODEL" --out "$MODEL/eval/classifier.safetensors" \
+  --vae-fraction 0.3 "${CLF_SIZES[@]}" 2>&1 | tee "$OUT/classifier.log"
+log "quick harness"
+"$BIN/perfusion-evaluate" --device "$DEVICE" --model "$MODEL" --out "$SCRATCH/eval" --tokenizer-dir "$TOKENIZER_DIR" \
+  --no-ablations --no-sweep "${EVAL_SIZES[@]}" 2>&1 | tee "$OUT/evaluate.log"
+log "results"
+cp "$SCRATCH/eval/report.md" "$OUT/report.md"
+cp "$WORK/state.json" "$WORK/vae_check.png" "$SCRATCH/eval/"
+(cd "$OUT" && tar -czf logs.tar.gz ./*.log -C "$SCRATCH" eval)
+rm -f "$OUT"/model.tar.gz.part-*
+tar -C "$SCRATCH" -czf - model | split -b 15m - "$OUT/model.tar.gz.part-"
+rm -f "$OUT"/*.log  # inside logs.tar.gz now; a failed step leaves its log here instead
+log "done: $OUT/report.md, $OUT/logs.tar.gz, $(cd "$OUT" && echo model.tar.gz.part-*)"
