@@ -258,9 +258,12 @@ at::Tensor ObjectCover(const Dataset& d, int64_t latent_size) {
   return cover;
 }
 
-void Log(const char* stage, int64_t step, int64_t total, double loss, double sec_per_step) {
-  std::printf("[%s] step %6lld/%lld  loss %.5f  %.3f s/step  ETA %.1f min\n", stage, (long long)step, (long long)total,
-              loss, sec_per_step, sec_per_step * (total - step) / 60.0);
+// `minutes_left`: the time budget left when --finish will end the stage early (negative: none).
+void Log(const char* stage, int64_t step, int64_t total, double loss, double sec_per_step, double minutes_left) {
+  const double eta = sec_per_step * (total - step) / 60.0;
+  const bool budget = minutes_left >= 0 && minutes_left < eta;
+  std::printf("[%s] step %6lld/%lld  loss %.5f  %.3f s/step  ETA %.1f min%s\n", stage, (long long)step, (long long)total,
+              loss, sec_per_step, budget ? minutes_left : eta, budget ? " (time budget, --finish)" : "");
   std::fflush(stdout);
 }
 
@@ -304,9 +307,11 @@ double VaeCheck(AutoencoderKL& vae, const std::string& png_path) {
 // --checkpoint-every steps and at the end, and the --max-minutes budget.
 class StageLoop {
  public:
+  // `minutes_left` (with `finish`): the time budget left, for the ETA.
   StageLoop(const char* name, int64_t total, int64_t log_every, double loss_decay, int64_t checkpoint_every,
-            std::function<bool()> out_of_time, bool finish = false)
+            std::function<bool()> out_of_time, bool finish = false, std::function<double()> minutes_left = nullptr)
       : finish_(finish),
+        minutes_left_(std::move(minutes_left)),
         name_(name),
         total_(total),
         log_every_(log_every),
@@ -325,7 +330,7 @@ class StageLoop {
       last_ = Clock::now();
       since_ = 0;
       logged_ = true;
-      Log(name_, step, total_, avg_, sps);
+      Log(name_, step, total_, avg_, sps, finish_ && minutes_left_ ? std::max(0.0, minutes_left_()) : -1.0);
     }
     const bool stop = out_of_time_();
     if (step % checkpoint_every_ == 0 || step == total_ || stop) {
@@ -342,6 +347,7 @@ class StageLoop {
 
  private:
   bool finish_;
+  std::function<double()> minutes_left_;
   const char* name_;
   int64_t total_, log_every_;
   double decay_;
@@ -446,6 +452,9 @@ int main(int argc, char** argv) {
     auto out_of_time = [&] {
       return a.max_minutes > 0 && std::chrono::duration<double>(Clock::now() - t0).count() > a.max_minutes * 60;
     };
+    auto minutes_left = [&] {
+      return a.max_minutes - std::chrono::duration<double>(Clock::now() - t0).count() / 60.0;
+    };
     // --finish: the time ran out in a training stage; the later stages train no further.
     bool finishing = false;
     State st = LoadState(a.work);
@@ -520,7 +529,7 @@ int main(int argc, char** argv) {
       if (Exists(vae_opt_path)) torch::load(opt, vae_opt_path, dev);
       // A resumed run may lower the rate (the saved optimizer state carries the old one).
       for (auto& group : opt.param_groups()) static_cast<torch::optim::AdamWOptions&>(group.options()).lr(a.vae_lr);
-      StageLoop loop("vae", a.vae_steps, 100, 0.98, a.checkpoint_every, out_of_time, a.finish);
+      StageLoop loop("vae", a.vae_steps, 100, 0.98, a.checkpoint_every, out_of_time, a.finish, minutes_left);
       while (st.step < a.vae_steps) {
         ++st.step;
         at::Generator g = MakeGenerator(DeriveSeed(a.seed, 1000000 + st.step));
@@ -673,7 +682,7 @@ int main(int argc, char** argv) {
       if (st.stage == "unet" && !finishing) {
         const at::Tensor latents = encode_all(data);
         const at::Tensor cover = a.object_weight > 0 ? ObjectCover(data, a.latent_size).to(dev) : at::Tensor();
-        StageLoop loop("unet", a.unet_steps, 50, 0.99, a.checkpoint_every, out_of_time, a.finish);
+        StageLoop loop("unet", a.unet_steps, 50, 0.99, a.checkpoint_every, out_of_time, a.finish, minutes_left);
         while (st.step < a.unet_steps && !finishing) {
           ++st.step;
           if (!loop.AfterStep(st.step, train_step(data, latents, cover, 2000000 + st.step, st.step), save)) {
@@ -691,7 +700,7 @@ int main(int argc, char** argv) {
         const Dataset pairs = Render(a.samples, DeriveSeed(a.seed, 0x9a125), a.pair_prob, a.open_textures);
         const at::Tensor latents = encode_all(pairs);
         const at::Tensor cover = a.object_weight > 0 ? ObjectCover(pairs, a.latent_size).to(dev) : at::Tensor();
-        StageLoop loop("pairs", a.pair_steps, 50, 0.99, a.checkpoint_every, out_of_time, a.finish);
+        StageLoop loop("pairs", a.pair_steps, 50, 0.99, a.checkpoint_every, out_of_time, a.finish, minutes_left);
         while (st.pair_step < a.pair_steps && !finishing) {
           ++st.pair_step;
           const double loss = train_step(pairs, latents, cover, 4000000 + st.pair_step, st.step + st.pair_step);
@@ -716,7 +725,7 @@ int main(int argc, char** argv) {
       for (auto& p : params) p.set_requires_grad(true);
       torch::optim::AdamW opt(params, torch::optim::AdamWOptions(a.decoder_lr).weight_decay(0));
       if (Exists(dec_opt_path)) torch::load(opt, dec_opt_path, dev);
-      StageLoop loop("decoder", a.decoder_steps, 100, 0.98, a.checkpoint_every, out_of_time, a.finish);
+      StageLoop loop("decoder", a.decoder_steps, 100, 0.98, a.checkpoint_every, out_of_time, a.finish, minutes_left);
       while (st.decoder_step < a.decoder_steps) {
         ++st.decoder_step;
         const double warm = std::min(1.0, st.decoder_step / 100.0);
