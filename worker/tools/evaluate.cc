@@ -640,7 +640,10 @@ class Evaluation {
     double diff = 0;
     for (size_t i = 0; i < ref.size(); ++i) diff = std::max(diff, (ref[i] - mine[i]).abs().max().item<double>());
     Log("sampler check: the ablation sampler matches Pipeline::Generate to %.2e", diff);
-    TORCH_CHECK(diff < 1e-4, "the ablation sampling loop differs from Pipeline::Generate by ", diff);
+    // On a GPU the same ops may pick other kernels from call to call (TF32 convolutions, cuBLAS
+    // heuristics); a logic difference (noise, K/V, guidance) shows as 0.1 or more either way.
+    const double tol = pipe_.model().device.is_cpu() ? 1e-4 : 1e-3;
+    TORCH_CHECK(diff < tol, "the ablation sampling loop differs from Pipeline::Generate by ", diff);
   }
 
   // How well the base model follows its own training language: one image for each of
