@@ -31,6 +31,10 @@
 #   DEVICE         default cuda
 #   SEEDS          harness seeds (default 1,2,3)
 #   TOOLS_DIR      use tools already built there instead of building (e.g. build/worker/tools)
+#   BUILD          cmake (default; falls back to direct when CMake cannot configure or build against
+#                  this LibTorch) or direct: g++ on the sources with LibTorch's include and library
+#                  folders, no CMake package involved (TORCH_INCLUDES, TORCH_LIBDIR, TORCH_ABI override
+#                  what python3's torch says)
 #   SMOKE=1        a dry run of every step at toy sizes (a few minutes on a CPU): check the script and
 #                  the tools on a machine of your own before spending a lent GPU's minutes
 set -euo pipefail
@@ -63,33 +67,99 @@ if [[ ! -f "$TOKENIZER_DIR/vocab.json" || ! -f "$TOKENIZER_DIR/merges.txt" ]]; t
   echo "gpu-quality: no CLIP vocab.json + merges.txt in $TOKENIZER_DIR (set TOKENIZER_DIR)" >&2
   exit 1
 fi
-if [[ -n "${TOOLS_DIR:-}" ]]; then
-  BIN=$TOOLS_DIR
-elif [[ -z "${TORCH_PREFIX:-}" ]]; then
-  TORCH_PREFIX=$(python3 -c 'import torch; print(torch.utils.cmake_prefix_path)' 2>/dev/null) || {
-    echo "gpu-quality: no TORCH_PREFIX and python3 has no torch: point TORCH_PREFIX at a CUDA LibTorch" >&2
-    exit 1
-  }
-fi
-if [[ -z "${TOOLS_DIR:-}" ]]; then
-  CMAKE_ARGS=(-S "$ROOT" -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release -DPERFUSION_ENGINE_ONLY=ON
+SHARED_DIR=$(dirname "$(dirname "$TOKENIZER_DIR")")
+BUILD=${BUILD:-cmake}
+TOOLS=(train_base train_classifier evaluate)
+
+# CMake with LibTorch's own package (what CI and the Dockerfile use).
+cmake_build() {
+  if [[ -z "${TORCH_PREFIX:-}" ]]; then
+    TORCH_PREFIX=$(python3 -c 'import torch; print(torch.utils.cmake_prefix_path)' 2>/dev/null) || {
+      log "no TORCH_PREFIX and python3 has no torch"
+      return 1
+    }
+  fi
+  local args=(-S "$ROOT" -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release -DPERFUSION_ENGINE_ONLY=ON
               -DPERFUSION_BUILD_TESTS=OFF -DPERFUSION_BUILD_BENCH=OFF -DCMAKE_PREFIX_PATH="$TORCH_PREFIX"
-              -DPERFUSION_SHARED_DIR="$(dirname "$(dirname "$TOKENIZER_DIR")")")
+              -DPERFUSION_SHARED_DIR="$SHARED_DIR")
   if [[ -n "${EXTRA_PREFIX:-}" ]]; then
-    CMAKE_ARGS+=(-DCMAKE_CXX_FLAGS="-I$EXTRA_PREFIX/include")
+    args+=(-DCMAKE_CXX_FLAGS="-I$EXTRA_PREFIX/include")
     if [[ -f "$EXTRA_PREFIX/lib/libpng16.a" ]]; then
-      CMAKE_ARGS+=(-DPNG_PNG_INCLUDE_DIR="$EXTRA_PREFIX/include" -DPNG_LIBRARY="$EXTRA_PREFIX/lib/libpng16.a"
-                   -DZLIB_INCLUDE_DIR="$EXTRA_PREFIX/include" -DZLIB_LIBRARY="$EXTRA_PREFIX/lib/libz.a")
+      args+=(-DPNG_PNG_INCLUDE_DIR="$EXTRA_PREFIX/include" -DPNG_LIBRARY="$EXTRA_PREFIX/lib/libpng16.a"
+             -DZLIB_INCLUDE_DIR="$EXTRA_PREFIX/include" -DZLIB_LIBRARY="$EXTRA_PREFIX/lib/libz.a")
     fi
   fi
-  log "configure against $TORCH_PREFIX"
-  cmake "${CMAKE_ARGS[@]}" >"$OUT/configure.log" 2>&1 || { tail -40 "$OUT/configure.log"; exit 1; }
+  log "cmake: configure against $TORCH_PREFIX"
+  cmake "${args[@]}" >"$OUT/configure.log" 2>&1 || { tail -30 "$OUT/configure.log"; return 1; }
   grep -q "PERFUSION_HAVE_PNG" "$BUILD_DIR/build.ninja" ||
     log "warning: no libpng; the tools' PNG sheets will fail (set EXTRA_PREFIX)"
-  log "build"
-  cmake --build "$BUILD_DIR" --target perfusion-train-base perfusion-train-classifier perfusion-evaluate \
-    >"$OUT/build.log" 2>&1 || { tail -60 "$OUT/build.log"; exit 1; }
+  log "cmake: build"
+  cmake --build "$BUILD_DIR" --target "${TOOLS[@]/#/perfusion-}" >"$OUT/build.log" 2>&1 ||
+    { tail -40 "$OUT/build.log"; return 1; }
   BIN=$BUILD_DIR/worker/tools
+}
+
+# g++ straight on the sources: needs only LibTorch's headers and libraries.
+direct_build() {
+  local incs=${TORCH_INCLUDES:-} libdir=${TORCH_LIBDIR:-} abi=${TORCH_ABI:-}
+  if [[ -z "$incs" || -z "$libdir" || -z "$abi" ]]; then
+    read -r abi libdir incs < <(python3 -c 'import os, torch
+from torch.utils import cpp_extension as c
+print(int(torch.compiled_with_cxx11_abi()), os.path.join(os.path.dirname(torch.__file__), "lib"), " ".join(c.include_paths()))') ||
+      { log "direct: python3 has no torch; set TORCH_INCLUDES, TORCH_LIBDIR and TORCH_ABI"; return 1; }
+  fi
+  local dir=$BUILD_DIR/direct flags=(-O2 -std=c++17 -fPIC "-D_GLIBCXX_USE_CXX11_ABI=$abi" -I"$ROOT/worker" -I"$ROOT"
+        "-DPERFUSION_DEFAULT_SHARED=\"$SHARED_DIR\"") libs=() inc
+  for inc in $incs; do flags+=(-isystem "$inc"); done
+  if [[ -n "${EXTRA_PREFIX:-}" ]]; then flags+=(-I"$EXTRA_PREFIX/include"); fi
+  if [[ -n "${EXTRA_PREFIX:-}" && -f "$EXTRA_PREFIX/lib/libpng16.a" ]]; then
+    flags+=(-DPERFUSION_HAVE_PNG=1); libs+=("$EXTRA_PREFIX/lib/libpng16.a" "$EXTRA_PREFIX/lib/libz.a")
+  elif echo '#include <png.h>' | g++ "${flags[@]}" -E -x c++ - >/dev/null 2>&1; then
+    flags+=(-DPERFUSION_HAVE_PNG=1); libs+=(-lpng16 -lz)
+  else
+    log "warning: no libpng; the tools' PNG sheets will fail (set EXTRA_PREFIX)"
+  fi
+  local torch_libs=() l
+  for l in torch torch_cpu torch_cuda c10_cuda c10; do
+    [[ -e "$libdir/lib$l.so" ]] && torch_libs+=("-l$l")
+  done
+  mkdir -p "$dir"
+  log "direct: compile with LibTorch from $libdir (${torch_libs[*]}, C++11 ABI $abi)"
+  local srcs=("$ROOT"/worker/perfusion/*.cc) t
+  for t in "${TOOLS[@]}"; do srcs+=("$ROOT/worker/tools/$t.cc"); done
+  local cxx=g++
+  command -v ccache >/dev/null && cxx="ccache g++"
+  # One object per source, in parallel; the flags go through the environment to keep the quoting.
+  export DIRECT_FLAGS_FILE=$dir/flags
+  printf '%s\n' "${flags[@]}" >"$DIRECT_FLAGS_FILE"
+  printf '%s\n' "${srcs[@]}" | xargs -P "$(nproc)" -I{} bash -c '
+    src={}; obj='"$dir"'/$(basename "$(dirname "$src")")_$(basename "$src" .cc).o
+    mapfile -t f <"$DIRECT_FLAGS_FILE"
+    [[ "$obj" -nt "$src" ]] || '"$cxx"' "${f[@]}" -c "$src" -o "$obj"' >"$OUT/build.log" 2>&1 ||
+    { tail -40 "$OUT/build.log"; return 1; }
+  mkdir -p "$dir/bin"
+  for t in "${TOOLS[@]}"; do
+    g++ -o "$dir/bin/perfusion-${t//_/-}" "$dir/tools_$t.o" "$dir"/perfusion_*.o -L"$libdir" -Wl,-rpath,"$libdir" \
+      -Wl,--no-as-needed "${torch_libs[@]}" -Wl,--as-needed "${libs[@]}" -lpthread >>"$OUT/build.log" 2>&1 ||
+      { tail -40 "$OUT/build.log"; return 1; }
+  done
+  BIN=$dir/bin
+}
+
+if [[ -n "${TOOLS_DIR:-}" ]]; then
+  BIN=$TOOLS_DIR
+elif [[ "$BUILD" == direct ]]; then
+  direct_build || exit 1
+elif ! cmake_build; then
+  log "cmake could not build against this LibTorch; trying the direct build"
+  direct_build || exit 1
+fi
+# Before any training: the tools start (their libraries load) and take the device. A bad --samples
+# makes the check exit right after the flags are read; a device the build cannot use is named.
+check=$("$BIN/perfusion-train-base" --device "$DEVICE" --samples 0 2>&1) || true
+if [[ "$check" == *"--device"* || "$check" != *"--samples"* ]]; then
+  echo "gpu-quality: the tools cannot run on $DEVICE: $check" >&2
+  exit 1
 fi
 
 # Sizes: the real run, or a toy one that exercises the same steps.

@@ -1,6 +1,7 @@
 #include "perfusion/covariance.h"
 
 #include <ATen/Functions.h>
+#include <ATen/TensorOperators.h>
 #include <c10/util/Exception.h>
 
 #include "perfusion/safetensors.h"
