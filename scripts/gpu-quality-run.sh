@@ -35,6 +35,8 @@
 #                  this LibTorch) or direct: g++ on the sources with LibTorch's include and library
 #                  folders, no CMake package involved (TORCH_INCLUDES, TORCH_LIBDIR, TORCH_ABI override
 #                  what python3's torch says)
+#   CUDA_TESTS     1 (default): with a cuda DEVICE, first build and run the engine's CUDA tests (concept
+#                  training and generation on the GPU against the CPU; needs GoogleTest, see --pack-extra)
 #   SMOKE=1        a dry run of every step at toy sizes (a few minutes on a CPU): check the script and
 #                  the tools on a machine of your own before spending a lent GPU's minutes
 set -euo pipefail
@@ -47,6 +49,8 @@ if [[ "${1:-}" == "--pack-extra" ]]; then
   cp -r /usr/include/nlohmann "$dir/include/"
   cp /usr/include/{png.h,pngconf.h,pnglibconf.h,zlib.h,zconf.h} "$dir/include/"
   cp "$lib/libpng16.a" "$lib/libz.a" "$dir/lib/"
+  cp -r /usr/include/gtest "$dir/include/"  # GoogleTest, for the engine's CUDA tests
+  cp "$lib/libgtest.a" "$lib/libgtest_main.a" "$dir/lib/"
   echo "gpu-quality: packed $(du -sh "$dir" | cut -f1) into $dir"
   exit 0
 fi
@@ -70,6 +74,7 @@ fi
 SHARED_DIR=$(dirname "$(dirname "$TOKENIZER_DIR")")
 BUILD=${BUILD:-cmake}
 TOOLS=(train_base train_classifier evaluate)
+D_FLAGS=() ENGINE_OBJS=() DIRECT_EXTRA_FLAGS=()
 
 # CMake with LibTorch's own package (what CI and the Dockerfile use).
 cmake_build() {
@@ -94,56 +99,102 @@ cmake_build() {
   grep -q "PERFUSION_HAVE_PNG" "$BUILD_DIR/build.ninja" ||
     log "warning: no libpng; the tools' PNG sheets will fail (set EXTRA_PREFIX)"
   log "cmake: build"
-  cmake --build "$BUILD_DIR" --target "${TOOLS[@]/#/perfusion-}" >"$OUT/build.log" 2>&1 ||
+  local targets=() t
+  for t in "${TOOLS[@]}"; do targets+=("perfusion-${t//_/-}"); done
+  cmake --build "$BUILD_DIR" --target "${targets[@]}" >"$OUT/build.log" 2>&1 ||
     { tail -40 "$OUT/build.log"; return 1; }
   BIN=$BUILD_DIR/worker/tools
+  ENGINE_OBJS=("$BUILD_DIR/worker/perfusion/libperfusion_engine.a")
 }
 
-# g++ straight on the sources: needs only LibTorch's headers and libraries.
-direct_build() {
-  local incs=${TORCH_INCLUDES:-} libdir=${TORCH_LIBDIR:-} abi=${TORCH_ABI:-}
-  if [[ -z "$incs" || -z "$libdir" || -z "$abi" ]]; then
-    read -r abi libdir incs < <(python3 -c 'import os, torch
+# The compiler and linker settings for LibTorch without its CMake package: D_FLAGS, D_LIBS (libpng),
+# D_TORCH_LIBS, D_LIBDIR.
+direct_setup() {
+  local incs=${TORCH_INCLUDES:-} abi=${TORCH_ABI:-} inc l
+  D_LIBDIR=${TORCH_LIBDIR:-}
+  if [[ -z "$incs" || -z "$D_LIBDIR" || -z "$abi" ]]; then
+    read -r abi D_LIBDIR incs < <(python3 -c 'import os, torch
 from torch.utils import cpp_extension as c
 print(int(torch.compiled_with_cxx11_abi()), os.path.join(os.path.dirname(torch.__file__), "lib"), " ".join(c.include_paths()))') ||
       { log "direct: python3 has no torch; set TORCH_INCLUDES, TORCH_LIBDIR and TORCH_ABI"; return 1; }
   fi
-  local dir=$BUILD_DIR/direct flags=(-O2 -std=c++17 -fPIC "-D_GLIBCXX_USE_CXX11_ABI=$abi" -I"$ROOT/worker" -I"$ROOT"
-        "-DPERFUSION_DEFAULT_SHARED=\"$SHARED_DIR\"") libs=() inc
-  for inc in $incs; do flags+=(-isystem "$inc"); done
-  if [[ -n "${EXTRA_PREFIX:-}" ]]; then flags+=(-I"$EXTRA_PREFIX/include"); fi
+  D_FLAGS=(-O2 -std=c++17 -fPIC "-D_GLIBCXX_USE_CXX11_ABI=$abi" -I"$ROOT/worker" -I"$ROOT"
+           "-DPERFUSION_DEFAULT_SHARED=\"$SHARED_DIR\"")
+  D_LIBS=()
+  for inc in $incs; do D_FLAGS+=(-isystem "$inc"); done
+  if [[ -n "${EXTRA_PREFIX:-}" ]]; then D_FLAGS+=(-I"$EXTRA_PREFIX/include"); fi
   if [[ -n "${EXTRA_PREFIX:-}" && -f "$EXTRA_PREFIX/lib/libpng16.a" ]]; then
-    flags+=(-DPERFUSION_HAVE_PNG=1); libs+=("$EXTRA_PREFIX/lib/libpng16.a" "$EXTRA_PREFIX/lib/libz.a")
-  elif echo '#include <png.h>' | g++ "${flags[@]}" -E -x c++ - >/dev/null 2>&1; then
-    flags+=(-DPERFUSION_HAVE_PNG=1); libs+=(-lpng16 -lz)
+    D_FLAGS+=(-DPERFUSION_HAVE_PNG=1); D_LIBS+=("$EXTRA_PREFIX/lib/libpng16.a" "$EXTRA_PREFIX/lib/libz.a")
+  elif echo '#include <png.h>' | g++ "${D_FLAGS[@]}" -E -x c++ - >/dev/null 2>&1; then
+    D_FLAGS+=(-DPERFUSION_HAVE_PNG=1); D_LIBS+=(-lpng16 -lz)
   else
     log "warning: no libpng; the tools' PNG sheets will fail (set EXTRA_PREFIX)"
   fi
-  local torch_libs=() l
+  D_TORCH_LIBS=()
   for l in torch torch_cpu torch_cuda c10_cuda c10; do
-    [[ -e "$libdir/lib$l.so" ]] && torch_libs+=("-l$l")
+    [[ -e "$D_LIBDIR/lib$l.so" ]] && D_TORCH_LIBS+=("-l$l")
   done
+  log "direct: LibTorch from $D_LIBDIR (${D_TORCH_LIBS[*]}, C++11 ABI $abi)"
+}
+
+# Compiles sources ($2...) into objects in folder $1, in parallel: <parent folder>_<name>.o.
+direct_compile() {
+  local dir=$1 cxx=g++
+  shift
   mkdir -p "$dir"
-  log "direct: compile with LibTorch from $libdir (${torch_libs[*]}, C++11 ABI $abi)"
-  local srcs=("$ROOT"/worker/perfusion/*.cc) t
-  for t in "${TOOLS[@]}"; do srcs+=("$ROOT/worker/tools/$t.cc"); done
-  local cxx=g++
   command -v ccache >/dev/null && cxx="ccache g++"
-  # One object per source, in parallel; the flags go through the environment to keep the quoting.
-  export DIRECT_FLAGS_FILE=$dir/flags
-  printf '%s\n' "${flags[@]}" >"$DIRECT_FLAGS_FILE"
-  printf '%s\n' "${srcs[@]}" | xargs -P "$(nproc)" -I{} bash -c '
+  printf '%s\n' "${D_FLAGS[@]}" >"$dir/flags"  # read back per file, which keeps the quoting
+  printf '%s\n' "$@" | xargs -P "$(nproc)" -I{} bash -c '
     src={}; obj='"$dir"'/$(basename "$(dirname "$src")")_$(basename "$src" .cc).o
-    mapfile -t f <"$DIRECT_FLAGS_FILE"
-    [[ "$obj" -nt "$src" ]] || '"$cxx"' "${f[@]}" -c "$src" -o "$obj"' >"$OUT/build.log" 2>&1 ||
-    { tail -40 "$OUT/build.log"; return 1; }
+    mapfile -t f <'"$dir"'/flags
+    [[ "$obj" -nt "$src" ]] || '"$cxx"' "${f[@]}" "${@}" -c "$src" -o "$obj"' _ "${DIRECT_EXTRA_FLAGS[@]}"
+}
+
+# Links objects and libraries ($2...) with LibTorch into executable $1. libtorch_cuda is linked even
+# though nothing names it: it registers the CUDA backend when it loads.
+direct_link() {
+  local exe=$1
+  shift
+  g++ -o "$exe" "$@" -L"$D_LIBDIR" -Wl,-rpath,"$D_LIBDIR" -Wl,--no-as-needed "${D_TORCH_LIBS[@]}" -Wl,--as-needed \
+    "${D_LIBS[@]}" -lpthread
+}
+
+# g++ straight on the sources: needs only LibTorch's headers and libraries.
+direct_build() {
+  direct_setup || return 1
+  local dir=$BUILD_DIR/direct srcs=("$ROOT"/worker/perfusion/*.cc) t
+  for t in "${TOOLS[@]}"; do srcs+=("$ROOT/worker/tools/$t.cc"); done
+  DIRECT_EXTRA_FLAGS=()
+  direct_compile "$dir" "${srcs[@]}" >"$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; return 1; }
   mkdir -p "$dir/bin"
   for t in "${TOOLS[@]}"; do
-    g++ -o "$dir/bin/perfusion-${t//_/-}" "$dir/tools_$t.o" "$dir"/perfusion_*.o -L"$libdir" -Wl,-rpath,"$libdir" \
-      -Wl,--no-as-needed "${torch_libs[@]}" -Wl,--as-needed "${libs[@]}" -lpthread >>"$OUT/build.log" 2>&1 ||
+    direct_link "$dir/bin/perfusion-${t//_/-}" "$dir/tools_$t.o" "$dir"/perfusion_*.o >>"$OUT/build.log" 2>&1 ||
       { tail -40 "$OUT/build.log"; return 1; }
   done
   BIN=$dir/bin
+  ENGINE_OBJS=("$dir"/perfusion_*.o)
+}
+
+# The engine's CUDA tests (training and generation on the GPU against the CPU, the schedulers):
+# needs GoogleTest (from EXTRA_PREFIX, see --pack-extra, or the system). Never fatal: the quality
+# run goes on, and the log says what happened.
+cuda_tests() {
+  local dir=$BUILD_DIR/cuda-tests gtest_lib
+  if [[ -n "${EXTRA_PREFIX:-}" && -f "$EXTRA_PREFIX/lib/libgtest.a" ]]; then
+    gtest_lib=("$EXTRA_PREFIX/lib/libgtest_main.a" "$EXTRA_PREFIX/lib/libgtest.a")
+  else
+    gtest_lib=(-lgtest_main -lgtest)
+  fi
+  [[ ${#D_FLAGS[@]} -gt 0 ]] || direct_setup || return 1
+  if [[ ${#ENGINE_OBJS[@]} -eq 0 ]]; then  # tools from TOOLS_DIR: compile the engine here
+    DIRECT_EXTRA_FLAGS=()
+    direct_compile "$BUILD_DIR/direct" "$ROOT"/worker/perfusion/*.cc || return 1
+    ENGINE_OBJS=("$BUILD_DIR/direct"/perfusion_*.o)
+  fi
+  DIRECT_EXTRA_FLAGS=("-DPERFUSION_SHARED_DIR=\"$SHARED_DIR\"" "-DPERFUSION_SOURCE_DIR=\"$ROOT\"")
+  direct_compile "$dir" "$ROOT"/tests/engine/{pipeline_test,scheduler_test,test_util}.cc || return 1
+  direct_link "$dir/cuda_tests" "$dir"/engine_*.o "${ENGINE_OBJS[@]}" "${gtest_lib[@]}" || return 1
+  "$dir/cuda_tests" --gtest_filter='*Cuda*'
 }
 
 if [[ -n "${TOOLS_DIR:-}" ]]; then
@@ -153,6 +204,17 @@ elif [[ "$BUILD" == direct ]]; then
 elif ! cmake_build; then
   log "cmake could not build against this LibTorch; trying the direct build"
   direct_build || exit 1
+fi
+if [[ "$DEVICE" == cuda* && "${CUDA_TESTS:-1}" == 1 ]]; then
+  log "engine CUDA tests"
+  if ! cuda_tests >"$OUT/cuda_tests.log" 2>&1; then
+    log "engine CUDA tests FAILED or could not build (see cuda_tests.log); the quality run goes on"
+  elif grep -q "SKIPPED" "$OUT/cuda_tests.log"; then
+    log "engine CUDA tests skipped: this LibTorch sees no GPU"
+  else
+    log "engine CUDA tests passed"
+  fi
+  tail -25 "$OUT/cuda_tests.log"
 fi
 # Before any training: the tools start (their libraries load) and take the device. A bad --samples
 # makes the check exit right after the flags are read; a device the build cannot use is named.

@@ -2,6 +2,7 @@
 // overrides): the fast checks of the training issue.
 #include "perfusion/pipeline.h"
 
+#include <ATen/Context.h>
 #include <ATen/Functions.h>
 #include <c10/util/Exception.h>
 #include <gtest/gtest.h>
@@ -41,6 +42,23 @@ class PipelineTest : public ::testing::Test {
   }
   void SetUp() override {
     if (!model_) GTEST_SKIP() << "no tiny model at " << TinyModelDir();
+  }
+  // The tiny model again, in another dtype or on another device than the suite's.
+  static std::shared_ptr<StableDiffusion> LoadTiny(at::ScalarType dtype, at::Device device) {
+    ModelDirOptions opts;
+    opts.tokenizer_dir = testing::SharedDir() + "/data/clip";
+    opts.dtype = dtype;
+    opts.device = device;
+    return LoadModelDir(TinyModelDir(), opts);
+  }
+  // A concept like the suite's, trained for a few steps on two images of `model`.
+  static Concept BriefConcept(StableDiffusion& model) {
+    TrainOptions t;
+    t.name = "checker";
+    t.superclass = FindConcept("checker_star").superclass;
+    t.steps = 3;
+    t.seed = 3;
+    return TrainConcept(model, ConceptImages("checker_star", 2), t);
   }
   static std::vector<at::Tensor> ConceptImages(const std::string& name, int n) {
     std::vector<at::Tensor> out;
@@ -171,16 +189,8 @@ TEST_F(PipelineTest, TrainingWithCaptionsUsesThemAndChecksTheirCount) {
 // runs, so this covers the same paths: a concept trains (float32 edits and embedding on a bf16
 // model), its blob holds float data, and generation with it stays close to the float32 model's.
 TEST_F(PipelineTest, TrainsAndGeneratesOnAReducedPrecisionModel) {
-  ModelDirOptions opts;
-  opts.tokenizer_dir = testing::SharedDir() + "/data/clip";
-  opts.dtype = at::kBFloat16;
-  auto bf16 = LoadModelDir(TinyModelDir(), opts);
-  TrainOptions t;
-  t.name = "checker";
-  t.superclass = FindConcept("checker_star").superclass;
-  t.steps = 3;
-  t.seed = 3;
-  const Concept c = TrainConcept(*bf16, ConceptImages("checker_star", 2), t);
+  auto bf16 = LoadTiny(at::kBFloat16, at::kCPU);
+  const Concept c = BriefConcept(*bf16);
   EXPECT_EQ(c.v_targets.scalar_type(), at::kFloat);
   EXPECT_TRUE(c.v_targets.isfinite().all().item<bool>());
   Pipeline low(bf16), full(model_);
@@ -190,6 +200,23 @@ TEST_F(PipelineTest, TrainsAndGeneratesOnAReducedPrecisionModel) {
   EXPECT_EQ(a.scalar_type(), at::kFloat);
   EXPECT_TRUE(a.isfinite().all().item<bool>());
   EXPECT_LT((a - b).abs().mean().item<double>(), 0.1) << "bf16 drifted from float32";
+}
+
+// The GPU worker's path: a concept trains and generates on a CUDA model (the training noise once
+// came from the CPU generator straight into a CUDA tensor, which LibTorch refuses), and its images
+// stay close to the CPU's for the same concept and seed. Skips without CUDA.
+TEST_F(PipelineTest, TrainsAndGeneratesOnCuda) {
+  if (!at::hasCUDA()) GTEST_SKIP() << "CUDA not available";
+  auto cuda = LoadTiny(at::kFloat, at::Device(at::kCUDA, 0));
+  const Concept c = BriefConcept(*cuda);
+  EXPECT_TRUE(c.v_targets.device().is_cpu());
+  EXPECT_TRUE(c.v_targets.isfinite().all().item<bool>());
+  Pipeline gpu(cuda), cpu(model_);
+  GenerationRequest r = Request("a photo of a <checker> on a blue background");
+  r.concepts["checker"] = {concept_, {}, false};
+  const at::Tensor a = gpu.Generate({r})[0].images[0], b = cpu.Generate({r})[0].images[0];
+  EXPECT_TRUE(a.device().is_cpu());
+  EXPECT_LT((a - b).abs().mean().item<double>(), 0.02) << "cuda drifted from the cpu";
 }
 
 TEST_F(PipelineTest, PromptWithoutTheConceptGivesTheBaseModelImage) {

@@ -1,6 +1,7 @@
 #include "tests/engine/test_util.h"
 
 #include <ATen/Functions.h>
+#include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
 #include <c10/core/GeneratorImpl.h>
 #include <ATen/Utils.h>
