@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # A fixed-time quality run on one CUDA GPU: builds the engine's tools against the machine's CUDA
 # LibTorch, trains a 16x16-latent tiny base model for a fixed number of minutes, trains its
-# classifier, and scores the four builtin concepts with the quick harness (three seeds). Everything
-# lands in one archive, so a machine lent for minutes gives back a model and its figures.
+# classifier, and scores the four builtin concepts with the quick harness (three seeds). The results
+# fit a few files, so a machine lent for minutes gives back a model and its figures.
 #
 # This is what docs/quality.md ("What would close the gap") asks for: far more UNet training than two
-# CPU cores give. It needs no Debian packages: CMake, Ninja, a C++17 compiler and a LibTorch with CUDA
-# (PyTorch's own is found through python3). nlohmann/json.hpp and, optionally, libpng come from the
-# system or from EXTRA_PREFIX.
+# CPU cores give. It needs no Debian packages: g++ (C++17) and a LibTorch with CUDA (PyTorch's own is
+# found through python3), and CMake + Ninja for the first build path. nlohmann/json.hpp and,
+# optionally, libpng and GoogleTest come from the system or from EXTRA_PREFIX.
 #
 #   scripts/gpu-quality-run.sh                                   # defaults below
 #   scripts/gpu-quality-run.sh --pack-extra DIR                  # on a Debian 12 machine with the
@@ -24,7 +24,8 @@
 #   TOKENIZER_DIR  CLIP vocab.json + merges.txt (default ../shared/data/clip)
 #   TORCH_PREFIX   LibTorch's CMake prefix (default: python3's torch.utils.cmake_prefix_path)
 #   EXTRA_PREFIX   a folder with include/nlohmann/json.hpp and optionally include/png.h + lib/libpng16.a
-#                  + lib/libz.a, for machines without those headers (default: none)
+#                  + lib/libz.a and include/gtest + lib/libgtest{,_main}.a, for machines without them
+#                  (default: none; --pack-extra makes one)
 #   TRAIN_MINUTES  base model budget from the tool's start, rendering and the VAE stage included (default 4;
 #                  0.5 with SMOKE=1); the UNet trains until it runs out, then the model is written
 #   UNET_BATCH     UNet batch (default 256: a GPU step costs about the same at 64 and at 256)
@@ -71,6 +72,15 @@ if [[ ! -f "$TOKENIZER_DIR/vocab.json" || ! -f "$TOKENIZER_DIR/merges.txt" ]]; t
   echo "gpu-quality: no CLIP vocab.json + merges.txt in $TOKENIZER_DIR (set TOKENIZER_DIR)" >&2
   exit 1
 fi
+if [[ -n "${EXTRA_PREFIX:-}" && ! -d "$EXTRA_PREFIX" ]]; then
+  echo "gpu-quality: EXTRA_PREFIX $EXTRA_PREFIX is not a folder" >&2
+  exit 1
+fi
+# Absolute paths: the compilers run in the build folder, the tools in the repository.
+abspath() { mkdir -p "$1" && (cd "$1" && pwd); }
+TOKENIZER_DIR=$(cd "$TOKENIZER_DIR" && pwd) OUT=$(abspath "$OUT") SCRATCH=$(abspath "$SCRATCH")
+BUILD_DIR=$(abspath "$BUILD_DIR")
+[[ -z "${EXTRA_PREFIX:-}" ]] || EXTRA_PREFIX=$(cd "$EXTRA_PREFIX" && pwd)
 SHARED_DIR=$(dirname "$(dirname "$TOKENIZER_DIR")")
 BUILD=${BUILD:-cmake}
 TOOLS=(train_base train_classifier evaluate)
