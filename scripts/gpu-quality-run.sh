@@ -29,6 +29,11 @@
 #   TRAIN_MINUTES  base model budget from the tool's start, rendering and the VAE stage included (default 4;
 #                  0.5 with SMOKE=1); the UNet trains until it runs out, then the model is written
 #   UNET_BATCH     UNet batch (default 256: a GPU step costs about the same at 64 and at 256)
+#   RECIPE         open (default): after the VAE, the UNet trains on v4o's world from its first step
+#                  (--pair-prob 0.3 two-object scenes, --open-textures 0.4: base objects wear the
+#                  concept patterns in other colour pairs, so each concept is a new combination of
+#                  parts the UNet draws); plain: v4's world (the UNet stage alone)
+#   SAMPLES        rendered scenes per world (default 100000; the CPU runs used 30000)
 #   DEVICE         default cuda
 #   SEEDS          harness seeds (default 1,2,3)
 #   TOOLS_DIR      use tools already built there instead of building (e.g. build/worker/tools)
@@ -235,23 +240,29 @@ if [[ "$check" == *"--device"* || "$check" != *"--samples"* ]]; then
 fi
 
 # Sizes: the real run, or a toy one that exercises the same steps.
-BASE_SIZES=(--vae-steps 6000 --vae-batch 64 --unet-steps 1000000 --unet-batch "$UNET_BATCH" --checkpoint-every 1000)
+BASE_SIZES=(--samples "${SAMPLES:-100000}" --vae-steps 6000 --vae-batch 64 --unet-batch "$UNET_BATCH"
+            --checkpoint-every 1000)
+case "${RECIPE:-open}" in
+  open) STEPS=(--unet-steps 0 --pair-steps 1000000 --pair-prob 0.3 --open-textures 0.4) ;;
+  plain) STEPS=(--unet-steps 1000000) ;;
+  *) echo "gpu-quality: RECIPE must be open or plain" >&2; exit 2 ;;
+esac
 CLF_SIZES=()
 EVAL_SIZES=(--per-prompt 8 --seeds "$SEEDS")
 if [[ "$SMOKE" == 1 ]]; then
-  BASE_SIZES=(--samples 256 --vae-steps 4 --vae-batch 8 --unet-steps 1000000 --unet-batch 8 --cov-captions 64
-              --checkpoint-every 2)
+  BASE_SIZES=(--samples 256 --vae-steps 4 --vae-batch 8 --unet-batch 8 --cov-captions 64 --checkpoint-every 2)
   CLF_SIZES=(--train 256 --test 64 --steps 4 --batch 16)
   EVAL_SIZES=(--per-prompt 2 --seeds 1 --concepts candy_heart --steps 2 --gen-steps 2)
 fi
 
 MODEL=$SCRATCH/model
 WORK=$SCRATCH/work
-log "base model: $TRAIN_MINUTES min on $DEVICE"
-# The v4 recipe (docs/quality.md, models/tiny/README.md) with a GPU's batch, ended by time.
+log "base model: $TRAIN_MINUTES min on $DEVICE, ${RECIPE:-open} recipe"
+# The v4 model (docs/quality.md, models/tiny/README.md) with a GPU's batch and more scenes, ended by time.
 "$BIN/perfusion-train-base" --device "$DEVICE" --work "$WORK" --out "$MODEL" --tokenizer-dir "$TOKENIZER_DIR" \
   --latent-size 16 --latent-channels 8 --vae-blocks 32,64 --vae-edge-weight 1 --unet-blocks 32,64,128 \
   --decoder-steps 0 --model-id perfusion-tiny-gpu --max-minutes "$TRAIN_MINUTES" --finish "${BASE_SIZES[@]}" \
+  "${STEPS[@]}" \
   2>&1 | tee "$OUT/train_base.log"
 log "classifier"
 "$BIN/perfusion-train-classifier" --device "$DEVICE" --model "$MODEL" --out "$MODEL/eval/classifier.safetensors" \
