@@ -190,7 +190,8 @@ direct_build() {
   ENGINE_OBJS=("$dir"/perfusion_*.o)
 }
 
-# The engine's CUDA tests (training and generation on the GPU against the CPU, the schedulers):
+# The engine's CUDA tests (training and generation on the GPU against the CPU, the schedulers, the
+# multi-tensor AdamW step against torch's):
 # needs GoogleTest (from EXTRA_PREFIX, see --pack-extra, or the system). Never fatal: the quality
 # run goes on, and the log says what happened.
 cuda_tests() {
@@ -207,7 +208,7 @@ cuda_tests() {
     ENGINE_OBJS=("$BUILD_DIR/direct"/perfusion_*.o)
   fi
   DIRECT_EXTRA_FLAGS=("-DPERFUSION_SHARED_DIR=\"$SHARED_DIR\"" "-DPERFUSION_SOURCE_DIR=\"$ROOT\"")
-  direct_compile "$dir" "$ROOT"/tests/engine/{pipeline_test,scheduler_test,test_util}.cc || return 1
+  direct_compile "$dir" "$ROOT"/tests/engine/{pipeline_test,scheduler_test,foreach_optim_test,test_util}.cc || return 1
   direct_link "$dir/cuda_tests" "$dir"/engine_*.o "${ENGINE_OBJS[@]}" "${gtest_lib[@]}" || return 1
   "$dir/cuda_tests" --gtest_filter='*Cuda*'
 }
