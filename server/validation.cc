@@ -271,6 +271,7 @@ absl::Status ValidateCaptions(const std::vector<std::string>& captions, int imag
                                                     " image(s); give one per image, in order, or none"));
   }
   const std::string token = absl::StrCat("<", concept_name, ">");
+  const std::string lower_superclass = absl::AsciiStrToLower(superclass);
   for (size_t i = 0; i < captions.size(); ++i) {
     const std::string field = absl::StrCat("options.captions[", i, "]");
     const std::string& c = captions[i];
@@ -281,10 +282,12 @@ absl::Status ValidateCaptions(const std::vector<std::string>& captions, int imag
     if (at == std::string::npos || c.find(token, at + 1) != std::string::npos) {
       return Invalid(field, absl::StrCat("must name the concept exactly once as ", token, ": '", c, "'"));
     }
-    // Whole words, case-insensitive (the tokenizer lowercases), outside the concept's token.
-    const std::string rest = absl::AsciiStrToLower(absl::StrCat(c.substr(0, at), " ", c.substr(at + token.size())));
-    for (absl::string_view word : absl::StrSplit(rest, absl::ByAnyChar(" \t,.;:!?\"'()[]{}<>/-"), absl::SkipEmpty())) {
-      if (word == absl::AsciiStrToLower(superclass)) {
+    // Whole words, case-insensitive, outside the concept's token. A word is a run of letters, as
+    // the CLIP tokenizer splits text (and the trainer checks): "toy2" holds the token "toy".
+    std::string rest = absl::StrCat(c.substr(0, at), " ", c.substr(at + token.size()));
+    for (char& ch : rest) ch = absl::ascii_isalpha(static_cast<unsigned char>(ch)) ? absl::ascii_tolower(ch) : ' ';
+    for (absl::string_view word : absl::StrSplit(rest, ' ', absl::SkipEmpty())) {
+      if (word == lower_superclass) {
         return Invalid(field, absl::StrCat("uses the superclass word '", superclass, "' besides ", token,
                                            "; the trainer would train it as the concept too: '", c, "'"));
       }

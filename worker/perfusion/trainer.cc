@@ -73,11 +73,17 @@ std::vector<std::string> TrainingPrompts(const TrainOptions& o, size_t index, bo
 
 LatentPrompts EncodeLatentPrompts(const ClipTokenizer& tokenizer, const TrainOptions& o, size_t num_images,
                                   int flips) {
+  auto encode = [&](size_t index, bool flipped) {
+    std::vector<std::vector<int64_t>> ids;
+    for (const auto& text : TrainingPrompts(o, index, flipped)) ids.push_back(tokenizer.EncodePadded(text).ids);
+    return ids;
+  };
   LatentPrompts out;
+  // Templates are the same for every latent: tokenized once.
+  const std::vector<std::vector<int64_t>> shared = o.captions.empty() ? encode(0, false) : std::vector<std::vector<int64_t>>{};
   for (size_t i = 0; i < num_images; ++i) {
     for (int flip = 0; flip < flips; ++flip) {
-      out.ids.emplace_back();
-      for (const auto& text : TrainingPrompts(o, i, flip == 1)) out.ids.back().push_back(tokenizer.EncodePadded(text).ids);
+      out.ids.push_back(o.captions.empty() ? shared : encode(i, flip == 1));
       out.max_prompts = std::max(out.max_prompts, out.ids.back().size());
     }
   }

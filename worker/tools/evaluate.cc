@@ -734,7 +734,7 @@ class Evaluation {
     for (int64_t t : {T / 10, 3 * T / 10, T / 2, 7 * T / 10, 9 * T / 10, T - 10}) {
       std::array<double, 3> loss{};
       for (int d = 0; d < 4; ++d) {
-        const at::Tensor noise = at::randn(x0.sizes(), MakeGenerator(DeriveSeed(a_.seed, 9900 + d))).to(model_->device);
+        const at::Tensor noise = ddpm.sample_noise(x0, MakeGenerator(DeriveSeed(a_.seed, 9900 + d)));
         const at::Tensor ts = at::full({n}, t, at::TensorOptions().dtype(at::kLong).device(model_->device));
         const at::Tensor xt = ddpm.add_noise(x0, noise, ts), target = ddpm.training_target(x0, noise, ts);
         for (int k = 0; k < 3; ++k) loss[k] += (model_->unet->forward(xt, ts, text[k]) - target).pow(2).mean().item<double>() / 4;

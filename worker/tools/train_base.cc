@@ -531,6 +531,11 @@ int main(int argc, char** argv) {
         ForeachAdamWStep(opt);
       }
     };
+    auto EmaStep = [&](std::vector<at::Tensor>& avg, const std::vector<at::Tensor>& live, double decay) {
+      if (!dev.is_cpu()) return ForeachEmaUpdate(avg, live, decay);
+      torch::NoGradGuard ng;
+      for (size_t i = 0; i < live.size(); ++i) avg[i].mul_(decay).add_(live[i].detach(), 1.0 - decay);
+    };
     AutoencoderKL vae(VaeOptions(1.0, a));
     vae->to(dev);
     const std::string vae_path = a.work + "/vae.safetensors", vae_opt_path = a.work + "/vae_opt.pt";
@@ -683,15 +688,7 @@ int main(int argc, char** argv) {
         opt.zero_grad();
         loss.backward();
         OptimizerStep(opt);
-        if (!avg.empty()) {
-          const double decay = std::min(a.ema_decay, (1.0 + total_step) / (10.0 + total_step));
-          if (dev.is_cpu()) {
-            torch::NoGradGuard ng;
-            for (size_t i = 0; i < live.size(); ++i) avg[i].mul_(decay).add_(live[i].detach(), 1.0 - decay);
-          } else {
-            ForeachEmaUpdate(avg, live, decay);
-          }
-        }
+        if (!avg.empty()) EmaStep(avg, live, std::min(a.ema_decay, (1.0 + total_step) / (10.0 + total_step)));
         return loss.item<double>();
       };
       if (st.stage == "unet" && !finishing) {
