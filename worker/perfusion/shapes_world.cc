@@ -322,15 +322,23 @@ SceneSpec SampleScene(uint64_t seed, const WorldOptions& options) {
   return scene;
 }
 
-SceneSpec SampleConceptScene(const ConceptSpec& c, uint64_t seed) {
-  uint64_t name_hash = 0xcbf29ce484222325ULL;  // FNV-1a: each concept gets its own poses
-  for (unsigned char ch : c.name) name_hash = (name_hash ^ ch) * 0x100000001b3ULL;
-  SplitMix64 rng(DeriveSeed(seed, name_hash));
+namespace {
+// An object with the concept's look (shape, pattern, colours) and nothing else set.
+ObjectSpec ConceptLook(const ConceptSpec& c) {
   ObjectSpec o;
   o.shape = c.shape;
   o.color = c.color;
   o.color2 = c.color2;
   o.texture = c.texture;
+  return o;
+}
+}  // namespace
+
+SceneSpec SampleConceptScene(const ConceptSpec& c, uint64_t seed) {
+  uint64_t name_hash = 0xcbf29ce484222325ULL;  // FNV-1a: each concept gets its own poses
+  for (unsigned char ch : c.name) name_hash = (name_hash ^ ch) * 0x100000001b3ULL;
+  SplitMix64 rng(DeriveSeed(seed, name_hash));
+  ObjectSpec o = ConceptLook(c);
   o.concept_name = c.name;
   o.superclass = c.superclass;
   o.size = static_cast<Size>(rng.UniformInt(kNumSizes));
@@ -453,11 +461,7 @@ void SplitWords(const std::string& text, std::set<std::string>* out) {
 int NumCaptionTemplates(const SceneSpec& scene) { return static_cast<int>(TemplatesFor(scene).size()); }
 
 std::string ConceptInWords(const ConceptSpec& c) {
-  ObjectSpec o;
-  o.shape = c.shape;
-  o.texture = c.texture;
-  o.color = c.color;
-  o.color2 = c.color2;
+  const ObjectSpec o = ConceptLook(c);
   return LookPhrase(o, false) + " " + Noun(o);  // as a two-object caption names a base object
 }
 
