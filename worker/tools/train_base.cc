@@ -792,8 +792,6 @@ int main(int argc, char** argv) {
       }
       cov.Add(te->forward(at::tensor(ids, at::TensorOptions().dtype(at::kLong)).reshape({n, 77}).to(dev)));
     }
-    te->to(at::kCPU);  // the folder is written from the CPU
-    unet->to(at::kCPU);
     StableDiffusion m;
     m.text_encoder = te;
     m.unet = unet;

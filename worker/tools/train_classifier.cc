@@ -383,7 +383,6 @@ int main(int argc, char** argv) {
         {"train_seconds", seconds()},
     };
     for (const auto& c : BuiltinConcepts()) summary["concepts"].push_back(c.name);
-    net->to(at::kCPU);  // written from the CPU
     SaveShapesClassifier(net, a.out, {{"accuracy", acc.dump()}, {"command", command}});
     std::string json_path = a.out;
     if (json_path.size() > 12 && json_path.substr(json_path.size() - 12) == ".safetensors") {
