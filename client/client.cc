@@ -17,8 +17,33 @@ absl::Status FromGrpcStatus(const grpc::Status& s) {
   return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
 }
 
+std::string TokenFromText(absl::string_view text) {
+  while (!text.empty()) {
+    const size_t end = text.find('\n');
+    const absl::string_view line = absl::StripAsciiWhitespace(text.substr(0, end));
+    if (!line.empty() && line[0] != '#') return std::string(line);
+    if (end == absl::string_view::npos) break;
+    text.remove_prefix(end + 1);
+  }
+  return "";
+}
+
+absl::Status CheckToken(absl::string_view token, absl::string_view source) {
+  for (size_t i = 0; i < token.size(); ++i) {
+    const unsigned char c = static_cast<unsigned char>(token[i]);
+    if (c < 0x20 || c > 0x7e) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          source, ": the token has a character a request header cannot carry (byte 0x",
+          absl::Hex(c, absl::kZeroPad2), " at offset ", i,
+          "); a token is one line of printable ASCII"));
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<std::shared_ptr<grpc::Channel>> MakeChannel(const ClientOptions& options) {
   if (options.server.empty()) return absl::InvalidArgumentError("server: empty address");
+  if (absl::Status s = CheckToken(options.token, "token"); !s.ok()) return s;
   std::shared_ptr<grpc::ChannelCredentials> creds;
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(options.max_message_bytes);

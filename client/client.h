@@ -27,6 +27,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "absl/time/time.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "perfusion/v1/concept.grpc.pb.h"
@@ -59,8 +60,18 @@ struct ClientOptions {
 // The gRPC status as an absl::Status (same code, same message).
 absl::Status FromGrpcStatus(const grpc::Status& s);
 
+// The token a file or an environment variable holds: its first line that is neither blank nor a
+// '#' comment, without the surrounding whitespace ("" when there is none). A token file may end in
+// a newline or carry comments, as the server's tokens files do.
+std::string TokenFromText(absl::string_view text);
+
+// INVALID_ARGUMENT naming `source` (e.g. "--token-file t.txt") when `token` holds a character a
+// gRPC header value cannot carry, anything outside printable ASCII: gRPC aborts the process on
+// such metadata instead of failing the call.
+absl::Status CheckToken(absl::string_view token, absl::string_view source);
+
 // A channel to options.server with the options' TLS settings and message limits.
-// INVALID_ARGUMENT when tls_ca_file cannot be read.
+// INVALID_ARGUMENT when tls_ca_file cannot be read or options.token fails CheckToken.
 absl::StatusOr<std::shared_ptr<grpc::Channel>> MakeChannel(const ClientOptions& options);
 
 // Sends `authorization: Bearer <token>` (when token is not empty) and sets the deadline

@@ -75,14 +75,11 @@ std::mutex g_mu;
 perfusion::worker::Agent* g_agent = nullptr;  // guarded by g_mu
 
 std::string ReadToken(const std::string& path) {
-  std::ifstream in(path);
+  std::ifstream in(path, std::ios::binary);
   if (!in) return "";
-  std::string line;
-  while (std::getline(in, line)) {
-    absl::string_view t = absl::StripAsciiWhitespace(line);
-    if (!t.empty() && t[0] != '#') return std::string(t);
-  }
-  return "";
+  std::stringstream text;
+  text << in.rdbuf();
+  return perfusion::client::TokenFromText(text.str());
 }
 
 std::string HostName() {
@@ -132,6 +129,7 @@ int main(int argc, char** argv) {
   std::string token;
   if (!print_id) {
     const std::string token_file = absl::GetFlag(FLAGS_worker_token_file);
+    std::string token_source = "--worker_token_file " + token_file;
     if (!token_file.empty()) {
       token = ReadToken(token_file);
       if (token.empty()) {
@@ -140,10 +138,20 @@ int main(int argc, char** argv) {
         return 2;
       }
     } else if (const char* env = std::getenv("PERFUSION_WORKER_TOKEN"); env && *env) {
-      token = env;
+      token = perfusion::client::TokenFromText(env);
+      token_source = "PERFUSION_WORKER_TOKEN";
+      if (token.empty()) {
+        fprintf(stderr, "perfusion-worker: PERFUSION_WORKER_TOKEN: no token in it\n");
+        return 2;
+      }
     } else {
       fprintf(stderr, "perfusion-worker: a worker token is required: --worker_token_file or "
                       "PERFUSION_WORKER_TOKEN\n");
+      return 2;
+    }
+    // gRPC aborts the process on a header value it cannot send; refuse such a token here instead.
+    if (absl::Status s = perfusion::client::CheckToken(token, token_source); !s.ok()) {
+      fprintf(stderr, "perfusion-worker: %s\n", std::string(s.message()).c_str());
       return 2;
     }
   }

@@ -206,5 +206,47 @@ TEST(CliWithoutServerTest, UnreachableServerExitsFive) {
   EXPECT_NE(r.err.find("UNAVAILABLE"), std::string::npos) << r.err;
 }
 
+// A token file or variable with a newline used to reach gRPC's metadata check, which aborts the
+// process (SIGABRT) instead of failing the call. Now the first non-comment line is the token, and
+// a token no header can carry is a usage error naming where it came from.
+TEST(CliWithoutServerTest, TokensWithNewlinesOrControlCharactersNeverAbort) {
+  const int port = PickFreePort();
+  const std::string server = "127.0.0.1:" + std::to_string(port);
+  const std::string tmp = fs::temp_directory_path().string();
+  const std::string file = tmp + "/perfusionctl_token_" + std::to_string(port);
+  {
+    std::ofstream out(file);
+    out << "acme-secret\n# the acme tenant\n";
+  }
+  CommandResult from_file = RunCommand({PERFUSIONCTL_BIN, "--server", server, "--rpc-timeout", "5s",
+                                        "--token-file", file, "jobs", "list"},
+                                       tmp, absl::Seconds(60));
+  EXPECT_EQ(from_file.exit_code, 5) << from_file.err;  // the call was made: nobody listens there
+  CommandResult from_env = RunCommand({PERFUSIONCTL_BIN, "--server", server, "--rpc-timeout", "5s", "jobs", "list"},
+                                      tmp, absl::Seconds(60), {{"PERFUSION_TOKEN", "acme-secret\n"}});
+  EXPECT_EQ(from_env.exit_code, 5) << from_env.err;
+  CommandResult bad = RunCommand({PERFUSIONCTL_BIN, "--server", server, "jobs", "list"}, tmp, absl::Seconds(60),
+                                 {{"PERFUSION_TOKEN", "acme\x01secret"}});
+  EXPECT_EQ(bad.exit_code, 4) << bad.err;
+  EXPECT_NE(bad.err.find("PERFUSION_TOKEN"), std::string::npos) << bad.err;
+  {
+    std::ofstream out(file);
+    out << "# nothing but a comment\n";
+  }
+  CommandResult empty = RunCommand({PERFUSIONCTL_BIN, "--server", server, "--token-file", file, "jobs", "list"},
+                                   tmp, absl::Seconds(60));
+  EXPECT_EQ(empty.exit_code, 4) << empty.err;
+  EXPECT_NE(empty.err.find("no token in it"), std::string::npos) << empty.err;
+  fs::remove(file);
+}
+
+TEST(WorkerWithoutServerTest, AWorkerTokenNoHeaderCanCarryIsAUsageError) {
+  const std::string tmp = fs::temp_directory_path().string();
+  CommandResult r = RunCommand({PERFUSION_WORKER_BIN, "--server", "127.0.0.1:1", "--model_dir", "/nonexistent"},
+                               tmp, absl::Seconds(60), {{"PERFUSION_WORKER_TOKEN", "worker\x01secret"}});
+  EXPECT_EQ(r.exit_code, 2) << r.err;
+  EXPECT_NE(r.err.find("PERFUSION_WORKER_TOKEN"), std::string::npos) << r.err;
+}
+
 }  // namespace
 }  // namespace perfusion::testing

@@ -138,6 +138,29 @@ TEST(ClientTest, ConceptRefsParseIdsNamesAndVersions) {
   EXPECT_EQ(client::ParseConceptRef("").status().code(), absl::StatusCode::kInvalidArgument);
 }
 
+TEST(ClientTest, TokensComeFromTheFirstNonCommentLine) {
+  EXPECT_EQ(client::TokenFromText("acme-secret"), "acme-secret");
+  EXPECT_EQ(client::TokenFromText("acme-secret\n"), "acme-secret");
+  EXPECT_EQ(client::TokenFromText("\r\n# tenant acme\n  acme-secret \r\nother\n"), "acme-secret");
+  EXPECT_EQ(client::TokenFromText("# only a comment\n\n"), "");
+  EXPECT_EQ(client::TokenFromText(""), "");
+}
+
+TEST(ClientTest, TokensThatAHeaderCannotCarryAreRefusedNotSent) {
+  EXPECT_TRUE(client::CheckToken("acme-secret_0.9~", "--token").ok());
+  EXPECT_TRUE(client::CheckToken("", "--token").ok());
+  const absl::Status nl = client::CheckToken("acme\nsecret", "--token-file t");
+  EXPECT_EQ(nl.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(nl.message().find("--token-file t"), std::string::npos) << nl;
+  EXPECT_NE(nl.message().find("0x0a"), std::string::npos) << nl;
+  EXPECT_EQ(client::CheckToken("caf\xc3\xa9", "--token").code(), absl::StatusCode::kInvalidArgument);
+  // Connect refuses it before any call: gRPC would abort the process on such a header value.
+  client::ClientOptions o;
+  o.server = "127.0.0.1:1";
+  o.token = "a\tb";
+  EXPECT_EQ(client::Client::Connect(o).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
 TEST(ClientTest, ExitCodesFollowTheDocumentedTable) {
   EXPECT_EQ(client::ExitCodeFor(absl::StatusCode::kOk), 0);
   EXPECT_EQ(client::ExitCodeFor(absl::StatusCode::kNotFound), 3);
