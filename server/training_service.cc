@@ -93,10 +93,15 @@ class UploadReactor final : public grpc::ServerReadReactor<v1::UploadTrainingJob
     if (!have_header_) return absl::InvalidArgumentError("header: must come first");
     const int idx = msg_.chunk().image_index();
     const int current = static_cast<int>(request_.images.size()) - 1;
-    if (idx != current && idx != current + 1) {
-      return absl::InvalidArgumentError(absl::StrCat("chunk.image_index: ", idx,
-                                                     " out of order (expected ", current < 0 ? 0 : current,
-                                                     " or ", current + 1, ")"));
+    // The next image starts, or the current one goes on; before the first image only index 0 is
+    // either (a -1 there once passed as "the current image" and appended to a missing one).
+    const bool next = idx == current + 1;
+    const bool same = current >= 0 && idx == current;
+    if (!next && !same) {
+      return absl::InvalidArgumentError(
+          current < 0 ? absl::StrCat("chunk.image_index: ", idx, " out of order (expected 0)")
+                      : absl::StrCat("chunk.image_index: ", idx, " out of order (expected ", current,
+                                     " or ", current + 1, ")"));
     }
     if (idx >= count_) {
       return absl::InvalidArgumentError(absl::StrCat(
@@ -110,7 +115,7 @@ class UploadReactor final : public grpc::ServerReadReactor<v1::UploadTrainingJob
           "upload: the server's upload buffer is full; retry later");
     }
     reserved_ += n;
-    if (idx == current + 1) request_.images.emplace_back();
+    if (next) request_.images.emplace_back();
     std::string& img = request_.images.back();
     if (static_cast<int64_t>(img.size()) + n > c_->limits.max_image_bytes) {
       return absl::InvalidArgumentError(absl::StrCat("images[", idx, "]: exceeds the limit of ",

@@ -772,6 +772,21 @@ TEST_F(ServerTest, UploadTrainingJobStreamsImagesInChunks) {
   bad->Write(skip);
   bad->WritesDone();
   EXPECT_THAT(bad->Finish(), StatusIs(kInvalid, HasSubstr("chunk.image_index: 2 out of order")));
+
+  // A negative index before the first image once passed the order check as "the current image"
+  // and appended to an image that did not exist: one message crashed the server.
+  for (int index : {-1, -7}) {
+    auto ctx3 = Ctx();
+    auto neg = training_->UploadTrainingJob(ctx3.get(), &job);
+    neg->Write(msg);
+    v1::UploadTrainingJobRequest first;
+    first.mutable_chunk()->set_image_index(index);
+    first.mutable_chunk()->set_data("x");
+    neg->Write(first);
+    neg->WritesDone();
+    EXPECT_THAT(neg->Finish(), StatusIs(kInvalid, HasSubstr(absl::StrCat("chunk.image_index: ", index,
+                                                                          " out of order (expected 0)"))));
+  }
   ExpectHealthy();
 }
 
