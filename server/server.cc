@@ -3,6 +3,7 @@
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/health_check_service_interface.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -103,6 +104,13 @@ absl::StatusOr<std::unique_ptr<PerfusionServer>> PerfusionServer::Start(ServerOp
   s->context_->registry = s->concepts_.get();
   s->context_->auth = s->auth_.get();
   s->context_->limits = o.limits;
+  {
+    // A training lease hands a job's images to a worker in one message, which this server sends
+    // under max_message_bytes: refuse larger sets at submission rather than queue them forever.
+    const int64_t lease_room = std::max<int64_t>(o.max_message_bytes - kLeaseOverheadBytes, 1);
+    int64_t& limit = s->context_->limits.max_job_image_bytes;
+    limit = limit > 0 ? std::min(limit, lease_room) : lease_room;
+  }
   s->context_->vocab = s->vocab_.get();
   s->context_->max_upload_bytes_in_flight = o.max_upload_bytes_in_flight;
   s->training_service_ = std::make_unique<TrainingServiceImpl>(s->context_.get());

@@ -19,8 +19,22 @@ grpc::ServerUnaryReactor* FinishUnary(grpc::CallbackServerContext* ctx, F&& body
   return reactor;
 }
 
+// INVALID_ARGUMENT naming `images` when a job's images together exceed what a lease can carry.
+absl::Status CheckJobImageBytes(int64_t total, const ValidationLimits& limits) {
+  if (limits.max_job_image_bytes > 0 && total > limits.max_job_image_bytes) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "images: ", total, " bytes in all; a job's images together may take at most ",
+        limits.max_job_image_bytes, " bytes (the server's --max_message_bytes less ",
+        kLeaseOverheadBytes, " for the rest of the lease that hands them to a worker)"));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status InspectImages(const std::vector<std::string>& images,
                            const ValidationLimits& limits) {
+  int64_t total = 0;
+  for (const std::string& image : images) total += static_cast<int64_t>(image.size());
+  RETURN_IF_ERROR(CheckJobImageBytes(total, limits));
   for (size_t i = 0; i < images.size(); ++i) {
     RETURN_IF_ERROR(InspectImage(images[i], limits, absl::StrCat("images[", i, "]")).status());
   }
@@ -115,6 +129,7 @@ class UploadReactor final : public grpc::ServerReadReactor<v1::UploadTrainingJob
           "upload: the server's upload buffer is full; retry later");
     }
     reserved_ += n;
+    RETURN_IF_ERROR(CheckJobImageBytes(reserved_, c_->limits));  // fail at once, not at the end
     if (next) request_.images.emplace_back();
     std::string& img = request_.images.back();
     if (static_cast<int64_t>(img.size()) + n > c_->limits.max_image_bytes) {

@@ -21,6 +21,10 @@
 
 namespace perfusion::server {
 
+// What a training lease carries besides the images, at most: names, options, up to 32 labels and
+// 20 captions of 300 characters (tens of KiB), with room to spare.
+inline constexpr int64_t kLeaseOverheadBytes = 256 << 10;
+
 struct ValidationLimits {
   // Training images per job.
   int min_images = 3;
@@ -28,6 +32,10 @@ struct ValidationLimits {
   // Per image: encoded size and decoded pixel count (width * height).
   int64_t max_image_bytes = 8 << 20;
   int64_t max_image_pixels = 16'000'000;
+  // A job's encoded images together; 0: no limit. A worker's lease carries them in one message, so
+  // the server sets this to its --max_message_bytes less kLeaseOverheadBytes: a larger set could be
+  // queued but never handed to a worker.
+  int64_t max_job_image_bytes = 0;
   // Training steps (options.steps) and the default for 0.
   int max_train_steps = 5000;
   int default_train_steps = 400;

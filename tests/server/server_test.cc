@@ -104,8 +104,11 @@ class ServerTest : public ::testing::Test {
     o.scheduler.tenant_max_jobs = 4;
     o.drain_timeout = absl::Seconds(10);
     o.clock = &clock_;
+    if (max_message_bytes_ > 0) o.max_message_bytes = max_message_bytes_;
     return o;
   }
+
+  int max_message_bytes_ = 0;  // > 0: the server's max_message_bytes (RestartServer to apply)
 
   void StartServer() {
     auto s = PerfusionServer::Start(Options());
@@ -788,6 +791,42 @@ TEST_F(ServerTest, UploadTrainingJobStreamsImagesInChunks) {
                                                                           " out of order (expected 0)"))));
   }
   ExpectHealthy();
+}
+
+// A lease hands a job's images to a worker in one message under the server's max_message_bytes. A
+// larger set used to be accepted, leased and lost in sending, again and again, until the job failed
+// with "the worker stopped heartbeating"; it is now refused at submission, by both RPCs.
+TEST_F(ServerTest, ImageSetsNoLeaseCouldCarryAreRefusedAtSubmission) {
+  v1::CreateTrainingJobRequest r = Job("teddy", 3);
+  int64_t total = 0;
+  for (const std::string& image : r.images()) total += static_cast<int64_t>(image.size());
+  max_message_bytes_ = static_cast<int>(kLeaseOverheadBytes + total - 1);
+  RestartServer();
+  EXPECT_THAT(Create(r), StatusIs(kInvalid, HasSubstr("images: " + std::to_string(total) + " bytes in all")));
+
+  v1::TrainingJob job;
+  auto ctx = Ctx();
+  auto writer = training_->UploadTrainingJob(ctx.get(), &job);
+  v1::UploadTrainingJobRequest header;
+  *header.mutable_header()->mutable_job() = Job("teddy", 0);
+  header.mutable_header()->set_image_count(3);
+  writer->Write(header);
+  for (int i = 0; i < 3; ++i) {
+    v1::UploadTrainingJobRequest chunk;
+    chunk.mutable_chunk()->set_image_index(i);
+    chunk.mutable_chunk()->set_data(r.images(i));
+    if (!writer->Write(chunk)) break;  // refused on the chunk that crossed the limit
+  }
+  writer->WritesDone();
+  EXPECT_THAT(writer->Finish(), StatusIs(kInvalid, HasSubstr("a job's images together may take at most")));
+
+  // One byte more room and the same set is accepted, and a worker's lease carries it.
+  max_message_bytes_ = static_cast<int>(kLeaseOverheadBytes + total);
+  RestartServer();
+  ASSERT_THAT(Create(r), IsOk());
+  v1::LeaseWorkResponse lease = Lease(RegisterWorker());
+  ASSERT_TRUE(lease.has_training());
+  EXPECT_EQ(lease.training().images_size(), 3);
 }
 
 TEST_F(ServerTest, GenerateRoundTripWithSeveralConcepts) {
