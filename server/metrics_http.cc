@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <chrono>
 #include <cstring>
 
 #include "absl/strings/numbers.h"
@@ -18,11 +19,33 @@
 namespace perfusion::server {
 namespace {
 
-void WriteAll(int fd, const std::string& data) {
+using Clock = std::chrono::steady_clock;
+
+// Milliseconds left before `deadline` (0 once it has passed).
+int MillisLeft(Clock::time_point deadline) {
+  const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
+  return left.count() > 0 ? static_cast<int>(left.count()) : 0;
+}
+
+// Waits until `fd` is ready for `events` or the deadline passes; false on timeout or error.
+bool WaitFor(int fd, short events, Clock::time_point deadline) {
+  for (;;) {
+    const int left = MillisLeft(deadline);
+    if (left == 0) return false;
+    pollfd p{fd, events, 0};
+    const int n = ::poll(&p, 1, left);
+    if (n < 0 && errno == EINTR) continue;
+    return n > 0 && (p.revents & (events | POLLHUP | POLLERR)) != 0;
+  }
+}
+
+// Sends all of `data` before `deadline`, or gives up (a client that does not read).
+void WriteAll(int fd, const std::string& data, Clock::time_point deadline) {
   size_t off = 0;
   while (off < data.size()) {
-    ssize_t n = ::send(fd, data.data() + off, data.size() - off, MSG_NOSIGNAL);
-    if (n < 0 && errno == EINTR) continue;
+    if (!WaitFor(fd, POLLOUT, deadline)) return;
+    ssize_t n = ::send(fd, data.data() + off, data.size() - off, MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (n < 0 && (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK)) continue;
     if (n <= 0) return;
     off += static_cast<size_t>(n);
   }
@@ -82,6 +105,10 @@ void MetricsHttpServer::Stop() {
   char c = 'x';
   (void)!::write(wake_pipe_[1], &c, 1);
   if (thread_.joinable()) thread_.join();
+  {
+    std::unique_lock<std::mutex> lock(mu_);
+    idle_.wait(lock, [this] { return active_ == 0; });
+  }
   ::close(listen_fd_);
   ::close(wake_pipe_[0]);
   ::close(wake_pipe_[1]);
@@ -97,48 +124,74 @@ void MetricsHttpServer::Serve() {
     if (fds[0].revents & POLLIN) {
       int conn = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
       if (conn < 0) continue;
-      Handle(conn);
-      ::close(conn);
+      bool busy;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        busy = active_ >= kMaxConnections;
+        if (!busy) ++active_;
+      }
+      if (busy) {
+        WriteAll(conn, Response(503, "Service Unavailable", "text/plain", "busy\n", false),
+                 Clock::now() + std::chrono::milliseconds(100));
+        ::close(conn);
+        continue;
+      }
+      std::thread([this, conn] {
+        Handle(conn);
+        ::close(conn);
+        std::lock_guard<std::mutex> lock(mu_);
+        if (--active_ == 0) idle_.notify_all();
+      }).detach();
     }
   }
 }
 
 void MetricsHttpServer::Handle(int fd) {
-  timeval tv{2, 0};
-  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-  setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+  // One deadline for the whole request, however the bytes trickle in.
+  const Clock::time_point request_deadline = Clock::now() + kRequestTimeout;
   std::string req;
   char buf[2048];
+  bool timed_out = false;
   while (req.find("\r\n\r\n") == std::string::npos && req.size() < 16384) {
-    ssize_t n = ::recv(fd, buf, sizeof buf, 0);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) break;
+    if (!WaitFor(fd, POLLIN, request_deadline)) {
+      timed_out = true;
+      break;
+    }
+    ssize_t n = ::recv(fd, buf, sizeof buf, MSG_DONTWAIT);
+    if (n < 0 && (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK)) continue;
+    if (n <= 0) break;  // the client closed its side: answer what arrived
     req.append(buf, static_cast<size_t>(n));
+  }
+  const Clock::time_point reply_deadline = Clock::now() + kReplyTimeout;
+  auto Reply = [&](const std::string& data) { WriteAll(fd, data, reply_deadline); };
+  if (timed_out) {
+    Reply(Response(408, "Request Timeout", "text/plain", "request timeout\n", false));
+    return;
   }
   std::string line = req.substr(0, req.find("\r\n"));
   std::vector<std::string> parts = absl::StrSplit(line, ' ', absl::SkipEmpty());
   if (parts.size() < 2) {
-    WriteAll(fd, Response(400, "Bad Request", "text/plain", "bad request\n", false));
+    Reply(Response(400, "Bad Request", "text/plain", "bad request\n", false));
     return;
   }
   const std::string& method = parts[0];
   std::string path = parts[1].substr(0, parts[1].find('?'));
   bool head = method == "HEAD";
   if (method != "GET" && !head) {
-    WriteAll(fd, Response(405, "Method Not Allowed", "text/plain", "GET only\n", false));
+    Reply(Response(405, "Method Not Allowed", "text/plain", "GET only\n", false));
     return;
   }
   if (path == "/metrics") {
-    WriteAll(fd, Response(200, "OK", "text/plain; version=0.0.4; charset=utf-8",
+    Reply(Response(200, "OK", "text/plain; version=0.0.4; charset=utf-8",
                           registry_->Render(), head));
   } else if (path == "/healthz") {
     if (draining_.load()) {
-      WriteAll(fd, Response(503, "Service Unavailable", "text/plain", "draining\n", head));
+      Reply(Response(503, "Service Unavailable", "text/plain", "draining\n", head));
     } else {
-      WriteAll(fd, Response(200, "OK", "text/plain", "ok\n", head));
+      Reply(Response(200, "OK", "text/plain", "ok\n", head));
     }
   } else {
-    WriteAll(fd, Response(404, "Not Found", "text/plain", "not found\n", head));
+    Reply(Response(404, "Not Found", "text/plain", "not found\n", head));
   }
 }
 

@@ -5,6 +5,11 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <atomic>
+#include <chrono>
+#include <string>
+#include <thread>
+
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
@@ -19,6 +24,30 @@ using ::testing::HasSubstr;
 using testing::IsOk;
 
 // A GET over a plain socket; returns the whole response (headers and body).
+int Connect(int port) {
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  inet_pton(AF_INET, "127.0.0.1", &addr.sin_addr);
+  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
+    close(fd);
+    return -1;
+  }
+  return fd;
+}
+
+// Everything the server sends until it closes, or until `timeout` passes between two reads.
+std::string ReadAll(int fd, std::chrono::milliseconds timeout) {
+  timeval tv{static_cast<time_t>(timeout.count() / 1000), static_cast<suseconds_t>(timeout.count() % 1000 * 1000)};
+  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  std::string out;
+  char buf[4096];
+  ssize_t n;
+  while ((n = recv(fd, buf, sizeof buf, 0)) > 0) out.append(buf, static_cast<size_t>(n));
+  return out;
+}
+
 std::string HttpGet(int port, const std::string& path, const std::string& method = "GET") {
   int fd = socket(AF_INET, SOCK_STREAM, 0);
   sockaddr_in addr{};
@@ -124,6 +153,45 @@ TEST(MetricsHttpTest, ServesMetricsAndHealthzOnItsOwnPort) {
   EXPECT_THAT(HttpGet(*port, "/healthz"), HasSubstr("503"));
   http.Stop();
   EXPECT_EQ(HttpGet(*port, "/metrics"), "");  // nothing listens any more
+}
+
+// Probes must answer while other clients hold connections open. A client that trickled one byte
+// at a time once held the only serving thread for as long as it kept going (each byte restarted a
+// 2 s receive timeout), so /healthz hung and liveness probes failed.
+TEST(MetricsHttpTest, SlowClientsDelayNeitherProbesNorStop) {
+  metrics::Registry r;
+  MetricsHttpServer http(&r);
+  auto port = http.Start("127.0.0.1:0");
+  ASSERT_THAT(port, IsOk());
+  const int silent = Connect(*port);  // connects and never sends
+  const int slow = Connect(*port);
+  ASSERT_GE(silent, 0);
+  ASSERT_GE(slow, 0);
+  std::atomic<bool> done{false};
+  std::thread trickle([&] {
+    const std::string partial = "GET /metrics HTTP/1.1\r\nHost: x\r\n";
+    for (size_t i = 0; !done.load() && i < 40; ++i) {
+      if (send(slow, partial.data() + i % partial.size(), 1, MSG_NOSIGNAL) <= 0) break;
+      std::this_thread::sleep_for(std::chrono::milliseconds(150));
+    }
+  });
+  const int probe = Connect(*port);
+  ASSERT_GE(probe, 0);
+  const std::string req = "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
+  send(probe, req.data(), req.size(), 0);
+  EXPECT_THAT(ReadAll(probe, std::chrono::milliseconds(1500)), HasSubstr("200 OK"));
+  close(probe);
+  // The trickling client's request never completes within its deadline: it is answered and closed
+  // (within kRequestTimeout of connecting) rather than kept for the 6 s it would go on sending.
+  EXPECT_THAT(ReadAll(slow, MetricsHttpServer::kRequestTimeout + std::chrono::milliseconds(2000)),
+              HasSubstr("408 Request Timeout"));
+  EXPECT_THAT(ReadAll(silent, MetricsHttpServer::kRequestTimeout + std::chrono::milliseconds(2000)),
+              HasSubstr("408 Request Timeout"));
+  done.store(true);
+  trickle.join();
+  close(slow);
+  close(silent);
+  http.Stop();
 }
 
 TEST(MetricsHttpTest, RejectsMalformedAddress) {
