@@ -15,58 +15,17 @@
 
 #include "server/metrics.h"
 #include "server/metrics_http.h"
+#include "tests/server/server_test_util.h"
 #include "tests/server/status_matchers.h"
 
 namespace perfusion::server {
 namespace {
 
 using ::testing::HasSubstr;
+using testing::ConnectLocal;
+using testing::HttpGet;
 using testing::IsOk;
-
-// A GET over a plain socket; returns the whole response (headers and body).
-int Connect(int port) {
-  int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_port = htons(static_cast<uint16_t>(port));
-  inet_pton(AF_INET, "127.0.0.1", &addr.sin_addr);
-  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
-    close(fd);
-    return -1;
-  }
-  return fd;
-}
-
-// Everything the server sends until it closes, or until `timeout` passes between two reads.
-std::string ReadAll(int fd, std::chrono::milliseconds timeout) {
-  timeval tv{static_cast<time_t>(timeout.count() / 1000), static_cast<suseconds_t>(timeout.count() % 1000 * 1000)};
-  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-  std::string out;
-  char buf[4096];
-  ssize_t n;
-  while ((n = recv(fd, buf, sizeof buf, 0)) > 0) out.append(buf, static_cast<size_t>(n));
-  return out;
-}
-
-std::string HttpGet(int port, const std::string& path, const std::string& method = "GET") {
-  int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_port = htons(static_cast<uint16_t>(port));
-  inet_pton(AF_INET, "127.0.0.1", &addr.sin_addr);
-  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
-    close(fd);
-    return "";
-  }
-  std::string req = method + " " + path + " HTTP/1.1\r\nHost: localhost\r\n\r\n";
-  send(fd, req.data(), req.size(), 0);
-  std::string out;
-  char buf[4096];
-  ssize_t n;
-  while ((n = recv(fd, buf, sizeof buf, 0)) > 0) out.append(buf, static_cast<size_t>(n));
-  close(fd);
-  return out;
-}
+using testing::ReadAll;
 
 TEST(MetricsTest, CounterRendersHelpTypeAndLabelledSamples) {
   metrics::Registry r;
@@ -163,8 +122,8 @@ TEST(MetricsHttpTest, SlowClientsDelayNeitherProbesNorStop) {
   MetricsHttpServer http(&r);
   auto port = http.Start("127.0.0.1:0");
   ASSERT_THAT(port, IsOk());
-  const int silent = Connect(*port);  // connects and never sends
-  const int slow = Connect(*port);
+  const int silent = ConnectLocal(*port);  // connects and never sends
+  const int slow = ConnectLocal(*port);
   ASSERT_GE(silent, 0);
   ASSERT_GE(slow, 0);
   std::atomic<bool> done{false};
@@ -175,7 +134,7 @@ TEST(MetricsHttpTest, SlowClientsDelayNeitherProbesNorStop) {
       std::this_thread::sleep_for(std::chrono::milliseconds(150));
     }
   });
-  const int probe = Connect(*port);
+  const int probe = ConnectLocal(*port);
   ASSERT_GE(probe, 0);
   const std::string req = "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
   send(probe, req.data(), req.size(), 0);

@@ -1,6 +1,11 @@
 #include "tests/server/server_test_util.h"
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <stdlib.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <unistd.h>
 #include <zlib.h>
 
 #include <filesystem>
@@ -40,6 +45,41 @@ void PngChunk(std::string& out, const char* type, const std::string& data) {
 }
 
 }  // namespace
+
+int ConnectLocal(int port) {
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  if (fd < 0) return -1;
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  inet_pton(AF_INET, "127.0.0.1", &addr.sin_addr);
+  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
+    close(fd);
+    return -1;
+  }
+  return fd;
+}
+
+std::string ReadAll(int fd, std::chrono::milliseconds timeout) {
+  timeval tv{static_cast<time_t>(timeout.count() / 1000),
+             static_cast<suseconds_t>(timeout.count() % 1000 * 1000)};
+  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  std::string out;
+  char buf[8192];
+  ssize_t n;
+  while ((n = recv(fd, buf, sizeof buf, 0)) > 0) out.append(buf, static_cast<size_t>(n));
+  return out;
+}
+
+std::string HttpGet(int port, const std::string& path, const std::string& method) {
+  const int fd = ConnectLocal(port);
+  if (fd < 0) return "";
+  const std::string req = method + " " + path + " HTTP/1.1\r\nHost: localhost\r\n\r\n";
+  send(fd, req.data(), req.size(), MSG_NOSIGNAL);
+  std::string out = ReadAll(fd);
+  close(fd);
+  return out;
+}
 
 std::string MakePng(int width, int height) {
   std::string out("\x89PNG\r\n\x1a\n", 8);

@@ -3,9 +3,18 @@
 #ifndef PERFUSION_TESTS_SERVER_SERVER_TEST_UTIL_H_
 #define PERFUSION_TESTS_SERVER_SERVER_TEST_UTIL_H_
 
+#include <chrono>
 #include <string>
 
 namespace perfusion::server::testing {
+
+// A TCP connection to 127.0.0.1:port, or -1.
+int ConnectLocal(int port);
+// Everything the peer sends on `fd` until it closes, or until `timeout` passes between two reads.
+std::string ReadAll(int fd, std::chrono::milliseconds timeout = std::chrono::seconds(10));
+// One HTTP/1.1 request on its own connection; the whole response (headers and body), "" when
+// nothing listens.
+std::string HttpGet(int port, const std::string& path, const std::string& method = "GET");
 
 // A valid 8-bit RGB PNG (zlib-compressed rows, correct CRCs) of a gradient.
 std::string MakePng(int width, int height);
