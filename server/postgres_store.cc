@@ -87,6 +87,8 @@ CREATE INDEX concepts_digest ON concepts(digest);
     R"sql(
 CREATE INDEX jobs_lease ON jobs(lease_id) WHERE lease_id <> '';
 )sql",
+    // 3: concept_names, the highest version each (tenant, name) was ever given.
+    store_rows::kConceptNamesMigration,
 };
 constexpr int kSchemaVersion = sizeof(kMigrations) / sizeof(kMigrations[0]);
 
@@ -588,11 +590,24 @@ absl::StatusOr<ConceptRecord> InsertConceptTxn(PGconn* c, const ConceptRecord& i
   ConceptRecord out = in;
   {
     Params p;
+    // Past every version this name ever had (concept_names keeps the highest given, so deleting
+    // the newest does not free its number) and every version still stored.
+    const std::string tenant = p.Add(in.tenant);
+    const std::string name = p.Add(in.name);
     std::string sql = absl::StrCat(
-        "SELECT COALESCE(MAX(version), 0) FROM concepts WHERE tenant = ", p.Add(in.tenant),
-        " AND name = ", p.Add(in.name));
+        "SELECT GREATEST(COALESCE((SELECT last_version FROM concept_names WHERE tenant = ", tenant,
+        " AND name = ", name, "), 0), COALESCE((SELECT MAX(version) FROM concepts WHERE tenant = ",
+        tenant, " AND name = ", name, "), 0))");
     ASSIGN_OR_RETURN(Result r, Exec(c, sql, p));
     out.version = static_cast<int>(Row{r.get(), 0}.Int(0)) + 1;
+  }
+  {
+    Params p;
+    std::string sql = absl::StrCat(
+        "INSERT INTO concept_names (tenant, name, last_version) VALUES (", p.Add(out.tenant), ", ",
+        p.Add(out.name), ", ", p.Add(out.version),
+        ") ON CONFLICT (tenant, name) DO UPDATE SET last_version = EXCLUDED.last_version");
+    RETURN_IF_ERROR(Exec(c, sql, p).status());
   }
   Params p;
   std::string values = absl::StrCat(

@@ -80,6 +80,8 @@ CREATE INDEX concepts_digest ON concepts(digest);
     R"sql(
 CREATE INDEX jobs_lease ON jobs(lease_id) WHERE lease_id <> '';
 )sql",
+    // 3: concept_names, the highest version each (tenant, name) was ever given.
+    store_rows::kConceptNamesMigration,
 };
 constexpr int kSchemaVersion = sizeof(kMigrations) / sizeof(kMigrations[0]);
 
@@ -423,12 +425,22 @@ absl::StatusOr<std::map<JobState, int64_t>> SqliteStore::CountJobsByState() {
 
 absl::StatusOr<ConceptRecord> SqliteStore::InsertConceptLocked(const ConceptRecord& c,
                                                                const std::string& blob) {
-  Stmt v(db_, "SELECT COALESCE(MAX(version), 0) FROM concepts WHERE tenant = ? AND name = ?");
+  // The next version: past every version this name ever had (concept_names keeps the highest
+  // given, so deleting the newest does not free its number) and every version still stored.
+  Stmt v(db_,
+         "SELECT MAX(COALESCE((SELECT last_version FROM concept_names WHERE tenant = ?1 AND name = ?2), 0), "
+         "COALESCE((SELECT MAX(version) FROM concepts WHERE tenant = ?1 AND name = ?2), 0))");
   RETURN_IF_ERROR(v.prepared());
   v.Bind(1, c.tenant).Bind(2, c.name);
   ASSIGN_OR_RETURN(bool row, v.Step());
   ConceptRecord out = c;
   out.version = row ? static_cast<int>(v.Int(0)) + 1 : 1;
+  Stmt n(db_,
+         "INSERT INTO concept_names (tenant, name, last_version) VALUES (?1, ?2, ?3) "
+         "ON CONFLICT (tenant, name) DO UPDATE SET last_version = excluded.last_version");
+  RETURN_IF_ERROR(n.prepared());
+  n.Bind(1, out.tenant).Bind(2, out.name).Bind(3, int64_t{out.version});
+  RETURN_IF_ERROR(n.Run());
   Stmt s(db_, absl::StrCat("INSERT INTO concepts (", kConceptColumns,
                            ", blob) VALUES (NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"));
   RETURN_IF_ERROR(s.prepared());

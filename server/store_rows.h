@@ -14,6 +14,20 @@
 
 namespace perfusion::server::store_rows {
 
+// Schema migration 3 of both stores (the same SQL in both dialects): a version number is never
+// given twice to a (tenant, name), even after the newest version is deleted, so a saved prompt's
+// <name@n> cannot come to mean another concept. Filled from the concepts stored at migration.
+inline constexpr const char* kConceptNamesMigration = R"sql(
+CREATE TABLE concept_names (
+  tenant TEXT NOT NULL,
+  name TEXT NOT NULL,
+  last_version INTEGER NOT NULL,
+  PRIMARY KEY (tenant, name)
+);
+INSERT INTO concept_names (tenant, name, last_version)
+  SELECT tenant, name, MAX(version) FROM concepts GROUP BY tenant, name;
+)sql";
+
 template <typename Row>
 absl::StatusOr<JobRecord> ReadJob(const Row& s) {
   JobRecord j;

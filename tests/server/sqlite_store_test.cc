@@ -39,7 +39,7 @@ class SqliteStoreTest : public ::testing::Test {
   std::unique_ptr<SqliteStore> store_;
 };
 
-TEST_F(SqliteStoreTest, MigratesToTheLatestSchema) { EXPECT_EQ(store_->schema_version(), 2); }
+TEST_F(SqliteStoreTest, MigratesToTheLatestSchema) { EXPECT_EQ(store_->schema_version(), 3); }
 
 // Job and concept behaviour is the store conformance suite's (store_conformance_test.cc), which
 // runs on SQLite and PostgreSQL alike; this file keeps what only SQLite has (schema version, WAL).
@@ -55,7 +55,7 @@ TEST(SqliteStoreFileTest, ReopenKeepsDataAndUsesWal) {
   auto s = SqliteStore::Open(path);
   ASSERT_THAT(s, IsOk());
   EXPECT_THAT((*s)->GetJob("job_1"), IsOk());
-  EXPECT_EQ((*s)->schema_version(), 2);
+  EXPECT_EQ((*s)->schema_version(), 3);
   sqlite3* db = nullptr;
   ASSERT_EQ(sqlite3_open(path.c_str(), &db), SQLITE_OK);
   sqlite3_stmt* st = nullptr;
@@ -64,6 +64,47 @@ TEST(SqliteStoreFileTest, ReopenKeepsDataAndUsesWal) {
   EXPECT_STREQ(reinterpret_cast<const char*>(sqlite3_column_text(st, 0)), "wal");
   sqlite3_finalize(st);
   sqlite3_close(db);
+}
+
+// Migration 3 (concept_names) on a database made before it: the counters start from the versions
+// stored then, so the next import after deleting the newest still does not reuse its number.
+TEST(SqliteStoreFileTest, MigrationThreeContinuesTheVersionsAlreadyStored) {
+  const std::string path = testing::MakeTempDir() + "/perfusion.db";
+  auto Concept = [](const std::string& id) {
+    ConceptRecord c;
+    c.id = id;
+    c.tenant = "acme";
+    c.name = "teddy";
+    c.superclass = "toy";
+    c.base_model_id = "tiny";
+    c.digest = "d-" + id;
+    c.size_bytes = 1;
+    c.format_version = 1;
+    c.dtype = "float16";
+    return c;
+  };
+  {
+    auto s = SqliteStore::Open(path);
+    ASSERT_THAT(s, IsOk());
+    ASSERT_THAT((*s)->InsertConcept(Concept("cpt_1"), "a"), IsOk());
+    ASSERT_THAT((*s)->InsertConcept(Concept("cpt_2"), "b"), IsOk());
+  }
+  {
+    // Back to schema 2, as a database written by the previous release.
+    sqlite3* db = nullptr;
+    ASSERT_EQ(sqlite3_open(path.c_str(), &db), SQLITE_OK);
+    ASSERT_EQ(sqlite3_exec(db, "DROP TABLE concept_names; DELETE FROM schema_migrations WHERE version = 3;",
+                           nullptr, nullptr, nullptr),
+              SQLITE_OK);
+    sqlite3_close(db);
+  }
+  auto s = SqliteStore::Open(path);
+  ASSERT_THAT(s, IsOk());
+  EXPECT_EQ((*s)->schema_version(), 3);
+  ASSERT_THAT((*s)->DeleteConcept("acme", "cpt_2"), IsOk());
+  auto next = (*s)->InsertConcept(Concept("cpt_3"), "c");
+  ASSERT_THAT(next, IsOk());
+  EXPECT_EQ(next->version, 3);
 }
 
 }  // namespace

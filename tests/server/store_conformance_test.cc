@@ -319,6 +319,32 @@ TEST_P(StoreConformanceTest, ConceptListingLabelsDeletionAndTotals) {
   EXPECT_EQ(*store_->CountConcepts("acme"), 2);
 }
 
+// A version number means one concept for good: deleting the newest version must not hand its
+// number to the next import, or a saved prompt's <teddy@2> would silently mean another concept.
+TEST_P(StoreConformanceTest, VersionsAreNeverReusedAfterADeletion) {
+  ASSERT_THAT(store_->InsertConcept(NewConcept("cpt_1", "acme", "teddy"), "a"), IsOk());
+  ASSERT_THAT(store_->InsertConcept(NewConcept("cpt_2", "acme", "teddy"), "b"), IsOk());
+  ASSERT_THAT(store_->DeleteConcept("acme", "cpt_2"), IsOk());
+  auto v3 = store_->InsertConcept(NewConcept("cpt_3", "acme", "teddy"), "c");
+  ASSERT_THAT(v3, IsOk());
+  EXPECT_EQ(v3->version, 3);
+  EXPECT_THAT(store_->GetConceptByName("acme", "teddy", 2), StatusIs(absl::StatusCode::kNotFound));
+  // Every version gone: the name still continues, and survives reopening the store.
+  ASSERT_THAT(store_->DeleteConcept("acme", "cpt_1"), IsOk());
+  ASSERT_THAT(store_->DeleteConcept("acme", "cpt_3"), IsOk());
+  store_.reset();
+  auto again = OpenStore(url_);
+  ASSERT_THAT(again, IsOk());
+  store_ = *std::move(again);
+  auto v4 = store_->InsertConcept(NewConcept("cpt_4", "acme", "teddy"), "d");
+  ASSERT_THAT(v4, IsOk());
+  EXPECT_EQ(v4->version, 4);
+  // Per tenant: another tenant's teddy starts at 1.
+  auto other = store_->InsertConcept(NewConcept("cpt_5", "globex", "teddy"), "e");
+  ASSERT_THAT(other, IsOk());
+  EXPECT_EQ(other->version, 1);
+}
+
 TEST_P(StoreConformanceTest, CompleteJobWithConceptIsAtomic) {
   ASSERT_THAT(store_->InsertJob(NewJob("job_1", "acme"), {"a"}), IsOk());
   JobRecord j = *store_->GetJob("job_1");
