@@ -395,6 +395,16 @@ TEST_F(ServerTest, InvalidArgumentCarriesAGoogleRpcBadRequestNamingTheField) {
   ASSERT_EQ(bad.field_violations_size(), 1);
   EXPECT_EQ(bad.field_violations(0).field(), "images[1]");
   EXPECT_THAT(bad.field_violations(0).description(), HasSubstr("not a PNG or JPEG"));
+  // A map key may hold '-', '/' and '.': the field is still recognised.
+  job = Job("teddy");
+  (*job.mutable_labels())["app.kubernetes.io/team-a"] = std::string("bad\x01value");
+  s = training_->CreateTrainingJob(Ctx("acme-token").get(), job, &out);
+  ASSERT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  ASSERT_TRUE(details.ParseFromString(s.error_details())) << "no details for " << s.error_message();
+  ASSERT_EQ(details.details_size(), 1);
+  ASSERT_TRUE(details.details(0).UnpackTo(&bad));
+  ASSERT_EQ(bad.field_violations_size(), 1);
+  EXPECT_EQ(bad.field_violations(0).field(), "labels[app.kubernetes.io/team-a]");
   // Other codes carry no details.
   v1::GetTrainingJobRequest get;
   get.set_id("job_0000000000000000");
