@@ -29,12 +29,14 @@ absl::StatusOr<ConceptRecord> ConceptRegistry::UpdateLabels(
     const std::string& tenant, const std::string& id, const Labels& set,
     const std::vector<std::string>& remove) {
   RETURN_IF_ERROR(ValidateLabels(set, "set_labels"));
-  ASSIGN_OR_RETURN(ConceptRecord c, store_->GetConcept(tenant, id));
-  for (const auto& [k, v] : set) c.labels[k] = v;
-  for (const auto& k : remove) c.labels.erase(k);
-  RETURN_IF_ERROR(ValidateLabels(c.labels, "set_labels"));
-  RETURN_IF_ERROR(store_->SetConceptLabels(tenant, id, c.labels));
-  return c;
+  // The merge runs inside the store's update, on the labels as they are at that moment.
+  return store_->UpdateConceptLabels(tenant, id, [&](const Labels& current) -> absl::StatusOr<Labels> {
+    Labels labels = current;
+    for (const auto& [k, v] : set) labels[k] = v;
+    for (const auto& k : remove) labels.erase(k);
+    RETURN_IF_ERROR(ValidateLabels(labels, "set_labels"));
+    return labels;
+  });
 }
 
 absl::Status ConceptRegistry::Delete(const std::string& tenant, const std::string& id) {

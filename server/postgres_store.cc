@@ -740,17 +740,28 @@ absl::StatusOr<Page<ConceptRecord>> PostgresStore::ListConcepts(const std::strin
   return page;
 }
 
-absl::Status PostgresStore::SetConceptLabels(const std::string& tenant, const std::string& id,
-                                             const Labels& labels) {
+absl::StatusOr<ConceptRecord> PostgresStore::UpdateConceptLabels(const std::string& tenant,
+                                                                const std::string& id,
+                                                                const LabelUpdate& update) {
   ASSIGN_OR_RETURN(Conn c, Borrow());
-  Params p;
-  std::string sql = absl::StrCat("UPDATE concepts SET labels_json = ", p.Add(LabelsToJson(labels)),
-                                 " WHERE tenant = ", p.Add(tenant), " AND id = ", p.Add(id));
-  ASSIGN_OR_RETURN(Result r, c.Exec(sql, p));
-  if (std::string(PQcmdTuples(r.get())) != "1") {
-    return absl::NotFoundError(absl::StrCat("concept ", id, " not found"));
+  RETURN_IF_ERROR(c.Begin());
+  ConceptRecord concept_record;
+  {
+    // Row lock: a concurrent update of this concept, from any replica, waits for our commit.
+    Params p;
+    std::string sql = absl::StrCat("SELECT ", kConceptColumns, " FROM concepts WHERE tenant = ",
+                                   p.Add(tenant), " AND id = ", p.Add(id), " FOR UPDATE");
+    ASSIGN_OR_RETURN(Result r, c.Exec(sql, p));
+    if (PQntuples(r.get()) == 0) return absl::NotFoundError(absl::StrCat("concept ", id, " not found"));
+    ASSIGN_OR_RETURN(concept_record, ReadConcept(Row{r.get(), 0}));
   }
-  return absl::OkStatus();
+  ASSIGN_OR_RETURN(concept_record.labels, update(concept_record.labels));
+  Params p;
+  std::string sql = absl::StrCat("UPDATE concepts SET labels_json = ", p.Add(LabelsToJson(concept_record.labels)),
+                                 " WHERE tenant = ", p.Add(tenant), " AND id = ", p.Add(id));
+  RETURN_IF_ERROR(c.Exec(sql, p).status());
+  RETURN_IF_ERROR(c.Commit());
+  return concept_record;
 }
 
 absl::Status PostgresStore::DeleteConcept(const std::string& tenant, const std::string& id) {

@@ -76,8 +76,8 @@ class PostgresStore final : public Store {
   absl::StatusOr<Page<ConceptRecord>> ListConcepts(const std::string& tenant,
                                                    const std::string& name, int page_size,
                                                    const std::string& page_token) override;
-  absl::Status SetConceptLabels(const std::string& tenant, const std::string& id,
-                                const Labels& labels) override;
+  absl::StatusOr<ConceptRecord> UpdateConceptLabels(const std::string& tenant, const std::string& id,
+                                                    const LabelUpdate& update) override;
   absl::Status DeleteConcept(const std::string& tenant, const std::string& id) override;
   absl::StatusOr<std::string> GetConceptBlob(const std::string& tenant,
                                              const std::string& id) override;

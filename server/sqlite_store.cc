@@ -562,16 +562,27 @@ absl::StatusOr<Page<ConceptRecord>> SqliteStore::ListConcepts(const std::string&
   return page;
 }
 
-absl::Status SqliteStore::SetConceptLabels(const std::string& tenant, const std::string& id,
-                                           const Labels& labels) {
+absl::StatusOr<ConceptRecord> SqliteStore::UpdateConceptLabels(const std::string& tenant,
+                                                              const std::string& id,
+                                                              const LabelUpdate& update) {
   absl::MutexLock lock(&mu_);
+  Txn txn(db_);  // BEGIN IMMEDIATE: also another process's writes wait
+  RETURN_IF_ERROR(txn.began());
+  ConceptRecord c;
+  {
+    Stmt s(db_, absl::StrCat("SELECT ", kConceptColumns, " FROM concepts WHERE tenant = ? AND id = ?"));
+    RETURN_IF_ERROR(s.prepared());
+    s.Bind(1, tenant).Bind(2, id);
+    ASSIGN_OR_RETURN(bool row, s.Step());
+    if (!row) return absl::NotFoundError(absl::StrCat("concept ", id, " not found"));
+    ASSIGN_OR_RETURN(c, ReadConcept(s));
+  }
+  ASSIGN_OR_RETURN(c.labels, update(c.labels));
   Stmt s(db_, "UPDATE concepts SET labels_json = ? WHERE tenant = ? AND id = ?");
   RETURN_IF_ERROR(s.prepared());
-  RETURN_IF_ERROR(s.Bind(1, LabelsToJson(labels)).Bind(2, tenant).Bind(3, id).Run());
-  if (sqlite3_changes(db_) != 1) {
-    return absl::NotFoundError(absl::StrCat("concept ", id, " not found"));
-  }
-  return absl::OkStatus();
+  RETURN_IF_ERROR(s.Bind(1, LabelsToJson(c.labels)).Bind(2, tenant).Bind(3, id).Run());
+  RETURN_IF_ERROR(txn.Commit());
+  return c;
 }
 
 absl::Status SqliteStore::DeleteConcept(const std::string& tenant, const std::string& id) {

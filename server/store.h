@@ -11,6 +11,7 @@
 #ifndef PERFUSION_SERVER_STORE_H_
 #define PERFUSION_SERVER_STORE_H_
 
+#include <functional>
 #include <map>
 #include <optional>
 #include <string>
@@ -75,8 +76,14 @@ class Store {
   virtual absl::StatusOr<Page<ConceptRecord>> ListConcepts(const std::string& tenant,
                                                            const std::string& name, int page_size,
                                                            const std::string& page_token) = 0;
-  virtual absl::Status SetConceptLabels(const std::string& tenant, const std::string& id,
-                                        const Labels& labels) = 0;
+  // Reads the concept's labels, applies `update` and writes its result, as one atomic step:
+  // concurrent updates of one concept, from any replica, each start from the other's result (a
+  // read, merge and write done apart lost one of two racing changes). An error from `update`
+  // writes nothing and is returned. NOT_FOUND for an unknown id. Returns the updated concept.
+  using LabelUpdate = std::function<absl::StatusOr<Labels>(const Labels& current)>;
+  virtual absl::StatusOr<ConceptRecord> UpdateConceptLabels(const std::string& tenant,
+                                                            const std::string& id,
+                                                            const LabelUpdate& update) = 0;
   virtual absl::Status DeleteConcept(const std::string& tenant, const std::string& id) = 0;
   virtual absl::StatusOr<std::string> GetConceptBlob(const std::string& tenant,
                                                      const std::string& id) = 0;

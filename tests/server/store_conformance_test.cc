@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <functional>
 #include <cstdio>
 #include <filesystem>
 #include <set>
@@ -119,6 +120,25 @@ class StoreConformanceTest : public ::testing::TestWithParam<std::string> {
     if (!s.ok()) return nullptr;
     others_.push_back(*std::move(s));
     return others_.back().get();
+  }
+
+  // Runs call(store, instance, n) for n < per_instance on `instances` instances at once (the
+  // fixture's store and others on the same database, each on its own thread); returns how many
+  // calls failed.
+  int RunOnInstances(int instances, int per_instance, const std::function<absl::Status(Store*, int, int)>& call) {
+    std::vector<Store*> stores = {store_.get()};
+    for (int i = 1; i < instances; ++i) stores.push_back(Another());
+    std::vector<std::thread> threads;
+    std::atomic<int> errors{0};
+    for (int s = 0; s < instances; ++s) {
+      threads.emplace_back([&, s] {
+        for (int n = 0; n < per_instance; ++n) {
+          if (!call(stores[s], s, n).ok()) ++errors;
+        }
+      });
+    }
+    for (auto& t : threads) t.join();
+    return errors.load();
   }
 
   std::string url_;
@@ -304,10 +324,24 @@ TEST_P(StoreConformanceTest, ConceptListingLabelsDeletionAndTotals) {
   EXPECT_EQ(rest->items[0].id, "cpt_0");
   EXPECT_EQ(store_->ListConcepts("acme", "teddy", 10, "")->items.size(), 2u);
 
-  ASSERT_THAT(store_->SetConceptLabels("acme", "cpt_1", {{"k", "v"}}), IsOk());
+  auto SetK = [](const Labels& current) -> absl::StatusOr<Labels> {
+    Labels l = current;
+    l["k"] = "v";
+    return l;
+  };
+  auto updated = store_->UpdateConceptLabels("acme", "cpt_1", SetK);
+  ASSERT_THAT(updated, IsOk());
+  EXPECT_EQ(updated->labels.at("k"), "v");
+  EXPECT_EQ(updated->name, "cat");
   EXPECT_EQ(store_->GetConcept("acme", "cpt_1")->labels.at("k"), "v");
-  EXPECT_THAT(store_->SetConceptLabels("globex", "cpt_1", {}),
-              StatusIs(absl::StatusCode::kNotFound));
+  EXPECT_THAT(store_->UpdateConceptLabels("globex", "cpt_1", SetK), StatusIs(absl::StatusCode::kNotFound));
+  // An update that fails writes nothing.
+  EXPECT_THAT(store_->UpdateConceptLabels("acme", "cpt_1",
+                                          [](const Labels&) -> absl::StatusOr<Labels> {
+                                            return absl::InvalidArgumentError("set_labels: no");
+                                          }),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_EQ(store_->GetConcept("acme", "cpt_1")->labels.size(), 1u);
   EXPECT_THAT(store_->DeleteConcept("globex", "cpt_1"), StatusIs(absl::StatusCode::kNotFound));
 
   EXPECT_EQ(*store_->CountConcepts("acme"), 3);
@@ -520,24 +554,32 @@ TEST_P(StoreConformanceTest, ConcurrentLeasersAcrossInstancesTakeEachJobOnce) {
   EXPECT_EQ(store_->CountJobsByState()->at(JobState::kRunning), kJobs);
 }
 
+// Each of many concurrent label updates of one concept, from several instances, keeps the others'
+// keys: the read and the write are one step.
+TEST_P(StoreConformanceTest, ConcurrentLabelUpdatesLoseNoKey) {
+  ASSERT_THAT(store_->InsertConcept(NewConcept("cpt_1", "acme", "teddy"), "blob"), IsOk());
+  constexpr int kInstances = 3;
+  constexpr int kPerInstance = 6;
+  const int errors = RunOnInstances(kInstances, kPerInstance, [](Store* store, int s, int n) {
+    const std::string key = absl::StrCat("k", s, "-", n);
+    return store->UpdateConceptLabels("acme", "cpt_1", [&](const Labels& current) -> absl::StatusOr<Labels> {
+      Labels l = current;
+      l[key] = "v";
+      std::this_thread::yield();  // widen the window a read-merge-write race would need
+      return l;
+    }).status();
+  });
+  EXPECT_EQ(errors, 0);
+  EXPECT_EQ(store_->GetConcept("acme", "cpt_1")->labels.size(), static_cast<size_t>(kInstances * kPerInstance));
+}
+
 TEST_P(StoreConformanceTest, ConcurrentConceptInsertsGetDistinctVersions) {
   constexpr int kInstances = 4;
   constexpr int kPerInstance = 5;
-  std::vector<Store*> stores = {store_.get()};
-  for (int i = 1; i < kInstances; ++i) stores.push_back(Another());
-  std::vector<std::thread> threads;
-  std::atomic<int> errors{0};
-  for (int s = 0; s < kInstances; ++s) {
-    threads.emplace_back([&, s] {
-      for (int n = 0; n < kPerInstance; ++n) {
-        auto c = stores[s]->InsertConcept(
-            NewConcept(absl::StrCat("cpt_", s, "_", n), "acme", "teddy"), "blob");
-        if (!c.ok()) ++errors;
-      }
-    });
-  }
-  for (auto& t : threads) t.join();
-  EXPECT_EQ(errors.load(), 0);
+  const int errors = RunOnInstances(kInstances, kPerInstance, [](Store* store, int s, int n) {
+    return store->InsertConcept(NewConcept(absl::StrCat("cpt_", s, "_", n), "acme", "teddy"), "blob").status();
+  });
+  EXPECT_EQ(errors, 0);
   auto all = store_->ListConcepts("acme", "teddy", 100, "");
   std::set<int> versions;
   for (const auto& c : all->items) versions.insert(c.version);
