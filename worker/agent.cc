@@ -152,9 +152,16 @@ class Agent::LeaseKeeper {
       }
       if (done_) break;
       agent_->CountError("Heartbeat", s);
-      if (s.error_code() == grpc::StatusCode::NOT_FOUND) {
+      // NOT_FOUND: the lease is gone. UNAUTHENTICATED / PERMISSION_DENIED: our token no longer
+      // is (revoked, or the server restarted with other worker tokens); no retry can complete this
+      // lease, so stop working on it, and the agent's next poll re-registers (and exits, refused).
+      if (s.error_code() == grpc::StatusCode::NOT_FOUND ||
+          s.error_code() == grpc::StatusCode::UNAUTHENTICATED ||
+          s.error_code() == grpc::StatusCode::PERMISSION_DENIED) {
         lost_ = true;
-        LogEvent("lease_lost", {{"lease", lease_id_}, {"error", s.error_message()}});
+        LogEvent("lease_lost", {{"lease", lease_id_},
+                                {"code", CodeName(s.error_code())},
+                                {"error", s.error_message()}});
         break;
       }
       LogEvent("heartbeat_error", {{"lease", lease_id_},
@@ -391,8 +398,15 @@ absl::Status Agent::Run() {
     std::optional<v1::LeaseWorkResponse> resp = Lease(options_.lease_wait, &err);
     if (!err.ok()) {
       if (stopping()) break;
-      if (err.code() == absl::StatusCode::kNotFound) {
-        LogEvent("worker_unknown", {{"worker", worker_id_}, {"error", std::string(err.message())}});
+      // NOT_FOUND: the server forgot us (restart, expiry): register again. UNAUTHENTICATED or
+      // PERMISSION_DENIED: the token stopped being accepted; registering again either works (a
+      // server that came back with it) or is refused, and then Run returns that error, so the
+      // process exits rather than poll forever while its /healthz says it is fine.
+      if (err.code() == absl::StatusCode::kNotFound || err.code() == absl::StatusCode::kUnauthenticated ||
+          err.code() == absl::StatusCode::kPermissionDenied) {
+        LogEvent("worker_unknown", {{"worker", worker_id_},
+                                    {"code", absl::StatusCodeToString(err.code())},
+                                    {"error", std::string(err.message())}});
         worker_id_.clear();
         if (metrics_ != nullptr) metrics_->registered->Set(0);
         continue;

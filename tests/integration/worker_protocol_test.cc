@@ -2,6 +2,7 @@
 // batching of queued generations, and a worker that keeps working through a server restart.
 #include <signal.h>
 
+#include <fstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -153,6 +154,29 @@ TEST_F(WorkerProtocolTest, WorkerKeepsItsJobThroughAServerRestartAndRegistersAga
                                   "--steps", "4"});
   EXPECT_EQ(r.exit_code, 0) << r.err;
   EXPECT_TRUE(cluster_.worker(w).running());
+}
+
+// A worker whose token stops being accepted (the server came back with other worker tokens) used
+// to poll forever with backoff while its /healthz said it was fine. It now registers again, is
+// refused, and exits 1, so its pod restarts visibly.
+TEST_F(WorkerProtocolTest, AWorkerWhoseTokenIsRevokedExits) {
+  ASSERT_TRUE(cluster_.StartServer());
+  const int w = cluster_.StartWorker("w1");
+  ASSERT_GE(w, 0);
+  EXPECT_EQ(cluster_.StopServer(), 0);
+  const std::string other = cluster_.dir() + "/other_worker_tokens.txt";
+  {
+    std::ofstream out(other);
+    out << "another-worker-token\n";
+  }
+  ServerFlags flags;
+  flags.extra = {"--worker_tokens_file=" + other};
+  ASSERT_TRUE(cluster_.StartServer(flags));
+  std::optional<int> code = cluster_.worker(w).Wait(absl::Seconds(90));
+  ASSERT_TRUE(code.has_value()) << "the worker kept running: " << cluster_.worker(w).Log();
+  EXPECT_EQ(*code, 1) << cluster_.worker(w).Log();
+  EXPECT_NE(cluster_.worker(w).Log().find("event=register_refused"), std::string::npos)
+      << cluster_.worker(w).Log();
 }
 
 }  // namespace
