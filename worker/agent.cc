@@ -666,9 +666,12 @@ void Agent::GenerateBatch(const std::vector<HeldItem*>& items) {
             {"code", absl::StatusCodeToString(results.status().code())}});
 
   if (!results.ok()) {
-    if (results.status().code() == absl::StatusCode::kInvalidArgument && items.size() > 1 &&
-        !stopping()) {
-      // Find the item(s) at fault: every item alone.
+    const absl::StatusCode code = results.status().code();
+    if ((code == absl::StatusCode::kInvalidArgument || code == absl::StatusCode::kResourceExhausted) &&
+        items.size() > 1 && !stopping()) {
+      // Find the item(s) at fault, or run them in less memory: every item alone. Failing them all
+      // on an out-of-memory error would requeue them together, lease them together again, and fail
+      // small requests that fit alone once their attempts ran out.
       LogEvent("generation_batch_split", {{"error", std::string(results.status().message())}});
       for (HeldItem* it : items) {
         if (alive(it)) {

@@ -290,6 +290,28 @@ TEST_F(PipelineTest, ImageNOfARequestEqualsAOneImageRequestWithSeedPlusN) {
   EXPECT_GT((both[0] - both[1]).abs().mean().item<double>(), 1e-3) << "images of a request differ";
 }
 
+// Requests with different steps run as groups, one after another; progress counts over all of
+// them, so it never goes back and reaches its total only at the end.
+TEST_F(PipelineTest, ProgressOverGroupsOnlyRisesAndEndsOnce) {
+  Pipeline pipe(model_);
+  GenerationRequest a = Request("a green star", 1);
+  GenerationRequest b = Request("a blue square", 2);
+  a.steps = 2;
+  b.steps = 3;
+  std::vector<std::pair<int64_t, int64_t>> calls;
+  pipe.Generate({a, b}, [&](int64_t step, int64_t total) {
+    calls.emplace_back(step, total);
+    return true;
+  });
+  ASSERT_FALSE(calls.empty());
+  for (size_t i = 0; i < calls.size(); ++i) {
+    EXPECT_EQ(calls[i].second, 5) << i;
+    if (i > 0) EXPECT_GT(calls[i].first, calls[i - 1].first) << i;
+    if (i + 1 < calls.size()) EXPECT_LT(calls[i].first, 5) << i;
+  }
+  EXPECT_EQ(calls.back().first, 5);
+}
+
 TEST(GuidedPredictionTest, RescaleMatchesTheConditionalStdPerImage) {
   at::Tensor uncond = at::randn({3, 4, 8, 8}, MakeGenerator(1));
   at::Tensor cond = at::randn({3, 4, 8, 8}, MakeGenerator(2)) * 0.5;

@@ -246,21 +246,40 @@ std::vector<GenerationResult> Pipeline::Generate(const std::vector<GenerationReq
                                                  const ProgressFn& progress) const {
   std::vector<GenerationResult> results(requests.size());
   std::vector<bool> done(requests.size(), false);
+  std::vector<std::vector<size_t>> groups;
   for (size_t a = 0; a < requests.size(); ++a) {
     if (done[a]) continue;
-    std::vector<const GenerationRequest*> group;
     std::vector<size_t> index;
     for (size_t b = a; b < requests.size(); ++b) {
       const auto& x = requests[a];
       const auto& y = requests[b];
       if (!done[b] && x.steps == y.steps && x.sampler == y.sampler && x.width == y.width && x.height == y.height) {
-        group.push_back(&y);
         index.push_back(b);
         done[b] = true;
       }
     }
-    auto out = GenerateGroup(group, progress);
+    groups.push_back(std::move(index));
+  }
+  // Groups run one after another. Progress counts over all of them, each group weighing its steps,
+  // so it only rises and reaches the end with the last group (a callback told each group's own
+  // (step, total) saw 100 % after the first group, then 0 % again).
+  int64_t all_steps = 0;
+  for (const auto& index : groups) all_steps += std::max<int64_t>(1, requests[index[0]].steps);
+  int64_t steps_before = 0;
+  for (const auto& index : groups) {
+    std::vector<const GenerationRequest*> group;
+    for (size_t b : index) group.push_back(&requests[b]);
+    const int64_t group_steps = std::max<int64_t>(1, requests[index[0]].steps);
+    ProgressFn group_progress;
+    if (progress) {
+      group_progress = [&, group_steps](int64_t step, int64_t total) {
+        const int64_t within = total > 0 ? step * group_steps / total : 0;
+        return progress(steps_before + within, all_steps);
+      };
+    }
+    auto out = GenerateGroup(group, group_progress);
     for (size_t k = 0; k < index.size(); ++k) results[index[k]] = std::move(out[k]);
+    steps_before += group_steps;
   }
   return results;
 }

@@ -134,7 +134,8 @@ class Pipeline {
   // Runs requests together: all images of all requests in one UNet batch per step. Requests with
   // different steps, sampler or size run as separate groups. Results are in request order and do not
   // depend on how requests were batched: image n of a request draws its noise from seed + n, so it
-  // equals a one-image request with that seed.
+  // equals a one-image request with that seed. `progress` counts over the whole call: (steps done,
+  // steps of all groups), rising to the total once, at the end.
   std::vector<GenerationResult> Generate(const std::vector<GenerationRequest>& requests,
                                          const ProgressFn& progress = {}) const;
 
