@@ -228,8 +228,10 @@ Agent::~Agent() = default;
 void Agent::Stop() {
   absl::MutexLock lock(&mu_);
   if (!stop_.HasBeenNotified()) {
+    stop_deadline_ = absl::Now() + options_.stop_grace;
     stop_.Notify();
     LogEvent("stop_requested", {});
+    for (grpc::ClientContext* call : calls_) call->TryCancel();
   }
   if (lease_ctx_ != nullptr) lease_ctx_->TryCancel();
 }
@@ -502,6 +504,10 @@ void Agent::RunTraining(std::unique_ptr<HeldItem> item) {
     LogEvent("training_dropped", {{"job", w.job_id()}, {"lease", item->lease_id()}});
     CountItem("training", "lost");
   } else if (result.ok()) {
+    // The compute is done; what follows is delivering the result (which may wait for the server).
+    LogEvent("training_finished", {{"job", w.job_id()},
+                                   {"steps", std::to_string(result->steps)},
+                                   {"seconds", Secs(took)}});
     v1::CompleteTrainingRequest req;
     req.set_lease_id(item->lease_id());
     req.set_concept_blob(result->blob);
@@ -592,6 +598,10 @@ void Agent::RunGenerations(std::vector<std::unique_ptr<HeldItem>> items) {
   if (metrics_ != nullptr) metrics_->busy->Set(1);
   std::vector<HeldItem*> ready;
   for (auto& item : items) {
+    if (stopping()) {  // fetch nothing more: hand the rest back within the grace period
+      ReturnItem(item.get(), "worker shutting down");
+      continue;
+    }
     if (absl::Now() > item->deadline) {
       FailItem(item.get(), absl::DeadlineExceededError("the request's deadline passed"));
       continue;
@@ -729,21 +739,46 @@ void Agent::GenerateBatch(const std::vector<HeldItem*>& items) {
 
 // ---- Ending leases ----
 
+absl::Time Agent::RetryUntil(absl::Time until) {
+  absl::MutexLock lock(&mu_);
+  return std::min(until, stop_deadline_);
+}
+
 grpc::Status Agent::CallWithRetry(const char* method, absl::Time until,
                                   const std::function<grpc::Status(grpc::ClientContext*)>& call) {
   absl::Duration backoff = options_.min_backoff;
   while (true) {
+    // Re-read each round: a Stop() meanwhile brings the end forward to its grace period.
+    const absl::Time end = RetryUntil(until);
     grpc::ClientContext ctx;
-    PrepareContext(&ctx, std::clamp(until - absl::Now(), absl::Seconds(1), options_.rpc_timeout));
+    PrepareContext(&ctx, std::clamp(end - absl::Now(), absl::Seconds(1), options_.rpc_timeout));
+    bool before_stop;
+    {
+      absl::MutexLock lock(&mu_);
+      before_stop = !stopping();
+      if (before_stop) calls_.insert(&ctx);
+    }
     grpc::Status s = call(&ctx);
+    if (before_stop) {
+      absl::MutexLock lock(&mu_);
+      calls_.erase(&ctx);
+    }
     if (s.ok()) return s;
+    // Cancelled by Stop(): try again, now within the grace period.
+    const bool cut = before_stop && stopping() && s.error_code() == grpc::StatusCode::CANCELLED;
+    if (cut) continue;
     CountError(method, s);
-    if (!Transient(s.error_code()) || absl::Now() + backoff > until) return s;
+    if (!Transient(s.error_code()) || absl::Now() + backoff > RetryUntil(until)) return s;
     LogEvent("rpc_retry", {{"method", method},
                            {"code", CodeName(s.error_code())},
                            {"error", s.error_message()},
                            {"retry_in", Secs(backoff)}});
-    absl::SleepFor(backoff);
+    // Before Stop(), a Stop() ends the wait early, so the call can re-check its end.
+    if (stopping()) {
+      absl::SleepFor(backoff);
+    } else {
+      stop_.WaitForNotificationWithTimeout(backoff);
+    }
     backoff = std::min(backoff * 2, options_.max_backoff);
   }
 }

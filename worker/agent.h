@@ -29,6 +29,7 @@
 
 #include <atomic>
 #include <memory>
+#include <set>
 #include <optional>
 #include <string>
 #include <vector>
@@ -70,7 +71,9 @@ struct AgentOptions {
   // How long a finished training result is offered to an unreachable server (a restart keeps
   // the lease, so the blob is delivered once the server is back).
   absl::Duration completion_retry = absl::Minutes(2);
-  // After Stop(): how long to keep retrying ReturnLease / a completion before exiting.
+  // After Stop(): how long, in all, to keep retrying ReturnLease / completions before exiting.
+  // Every call to the server after Stop() ends by Stop() + stop_grace (a call already retrying
+  // when Stop() came included), so shutdown fits a pod's termination grace period.
   absl::Duration stop_grace = absl::Seconds(10);
 };
 
@@ -120,6 +123,8 @@ class Agent {
   void CountItem(const char* kind, const char* outcome);
   // Sleeps up to d, or less when stopping.
   void Backoff(absl::Duration* backoff);
+  // `until`, or Stop() + stop_grace when that comes first.
+  absl::Time RetryUntil(absl::Time until);
 
   const AgentOptions options_;
   const std::shared_ptr<grpc::Channel> channel_;
@@ -130,6 +135,11 @@ class Agent {
 
   absl::Notification stop_;
   absl::Mutex mu_;
+  // Stop() + stop_grace, once Stop() was called: the end of every retry after it.
+  absl::Time stop_deadline_ ABSL_GUARDED_BY(mu_) = absl::InfiniteFuture();
+  // CallWithRetry's calls begun before Stop(), which Stop() cancels: each may have a deadline past
+  // the grace period (a completion retried for minutes); it is retried within the grace instead.
+  std::set<grpc::ClientContext*> calls_ ABSL_GUARDED_BY(mu_);
   // The Run() thread's open call (RegisterWorker or the LeaseWork long poll), for Stop().
   grpc::ClientContext* lease_ctx_ ABSL_GUARDED_BY(mu_) = nullptr;
 

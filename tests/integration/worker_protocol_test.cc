@@ -156,6 +156,39 @@ TEST_F(WorkerProtocolTest, WorkerKeepsItsJobThroughAServerRestartAndRegistersAga
   EXPECT_TRUE(cluster_.worker(w).running());
 }
 
+// SIGTERM while the server does not answer: every call after the signal ends within the worker's
+// grace period (10 s), however long it had been retrying. A finished training result used to be
+// offered for 2 minutes after the signal, past a pod's termination grace (60 s on GPUs).
+TEST_F(WorkerProtocolTest, SigtermWithTheServerFrozenExitsWithinTheGracePeriod) {
+  ASSERT_TRUE(cluster_.StartServer());
+  const int w = cluster_.StartWorker("w1");
+  ASSERT_GE(w, 0);
+  const std::string dir = cluster_.RenderConcept("checker_star");
+  auto client = cluster_.Client();
+  const std::string id = Submit(cluster_, dir, "star", 40);
+  ASSERT_TRUE(Cluster::WaitFor([&] { return RunningWithProgress(client.get(), id); },
+                               absl::Minutes(3)));
+  // Frozen, not dead: calls connect and then hang until their deadline.
+  cluster_.server().Signal(SIGSTOP);
+  // Training ends and CompleteTraining starts, against the frozen server (its call would wait 20 s,
+  // and the result be offered for 2 minutes).
+  const bool finished = Cluster::WaitFor(
+      [&] { return cluster_.worker(w).Log().find("event=training_finished job=" + id) != std::string::npos; },
+      absl::Seconds(90));
+  if (!finished) cluster_.server().Signal(SIGCONT);
+  ASSERT_TRUE(finished) << cluster_.worker(w).Log();
+  absl::SleepFor(absl::Milliseconds(500));
+  const absl::Time signalled = absl::Now();
+  cluster_.worker(w).Signal(SIGTERM);
+  std::optional<int> code = cluster_.worker(w).Wait(absl::Seconds(45));
+  const absl::Duration took = absl::Now() - signalled;
+  cluster_.server().Signal(SIGCONT);
+  ASSERT_TRUE(code.has_value()) << "still running 45 s after SIGTERM: " << cluster_.worker(w).Log();
+  RecordProperty("exit_ms_after_sigterm", static_cast<int>(absl::ToInt64Milliseconds(took)));
+  EXPECT_EQ(*code, 0) << cluster_.worker(w).Log();
+  EXPECT_LT(took, absl::Seconds(30)) << cluster_.worker(w).Log();
+}
+
 // A worker whose token stops being accepted (the server came back with other worker tokens) used
 // to poll forever with backoff while its /healthz said it was fine. It now registers again, is
 // refused, and exits 1, so its pod restarts visibly.
