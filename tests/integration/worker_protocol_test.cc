@@ -40,17 +40,37 @@ int Count(const std::string& text, const std::string& needle) {
   return n;
 }
 
-using WorkerProtocolTest = ClusterTest;
+class WorkerProtocolTest : public ClusterTest {
+ protected:
+  // Starts the server and worker w1, submits a `steps`-step training job on rendered checker_star
+  // images and waits until it runs with progress. Sets worker_, client_ and returns the job id
+  // ("" after a failed assertion).
+  std::string StartRunningJob(int steps) {
+    if (!cluster_.StartServer()) return Fail("server did not start");
+    worker_ = cluster_.StartWorker("w1");
+    if (worker_ < 0) return Fail("worker did not start");
+    const std::string dir = cluster_.RenderConcept("checker_star");
+    client_ = cluster_.Client();
+    const std::string id = Submit(cluster_, dir, "star", steps);
+    if (!Cluster::WaitFor([&] { return RunningWithProgress(client_.get(), id); }, absl::Minutes(3))) {
+      return Fail("job " + id + " did not start running");
+    }
+    return id;
+  }
+  std::string Fail(const std::string& why) {
+    ADD_FAILURE() << why;
+    return "";
+  }
+
+  int worker_ = -1;
+  std::unique_ptr<client::Client> client_;
+};
 
 TEST_F(WorkerProtocolTest, RunningTrainingJobStopsWhenCancelled) {
-  ASSERT_TRUE(cluster_.StartServer());
-  const int w = cluster_.StartWorker("w1");
-  ASSERT_GE(w, 0);
-  const std::string dir = cluster_.RenderConcept("checker_star");
-  auto client = cluster_.Client();
-  const std::string id = Submit(cluster_, dir, "star", 2000);
-  ASSERT_TRUE(Cluster::WaitFor([&] { return RunningWithProgress(client.get(), id); },
-                               absl::Minutes(3)));
+  const std::string id = StartRunningJob(2000);
+  ASSERT_FALSE(id.empty());
+  const int w = worker_;
+  auto& client = client_;
   CommandResult r = cluster_.Ctl({"jobs", "cancel", id});
   ASSERT_EQ(r.exit_code, 0) << r.err;
   ASSERT_TRUE(Cluster::WaitFor([&] { return GetJob(client.get(), id).state() == v1::CANCELLED; },
@@ -120,14 +140,10 @@ TEST_F(WorkerProtocolTest, QueuedGenerationsWithDifferentConceptsRunAsOneBatch) 
 }
 
 TEST_F(WorkerProtocolTest, WorkerKeepsItsJobThroughAServerRestartAndRegistersAgain) {
-  ASSERT_TRUE(cluster_.StartServer());
-  const int w = cluster_.StartWorker("w1");
-  ASSERT_GE(w, 0);
-  const std::string dir = cluster_.RenderConcept("checker_star");
-  auto client = cluster_.Client();
-  const std::string id = Submit(cluster_, dir, "star", 100);
-  ASSERT_TRUE(Cluster::WaitFor([&] { return RunningWithProgress(client.get(), id); },
-                               absl::Minutes(3)));
+  const std::string id = StartRunningJob(100);
+  ASSERT_FALSE(id.empty());
+  const int w = worker_;
+  auto& client = client_;
   // A user following the job with the CLI keeps following it through the restart.
   Subprocess watch;
   ASSERT_TRUE(watch.Start({PERFUSIONCTL_BIN, "--server=" + cluster_.address(),
@@ -160,14 +176,9 @@ TEST_F(WorkerProtocolTest, WorkerKeepsItsJobThroughAServerRestartAndRegistersAga
 // grace period (10 s), however long it had been retrying. A finished training result used to be
 // offered for 2 minutes after the signal, past a pod's termination grace (60 s on GPUs).
 TEST_F(WorkerProtocolTest, SigtermWithTheServerFrozenExitsWithinTheGracePeriod) {
-  ASSERT_TRUE(cluster_.StartServer());
-  const int w = cluster_.StartWorker("w1");
-  ASSERT_GE(w, 0);
-  const std::string dir = cluster_.RenderConcept("checker_star");
-  auto client = cluster_.Client();
-  const std::string id = Submit(cluster_, dir, "star", 40);
-  ASSERT_TRUE(Cluster::WaitFor([&] { return RunningWithProgress(client.get(), id); },
-                               absl::Minutes(3)));
+  const std::string id = StartRunningJob(40);
+  ASSERT_FALSE(id.empty());
+  const int w = worker_;
   // Frozen, not dead: calls connect and then hang until their deadline.
   cluster_.server().Signal(SIGSTOP);
   // Training ends and CompleteTraining starts, against the frozen server (its call would wait 20 s,
