@@ -212,6 +212,13 @@ struct Agent::HeldItem {
   }
   // The latest lease deadline known, plus a grace for a server restart that renews it.
   absl::Time retry_until(absl::Duration grace) const { return keeper->deadline() + grace; }
+  // The lease was ended or lost: stop its heartbeats at once. An item of a batch that failed,
+  // completed or was returned early used to go on heartbeating until the whole batch was done,
+  // and its NOT_FOUND answers were logged as lost leases and counted as server errors.
+  void End() {
+    ended = true;
+    keeper->Stop();
+  }
 };
 
 Agent::Agent(AgentOptions options, std::shared_ptr<grpc::Channel> channel, Engine* engine,
@@ -522,7 +529,7 @@ void Agent::RunTraining(std::unique_ptr<HeldItem> item) {
     grpc::Status s = CallWithRetry("CompleteTraining", until, [&](grpc::ClientContext* ctx) {
       return stub_->CompleteTraining(ctx, req, &resp);
     });
-    item->ended = true;
+    item->End();
     if (s.ok()) {
       CountItem("training", "completed");
       LogEvent("training_completed", {{"job", w.job_id()},
@@ -609,7 +616,7 @@ void Agent::RunGenerations(std::vector<std::unique_ptr<HeldItem>> items) {
     absl::Status s = FetchConcepts(item.get());
     if (!s.ok()) {
       if (item->keeper->lost()) {
-        item->ended = true;
+        item->End();
         CountItem("generation", "lost");
       } else if (stopping()) {
         ReturnItem(item.get(), "worker shutting down");
@@ -696,7 +703,7 @@ void Agent::GenerateBatch(const std::vector<HeldItem*>& items) {
     }
     for (HeldItem* it : items) {
       if (it->keeper->lost()) {
-        it->ended = true;
+        it->End();
         CountItem("generation", "lost");
       } else if (stopping()) {
         ReturnItem(it, "worker shutting down");
@@ -725,7 +732,7 @@ void Agent::GenerateBatch(const std::vector<HeldItem*>& items) {
   for (size_t i = 0; i < items.size(); ++i) {
     HeldItem* it = items[i];
     if (it->keeper->lost()) {
-      it->ended = true;
+      it->End();
       CountItem("generation", "lost");
     } else if (it->keeper->cancel_requested()) {
       FailItem(it, absl::CancelledError("cancelled by the client"));
@@ -798,7 +805,7 @@ void Agent::FailItem(HeldItem* item, const absl::Status& status) {
   grpc::Status s = CallWithRetry("FailWork", until, [&](grpc::ClientContext* ctx) {
     return stub_->FailWork(ctx, req, &resp);
   });
-  item->ended = true;
+  item->End();
   CountItem(kind, status.code() == absl::StatusCode::kCancelled ? "cancelled" : "failed");
   LogEvent("work_failed", {{item->training() ? "job" : "generation", item->id()},
                            {"lease", item->lease_id()},
@@ -817,7 +824,7 @@ void Agent::ReturnItem(HeldItem* item, const std::string& reason) {
                                  [&](grpc::ClientContext* ctx) {
                                    return stub_->ReturnLease(ctx, req, &resp);
                                  });
-  item->ended = true;
+  item->End();
   CountItem(item->training() ? "training" : "generation", "returned");
   LogEvent("work_returned", {{item->training() ? "job" : "generation", item->id()},
                              {"lease", item->lease_id()},
@@ -838,7 +845,7 @@ void Agent::CompleteGenerationItem(HeldItem* item, std::vector<v1::GeneratedImag
   grpc::Status s = CallWithRetry("CompleteGeneration", until, [&](grpc::ClientContext* ctx) {
     return stub_->CompleteGeneration(ctx, req, &resp);
   });
-  item->ended = true;
+  item->End();
   CountItem("generation", s.ok() ? "completed"
                                  : s.error_code() == grpc::StatusCode::NOT_FOUND ? "lost" : "failed");
   LogEvent("generation_completed", {{"generation", item->id()},

@@ -137,6 +137,9 @@ TEST_F(WorkerProtocolTest, QueuedGenerationsWithDifferentConceptsRunAsOneBatch) 
   const std::string metrics = HttpGet(cluster_.worker_metrics_port(w), "/metrics");
   EXPECT_EQ(MetricValue(metrics, "perfusion_worker_generation_batch_size_sum"), 3);
   EXPECT_EQ(GetJob(client.get(), busy).state(), v1::SUCCEEDED);
+  // Each completed item's heartbeats stopped with it: no lease reads as lost afterwards.
+  absl::SleepFor(absl::Seconds(3));
+  EXPECT_EQ(cluster_.worker(w).Log().find("event=lease_lost"), std::string::npos) << cluster_.worker(w).Log();
 }
 
 TEST_F(WorkerProtocolTest, WorkerKeepsItsJobThroughAServerRestartAndRegistersAgain) {
