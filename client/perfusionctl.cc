@@ -898,7 +898,11 @@ class Cli {
       } else {
         text = absl::StrCat(absl::StatusCodeToString(st.status().code()), ": ",
                             st.status().message());
-        if (svc.empty() || services.size() == 1) code = ExitCodeFor(st.status().code());
+        // An unknown --service is NOT_FOUND (3); any other failure (unreachable, too slow) is
+        // "not healthy", 5, as a probe script expects.
+        if (svc.empty() || services.size() == 1) {
+          code = st.status().code() == absl::StatusCode::kNotFound ? pc::kExitNotFound : pc::kExitUnavailable;
+        }
       }
       j[svc.empty() ? "server" : svc] = text;
       if (!json_) {

@@ -182,6 +182,7 @@ TEST_F(CliRoundTripTest, TrainWatchListGenerateExportImportDelete) {
   EXPECT_EQ(cluster_.Ctl({"jobs", "list"}, "not-a-token").exit_code, 6);
   EXPECT_EQ(cluster_.Ctl({"jobs", "frobnicate"}).exit_code, 2);
   EXPECT_EQ(cluster_.Ctl({"health"}).exit_code, 0);
+  EXPECT_EQ(cluster_.Ctl({"health", "--service", "perfusion.v1.NoSuchService"}).exit_code, 3);
 }
 
 TEST(CliWithoutServerTest, UsageErrorsExitTwo) {
