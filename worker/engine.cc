@@ -35,7 +35,13 @@ absl::Status RunGuarded(const std::function<void()>& fn) {
   } catch (const c10::TypeError& e) {
     return absl::InvalidArgumentError(e.what_without_backtrace());
   } catch (const c10::Error& e) {
-    return absl::InternalError(e.what_without_backtrace());
+    // LibTorch's CPU allocator reports an allocation it cannot make as a plain c10::Error.
+    const std::string what = e.what_without_backtrace();
+    if (what.find("DefaultCPUAllocator: can't allocate memory") != std::string::npos ||
+        what.find("DefaultCPUAllocator: not enough memory") != std::string::npos) {
+      return absl::ResourceExhaustedError(what);
+    }
+    return absl::InternalError(what);
   } catch (const std::bad_alloc&) {
     return absl::ResourceExhaustedError("out of memory");
   } catch (const std::exception& e) {

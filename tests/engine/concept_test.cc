@@ -54,6 +54,31 @@ TEST_F(ConceptTest, RoundTripIsExactInFloat32AndFp16RoundedOtherwise) {
   EXPECT_EQ(EncodeConcept(c), EncodeConcept(c));
 }
 
+// `blob` with the first `from` in its JSON header replaced by `to`: the header's length, padding and
+// the checksum are made right again, so only the edit is wrong.
+std::string WithHeaderEdited(const std::string& blob, const std::string& from, const std::string& to) {
+  auto u32 = [](const char* p) {
+    return static_cast<uint32_t>(static_cast<uint8_t>(p[0])) | static_cast<uint32_t>(static_cast<uint8_t>(p[1])) << 8 |
+           static_cast<uint32_t>(static_cast<uint8_t>(p[2])) << 16 | static_cast<uint32_t>(static_cast<uint8_t>(p[3])) << 24;
+  };
+  auto put = [](std::string& out, uint32_t v) {
+    for (int i = 0; i < 4; ++i) out.push_back(static_cast<char>((v >> (8 * i)) & 0xff));
+  };
+  const uint32_t header_len = u32(blob.data() + 4);
+  std::string json = blob.substr(8, header_len);
+  while (!json.empty() && json.back() == ' ') json.pop_back();
+  const size_t at = json.find(from);
+  if (at == std::string::npos) return blob;
+  json.replace(at, from.size(), to);
+  while ((8 + json.size()) % 8 != 0) json.push_back(' ');
+  std::string out = blob.substr(0, 4);
+  put(out, static_cast<uint32_t>(json.size()));
+  out += json;
+  out += blob.substr(8 + header_len, blob.size() - 4 - 8 - header_len);
+  put(out, Crc32c(out.data(), out.size()));
+  return out;
+}
+
 std::string ErrorOf(const std::string& blob, const std::string& base = "") {
   try {
     DecodeConcept(blob, base);
@@ -75,6 +100,36 @@ TEST_F(ConceptTest, CorruptTruncatedOrForeignBlobsAreRejected) {
   EXPECT_EQ(ErrorOf(blob, "sd15-test"), "");
   // Every single-byte truncation point fails cleanly (never a crash).
   for (size_t n = 0; n < blob.size(); n += 97) EXPECT_NE(ErrorOf(blob.substr(0, n)), "") << n;
+}
+
+// Hostile but well-formed blobs: values that overflow half precision (or the attention in any
+// precision: once they gave black images reported as a success), layer widths whose sum would
+// overflow, and a negative superclass token.
+TEST_F(ConceptTest, OutOfRangeValuesWidthsAndTokenIdsAreRejected) {
+  Concept huge = c;
+  huge.v_targets = at::full({c.total_out_dim()}, 1e30);
+  EXPECT_NE(ErrorOf(EncodeConcept(huge, {at::kFloat})).find("tensor 'v_targets' has values beyond"), std::string::npos);
+  Concept big_embedding = c;  // copies share tensors: clone before writing
+  big_embedding.embedding = c.embedding.clone();
+  big_embedding.embedding[3] = -7e4;
+  EXPECT_NE(ErrorOf(EncodeConcept(big_embedding, {at::kFloat})).find("tensor 'embedding' has values beyond"),
+            std::string::npos);
+  Concept at_the_limit = c;
+  at_the_limit.v_targets = c.v_targets.clone();
+  at_the_limit.v_targets[0] = kMaxConceptValue;
+  EXPECT_EQ(ErrorOf(EncodeConcept(at_the_limit, {at::kFloat})), "");
+  // Widths as a hostile header would give them (EncodeConcept refuses to write such a concept).
+  const std::string blob = EncodeConcept(c, {at::kFloat});
+  const std::string layer0 = "\"name\":\"layer0.attn2\",\"out_dim\":320";
+  ASSERT_NE(blob.find(layer0), std::string::npos);
+  EXPECT_NE(ErrorOf(WithHeaderEdited(blob, layer0, "\"name\":\"layer0.attn2\",\"out_dim\":4611686018427387904"))
+                .find("layer 'layer0.attn2' has a bad out_dim"),
+            std::string::npos);
+  EXPECT_NE(ErrorOf(WithHeaderEdited(blob, layer0, "\"name\":\"layer0.attn2\",\"out_dim\":0")).find("bad out_dim"),
+            std::string::npos);
+  Concept negative = c;
+  negative.superclass_token_id = -7;
+  EXPECT_NE(ErrorOf(EncodeConcept(negative)).find("superclass_token_id -7 is negative"), std::string::npos);
 }
 
 TEST_F(ConceptTest, TrainedKeyTargetsRoundTripWhenPresent) {

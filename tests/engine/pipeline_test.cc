@@ -448,6 +448,33 @@ TEST_F(PipelineTest, BadPromptsAndForeignConceptsAreRejected) {
   GenerationRequest bad = Request("a red circle");
   bad.width = 30;
   EXPECT_THROW(pipe.Generate({bad}), c10::ValueError);
+  // The superclass token the key-lock reads must be the superclass word's own token.
+  auto wrong_token = std::make_shared<Concept>(*concept_);
+  wrong_token->superclass_token_id = 49408;  // past the vocabulary: a concept's own slot
+  c = {{"checker", {wrong_token, {}, false}}};
+  try {
+    pipe.Tokenize("a <checker>", c);
+    FAIL();
+  } catch (const c10::ValueError& e) {
+    EXPECT_NE(std::string(e.what_without_backtrace()).find("superclass_token_id 49408"), std::string::npos);
+  }
+}
+
+// Values that overflow the attention give NaN images; they used to leave as black PNGs reported
+// as a success. Now the generation fails with a value error (a worker then retries the batch's
+// requests one by one, failing only this one).
+TEST_F(PipelineTest, AGenerationThatOverflowsFailsInsteadOfReturningBlackImages) {
+  Pipeline pipe(model_);
+  auto huge = std::make_shared<Concept>(*concept_);
+  huge->v_targets = at::full_like(concept_->v_targets, 1e30);
+  GenerationRequest r = Request("a photo of a <checker>");
+  r.concepts["checker"] = {huge, {}, false};
+  try {
+    pipe.Generate({r});
+    FAIL() << "no error";
+  } catch (const c10::ValueError& e) {
+    EXPECT_NE(std::string(e.what_without_backtrace()).find("overflowed"), std::string::npos);
+  }
 }
 
 }  // namespace

@@ -162,7 +162,14 @@ Concept DecodeConcept(const std::string& bytes, const std::string& expected_base
     c.base_model_id = h.at("base_model_id").get<std::string>();
     c.default_gate.beta = h.at("default_gate").at("beta").get<double>();
     c.default_gate.temperature = h.at("default_gate").at("temperature").get<double>();
-    for (const auto& l : h.at("layers")) c.layers.push_back({l.at("name").get<std::string>(), l.at("out_dim").get<int64_t>()});
+    for (const auto& l : h.at("layers")) {
+      c.layers.push_back({l.at("name").get<std::string>(), l.at("out_dim").get<int64_t>()});
+      // Bounded, so the layers' total cannot overflow (the tensors are bounded the same way).
+      BLOB_CHECK(c.layers.back().out_dim >= 1 && c.layers.back().out_dim < (1 << 24), "layer '",
+                 c.layers.back().name, "' has a bad out_dim (", c.layers.back().out_dim, ")");
+    }
+    BLOB_CHECK(c.layers.size() <= 4096, "too many layers (", c.layers.size(), ")");
+    BLOB_CHECK(c.superclass_token_id >= 0, "superclass_token_id ", c.superclass_token_id, " is negative");
     for (auto it = h.at("info").begin(); it != h.at("info").end(); ++it) c.info[it.key()] = it.value().get<std::string>();
   } catch (const nlohmann::json::exception& e) {
     BLOB_CHECK(false, "malformed header: ", e.what());
@@ -183,6 +190,10 @@ Concept DecodeConcept(const std::string& bytes, const std::string& expected_base
     std::memcpy(out.data_ptr(), bytes.data() + data_start + b, e - b);
     out = out.to(at::kFloat);
     BLOB_CHECK(at::isfinite(out).all().item<bool>(), "tensor '", name, "' has non-finite values");
+    // A worker may run in half precision: a larger value becomes infinite there, and a huge finite
+    // one overflows the attention in any precision, giving black images reported as a success.
+    BLOB_CHECK(out.numel() == 0 || out.abs().max().item<double>() <= kMaxConceptValue, "tensor '", name,
+               "' has values beyond +-", kMaxConceptValue, " (the range of half precision)");
     return out;
   };
   try {

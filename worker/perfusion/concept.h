@@ -33,6 +33,9 @@ namespace perfusion {
 
 inline constexpr char kConceptMagic[4] = {'P', 'F', 'C', 'N'};
 inline constexpr int kConceptFormatVersion = 1;
+// The largest magnitude DecodeConcept accepts in a concept's tensors: half precision's largest
+// finite value, since a worker may run in it.
+inline constexpr double kMaxConceptValue = 65504.0;
 
 struct ConceptLayer {
   std::string name;  // the UNet attn2 module path, e.g. "down_blocks.0.attentions.0.transformer_blocks.0.attn2"

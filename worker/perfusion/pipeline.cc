@@ -65,6 +65,13 @@ void Pipeline::CheckConcept(const Concept& c) const {
   }
   TORCH_CHECK_VALUE(c.i_star.size(0) == model_->text_dim() && c.embedding.size(0) == model_->text_dim(),
                     "concept '", c.name, "' has width ", c.i_star.size(0), "; the text encoder has ", model_->text_dim());
+  // The key-lock reads the superclass token's embedding by this id: it must be the superclass
+  // word's own token (an id past the vocabulary would read a concept's embedding instead, and
+  // another word's id would lock the keys to that word).
+  const std::optional<int64_t> superclass_id = model_->tokenizer->SingleTokenId(c.superclass);
+  TORCH_CHECK_VALUE(superclass_id.has_value() && *superclass_id == c.superclass_token_id, "concept '", c.name,
+                    "': superclass_token_id ", c.superclass_token_id, " is not the token of its superclass '",
+                    c.superclass, "'", superclass_id ? " (" + std::to_string(*superclass_id) + ")" : std::string(" (not one token)"));
 }
 
 PromptTokens Pipeline::Tokenize(const std::string& prompt, const std::map<std::string, ConceptRef>& concepts) const {
@@ -429,7 +436,13 @@ std::vector<GenerationResult> Pipeline::GenerateGroup(const std::vector<const Ge
     x = sampler->step(eps, i, x).prev_sample;
     if (progress && !progress(i + 1, total)) throw CancelledError();
   }
-  at::Tensor images = model_->vae->decode((x / model_->vae->scaling_factor()).to(dtype)).to(at::kFloat).clamp(-1, 1).cpu();
+  at::Tensor images = model_->vae->decode((x / model_->vae->scaling_factor()).to(dtype)).to(at::kFloat);
+  // NaN survives clamp and would leave as a black PNG reported as a success. A value error, so a
+  // worker re-runs a failed batch request by request and fails only the one at fault.
+  TORCH_CHECK_VALUE(at::isfinite(images).all().item<bool>(),
+                    "the generation overflowed (non-finite values in the images): a concept's values, the guidance "
+                    "or the model's precision is out of range");
+  images = images.clamp(-1, 1).cpu();
   std::vector<GenerationResult> out(group.size());
   int64_t offset = 0;
   for (size_t r = 0; r < group.size(); ++r) {
