@@ -2,6 +2,7 @@
 
 #include <openssl/sha.h>
 
+#include <cmath>
 #include <cstring>
 
 #include <nlohmann/json.hpp>
@@ -9,6 +10,7 @@
 #include "absl/strings/string_view.h"
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
+#include "server/status_util.h"
 
 namespace perfusion::server {
 namespace {
@@ -17,6 +19,102 @@ constexpr uint32_t kMaxHeaderBytes = 1 << 20;
 uint32_t LoadLe32(const char* p) {
   const auto* u = reinterpret_cast<const unsigned char*>(p);
   return uint32_t{u[0]} | (uint32_t{u[1]} << 8) | (uint32_t{u[2]} << 16) | (uint32_t{u[3]} << 24);
+}
+
+absl::Status Bad(absl::string_view what) { return absl::InvalidArgumentError(absl::StrCat("blob: ", what)); }
+
+// An integer header value in [lo, hi), or an error naming `key`.
+absl::StatusOr<int64_t> IntIn(const nlohmann::json& j, const char* key, int64_t lo, int64_t hi) {
+  auto it = j.find(key);
+  if (it == j.end() || !it->is_number_integer() || it->get<int64_t>() < lo || it->get<int64_t>() >= hi) {
+    return Bad(absl::StrCat("header key \"", key, "\" missing or not an integer in [", lo, ", ", hi, ")"));
+  }
+  return it->get<int64_t>();
+}
+
+// One element of a stored tensor as a float: F32, F16 or BF16, little-endian.
+float ElementAt(const unsigned char* p, const std::string& dtype) {
+  if (dtype == "F32") {
+    uint32_t bits = uint32_t{p[0]} | (uint32_t{p[1]} << 8) | (uint32_t{p[2]} << 16) | (uint32_t{p[3]} << 24);
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+  }
+  const uint32_t h = uint32_t{p[0]} | (uint32_t{p[1]} << 8);
+  if (dtype == "BF16") {
+    const uint32_t bits = h << 16;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+  }
+  // F16: only the exponent matters here (infinity and NaN, or a magnitude).
+  const int exponent = static_cast<int>((h >> 10) & 0x1f);
+  if (exponent == 0x1f) return (h & 0x3ff) ? std::nanf("") : ((h & 0x8000) ? -INFINITY : INFINITY);
+  const float mantissa = static_cast<float>(h & 0x3ff) / 1024.0f;
+  const float magnitude = exponent == 0 ? std::ldexp(mantissa, -14) : std::ldexp(1.0f + mantissa, exponent - 15);
+  return (h & 0x8000) ? -magnitude : magnitude;
+}
+
+// The tensor table as the engine reads it: i_star, i_sup ([encoder_dim], F32), embedding
+// ([embedding_dim]), v_targets and the optional k_targets ([sum of the layers' widths]), each inside
+// the data, with finite values within kMaxConceptValue.
+absl::Status CheckTensors(const nlohmann::json& j, absl::string_view data) {
+  ASSIGN_OR_RETURN(const int64_t encoder_dim, IntIn(j, "encoder_dim", 1, 1 << 24));
+  ASSIGN_OR_RETURN(const int64_t embedding_dim, IntIn(j, "embedding_dim", 1, 1 << 24));
+  auto layers = j.find("layers");
+  if (layers == j.end() || !layers->is_array() || layers->empty() || layers->size() > 4096) {
+    return Bad("header key \"layers\" missing, empty or not an array of at most 4096 layers");
+  }
+  int64_t out_total = 0;
+  for (size_t l = 0; l < layers->size(); ++l) {
+    const nlohmann::json& layer = (*layers)[l];
+    if (!layer.is_object() || !layer.contains("name") || !layer["name"].is_string() ||
+        layer["name"].get<std::string>().empty()) {
+      return Bad(absl::StrCat("layers[", l, "]: no name"));
+    }
+    ASSIGN_OR_RETURN(const int64_t out_dim, IntIn(layer, "out_dim", 1, 1 << 24));
+    out_total += out_dim;
+  }
+  auto tensors = j.find("tensors");
+  if (tensors == j.end() || !tensors->is_object()) return Bad("header key \"tensors\" missing or not an object");
+  const std::pair<const char*, int64_t> expected[] = {{"i_star", encoder_dim},   {"i_sup", encoder_dim},
+                                                     {"embedding", embedding_dim}, {"v_targets", out_total},
+                                                     {"k_targets", out_total}};
+  for (const auto& [name, length] : expected) {
+    auto t = tensors->find(name);
+    if (t == tensors->end()) {
+      if (std::string(name) == "k_targets") continue;  // key-locked concepts have none
+      return Bad(absl::StrCat("missing tensor '", name, "'"));
+    }
+    const std::string prefix = absl::StrCat("tensor '", name, "': ");
+    if (!t->is_object() || !t->contains("dtype") || !(*t)["dtype"].is_string()) return Bad(prefix + "no dtype");
+    const std::string dtype = (*t)["dtype"].get<std::string>();
+    const int size = dtype == "F32" ? 4 : (dtype == "F16" || dtype == "BF16") ? 2 : 0;
+    if (size == 0) return Bad(absl::StrCat(prefix, "dtype ", dtype, " (expected F32, F16 or BF16)"));
+    const nlohmann::json* shape = t->contains("shape") ? &(*t)["shape"] : nullptr;
+    if (shape == nullptr || !shape->is_array() || shape->size() != 1 || !(*shape)[0].is_number_integer() ||
+        (*shape)[0].get<int64_t>() != length) {
+      return Bad(absl::StrCat(prefix, "shape is not [", length, "] (the header's widths)"));
+    }
+    const nlohmann::json* offsets = t->contains("data_offsets") ? &(*t)["data_offsets"] : nullptr;
+    if (offsets == nullptr || !offsets->is_array() || offsets->size() != 2 || !(*offsets)[0].is_number_unsigned() ||
+        !(*offsets)[1].is_number_unsigned()) {
+      return Bad(prefix + "data_offsets is not [begin, end]");
+    }
+    const uint64_t begin = (*offsets)[0].get<uint64_t>(), end = (*offsets)[1].get<uint64_t>();
+    if (begin > end || end > data.size() || end - begin != static_cast<uint64_t>(length) * size) {
+      return Bad(prefix + "points outside the data or has the wrong size");
+    }
+    const auto* p = reinterpret_cast<const unsigned char*>(data.data()) + begin;
+    for (int64_t k = 0; k < length; ++k) {
+      const float v = ElementAt(p + k * size, dtype);
+      if (!std::isfinite(v) || std::fabs(v) > kMaxConceptValue) {
+        return Bad(absl::StrCat(prefix, "value ", k, " is ", v, "; values must be finite and within +-",
+                                kMaxConceptValue));
+      }
+    }
+  }
+  return absl::OkStatus();
 }
 }  // namespace
 
@@ -69,11 +167,27 @@ absl::StatusOr<ConceptBlobHeader> ParseConceptBlob(absl::string_view blob) {
         "blob: header key \"format_version\" missing or not a positive integer");
   }
   h.format_version = it->get<int>();
+  if (h.format_version > kMaxConceptFormatVersion) {
+    return Bad(absl::StrCat("format version ", h.format_version, " is newer than this service reads (",
+                            kMaxConceptFormatVersion, ")"));
+  }
   for (auto [key, out] : {std::pair{"base_model_id", &h.base_model_id},
                           std::pair{"superclass", &h.superclass}, std::pair{"name", &h.name},
                           std::pair{"dtype", &h.dtype}}) {
     if (auto s = str(key, out); !s.ok()) return s;
   }
+  ASSIGN_OR_RETURN(h.superclass_token_id, IntIn(j, "superclass_token_id", 0, int64_t{1} << 31));
+  auto gate = j.find("default_gate");
+  if (gate == j.end() || !gate->is_object() || !gate->contains("beta") || !(*gate)["beta"].is_number() ||
+      !gate->contains("temperature") || !(*gate)["temperature"].is_number()) {
+    return Bad("header key \"default_gate\" is not {\"beta\": number, \"temperature\": number}");
+  }
+  auto info = j.find("info");
+  if (info == j.end() || !info->is_object()) return Bad("header key \"info\" missing or not an object");
+  for (auto i = info->begin(); i != info->end(); ++i) {
+    if (!i->is_string()) return Bad(absl::StrCat("info[", i.key(), "] is not a string"));
+  }
+  RETURN_IF_ERROR(CheckTensors(j, blob.substr(8 + len, blob.size() - 12 - len)));
   return h;
 }
 

@@ -70,9 +70,14 @@ absl::StatusOr<ConceptRecord> ConceptRegistry::Import(const std::string& tenant,
   }
   std::string use_name = name.empty() ? h.name : name;
   RETURN_IF_ERROR(ValidateConceptName(use_name, name.empty() ? "blob: header name" : "name"));
-  if (!ValidateSuperclass(h.superclass, nullptr).ok()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("blob: header superclass \"", h.superclass, "\" is not one lowercase word"));
+  if (!ValidateSuperclass(h.superclass, options_.vocab).ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("blob: header superclass \"", h.superclass,
+                                                   "\" is not one lowercase word and one CLIP token"));
+  }
+  if (options_.vocab != nullptr && options_.vocab->SingleTokenId(h.superclass) != h.superclass_token_id) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "blob: superclass_token_id ", h.superclass_token_id, " is not the token of its superclass \"",
+        h.superclass, "\" (", options_.vocab->SingleTokenId(h.superclass).value_or(-1), ")"));
   }
   RETURN_IF_ERROR(ValidateLabels(labels, "labels"));
   const std::string digest = Sha256Hex(blob);

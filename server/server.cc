@@ -81,6 +81,7 @@ absl::StatusOr<std::unique_ptr<PerfusionServer>> PerfusionServer::Start(ServerOp
   ro.base_model_id = o.scheduler.base_model_id;
   ro.tenant_max_concepts = o.scheduler.tenant_max_concepts;
   ro.max_blob_bytes = o.max_concept_bytes;
+  ro.vocab = s->vocab_.get();
   s->concepts_ = std::make_unique<ConceptRegistry>(s->store_.get(), clock, ro);
   {
     Store* store = s->store_.get();

@@ -193,12 +193,23 @@ absl::StatusOr<Vocab> Vocab::Load(const std::string& path) {
   }
   Vocab v;
   v.entries_.reserve(j.size());
-  for (auto it = j.begin(); it != j.end(); ++it) v.entries_.insert(it.key());
+  for (auto it = j.begin(); it != j.end(); ++it) {
+    if (!it->is_number_integer()) {
+      return absl::InvalidArgumentError(absl::StrCat("vocab: ", path, ": the id of \"", it.key(), "\" is not an integer"));
+    }
+    v.entries_.emplace(it.key(), it->get<int64_t>());
+  }
   return v;
 }
 
 bool Vocab::IsSingleToken(absl::string_view word) const {
   return entries_.count(absl::StrCat(word, "</w>")) > 0;
+}
+
+std::optional<int64_t> Vocab::SingleTokenId(absl::string_view word) const {
+  auto it = entries_.find(absl::StrCat(word, "</w>"));
+  if (it == entries_.end()) return std::nullopt;
+  return it->second;
 }
 
 absl::Status ValidateConceptName(absl::string_view name, absl::string_view field) {

@@ -11,6 +11,8 @@
 
 #include <string>
 #include <string_view>
+#include <optional>
+#include <unordered_map>
 #include <unordered_set>
 #include <vector>
 
@@ -74,10 +76,12 @@ class Vocab {
   // True when `word</w>` is one vocabulary entry: then the CLIP tokenizer maps the lowercase
   // ASCII word to exactly one token.
   bool IsSingleToken(absl::string_view word) const;
+  // That token's id, when `word</w>` is one vocabulary entry.
+  std::optional<int64_t> SingleTokenId(absl::string_view word) const;
   size_t size() const { return entries_.size(); }
 
  private:
-  std::unordered_set<std::string> entries_;
+  std::unordered_map<std::string, int64_t> entries_;  // vocab.json: token -> id
 };
 
 // `[a-z0-9][a-z0-9_-]{0,62}`.

@@ -378,6 +378,17 @@ TEST_F(ServerTest, BadImagesAreInvalidArgumentNamingTheField) {
   ExpectHealthy();
 }
 
+// With the base model's vocabulary, an imported blob's superclass token must be the word's own
+// (the worker locks the keys to it).
+TEST_F(ServerTest, ImportRefusesABlobLockedToAnotherToken) {
+  if (!testing::FileExists(testing::SharedDir() + "/data/clip/vocab.json")) GTEST_SKIP() << "no CLIP vocabulary";
+  testing::ConceptBlobSpec spec;
+  spec.edit_header = [](nlohmann::json& h) { h["superclass_token_id"] = 49408; };
+  EXPECT_THAT(Import(testing::MakeConceptBlob(spec)),
+              StatusIs(kInvalid, HasSubstr("superclass_token_id 49408 is not the token of its superclass \"toy\"")));
+  ASSERT_THAT(Import(testing::MakeConceptBlob("tiny", "teddy", "toy")), IsOk());
+}
+
 TEST_F(ServerTest, InvalidArgumentCarriesAGoogleRpcBadRequestNamingTheField) {
   auto job = Job("teddy");
   job.set_images(1, "this is not an image at all");

@@ -8,6 +8,8 @@
 #include <unistd.h>
 #include <zlib.h>
 
+#include <algorithm>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 
@@ -139,20 +141,61 @@ std::string MakeJpeg(int width, int height) {
   return out;
 }
 
-std::string MakeConceptBlob(const std::string& base_model_id, const std::string& name,
-                            const std::string& superclass, size_t payload_bytes) {
-  nlohmann::json h = {{"format_version", 1},     {"base_model_id", base_model_id},
-                      {"superclass", superclass}, {"name", name},
-                      {"dtype", "float16"},       {"tensors", nlohmann::json::object()}};
+std::string MakeConceptBlob(const ConceptBlobSpec& spec) {
+  static const nlohmann::json* vocab = [] {
+    std::ifstream in(SharedDir() + "/data/clip/vocab.json");
+    auto* j = new nlohmann::json(in ? nlohmann::json::parse(in, nullptr, false) : nlohmann::json::object());
+    return j;
+  }();
+  const std::string key = spec.superclass + "</w>";
+  const int64_t token = vocab->is_object() && vocab->contains(key) ? (*vocab)[key].get<int64_t>() : 0;
+  constexpr int64_t kWidth = 4;
+  const int64_t out_dim = std::max<int64_t>(1, (static_cast<int64_t>(spec.payload_bytes) - 3 * kWidth * 4) / 4);
+  nlohmann::json tensors = nlohmann::json::object();
+  uint64_t offset = 0;
+  for (const auto& [name, n] : std::vector<std::pair<std::string, int64_t>>{
+           {"i_star", kWidth}, {"i_sup", kWidth}, {"embedding", kWidth}, {"v_targets", out_dim}}) {
+    tensors[name] = {{"dtype", "F32"}, {"shape", {n}}, {"data_offsets", {offset, offset + 4 * n}}};
+    offset += 4 * n;
+  }
+  nlohmann::json h = {{"format", "perfusion-concept"},
+                      {"format_version", 1},
+                      {"name", spec.name},
+                      {"superclass", spec.superclass},
+                      {"superclass_token_id", token},
+                      {"base_model_id", spec.base_model_id},
+                      {"embedding_dim", kWidth},
+                      {"encoder_dim", kWidth},
+                      {"dtype", "float16"},
+                      {"default_gate", {{"beta", 0.7}, {"temperature", 0.15}}},
+                      {"layers", {{{"name", "test.attn2"}, {"out_dim", out_dim}}}},
+                      {"info", {{"steps", "400"}}},
+                      {"tensors", tensors}};
+  if (spec.edit_header) spec.edit_header(h);
   std::string header = h.dump();
+  while ((8 + header.size()) % 8 != 0) header.push_back(' ');
   std::string out = "PFCN";
   uint32_t len = static_cast<uint32_t>(header.size());
   for (int i = 0; i < 4; ++i) out.push_back(static_cast<char>((len >> (8 * i)) & 0xFF));
   out += header;
-  for (size_t i = 0; i < payload_bytes; ++i) out.push_back(static_cast<char>(i * 31 + 7));
+  uint32_t bits;
+  std::memcpy(&bits, &spec.value, 4);
+  for (uint64_t i = 0; i < offset / 4; ++i) {
+    for (int b = 0; b < 4; ++b) out.push_back(static_cast<char>((bits >> (8 * b)) & 0xFF));
+  }
   const uint32_t crc = Crc32c(out);
   for (int i = 0; i < 4; ++i) out.push_back(static_cast<char>((crc >> (8 * i)) & 0xFF));
   return out;
+}
+
+std::string MakeConceptBlob(const std::string& base_model_id, const std::string& name,
+                            const std::string& superclass, size_t payload_bytes) {
+  ConceptBlobSpec spec;
+  spec.base_model_id = base_model_id;
+  spec.name = name;
+  spec.superclass = superclass;
+  spec.payload_bytes = payload_bytes;
+  return MakeConceptBlob(spec);
 }
 
 std::string MakeTempDir() {

@@ -300,6 +300,43 @@ TEST(ConceptBlobTest, DetectsCorruptionInTheOpaqueTensorBytes) {
   EXPECT_THAT(ParseConceptBlob(blob.substr(0, blob.size() - 1)), StatusIs(kInvalid));
 }
 
+// ImportConcept refuses at once what every generation would fail on later in the worker.
+TEST(ConceptBlobTest, RefusesBlobsTheWorkerCouldNotUse) {
+  auto Edited = [](std::function<void(nlohmann::json&)> edit) {
+    testing::ConceptBlobSpec spec;
+    spec.edit_header = std::move(edit);
+    return ParseConceptBlob(testing::MakeConceptBlob(spec));
+  };
+  EXPECT_THAT(Edited([](nlohmann::json& h) { h["format_version"] = 2; }),
+              StatusIs(kInvalid, HasSubstr("format version 2 is newer than this service reads (1)")));
+  EXPECT_THAT(Edited([](nlohmann::json& h) { h["tensors"].erase("v_targets"); }),
+              StatusIs(kInvalid, HasSubstr("missing tensor 'v_targets'")));
+  EXPECT_THAT(Edited([](nlohmann::json& h) { h["layers"][0]["out_dim"] = 7; }),
+              StatusIs(kInvalid, HasSubstr("tensor 'v_targets': shape is not [7]")));
+  EXPECT_THAT(Edited([](nlohmann::json& h) { h["layers"][0]["out_dim"] = int64_t{1} << 62; }),
+              StatusIs(kInvalid, HasSubstr("\"out_dim\" missing or not an integer")));
+  EXPECT_THAT(Edited([](nlohmann::json& h) { h["tensors"]["i_star"]["data_offsets"][1] = 1 << 30; }),
+              StatusIs(kInvalid, HasSubstr("tensor 'i_star': points outside the data")));
+  EXPECT_THAT(Edited([](nlohmann::json& h) { h["tensors"]["embedding"]["dtype"] = "I64"; }),
+              StatusIs(kInvalid, HasSubstr("dtype I64")));
+  EXPECT_THAT(Edited([](nlohmann::json& h) { h["info"]["steps"] = 400; }),
+              StatusIs(kInvalid, HasSubstr("info[steps] is not a string")));
+  EXPECT_THAT(Edited([](nlohmann::json& h) { h["superclass_token_id"] = -7; }),
+              StatusIs(kInvalid, HasSubstr("superclass_token_id")));
+  EXPECT_THAT(Edited([](nlohmann::json& h) { h.erase("default_gate"); }),
+              StatusIs(kInvalid, HasSubstr("default_gate")));
+  for (float value : {1e30f, -7e4f, std::nanf(""), INFINITY}) {
+    testing::ConceptBlobSpec spec;
+    spec.value = value;
+    EXPECT_THAT(ParseConceptBlob(testing::MakeConceptBlob(spec)),
+                StatusIs(kInvalid, HasSubstr("values must be finite and within +-65504")))
+        << value;
+  }
+  testing::ConceptBlobSpec in_range;
+  in_range.value = -65504.0f;
+  EXPECT_THAT(ParseConceptBlob(testing::MakeConceptBlob(in_range)), IsOk());
+}
+
 TEST(ConceptBlobTest, Crc32cMatchesTheCastagnoliCheckValue) {
   EXPECT_EQ(Crc32c("123456789"), 0xE3069283u);
 }
