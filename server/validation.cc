@@ -293,6 +293,17 @@ absl::Status ValidateCaptions(const std::vector<std::string>& captions, int imag
     if (at == std::string::npos || c.find(token, at + 1) != std::string::npos) {
       return Invalid(field, absl::StrCat("must name the concept exactly once as ", token, ": '", c, "'"));
     }
+    // The trainer puts the superclass word where the token is: glued to letters it would make
+    // another word ("<rex>s" -> "dogs"), and the trainer marks the place with "{}".
+    const bool letter_before = at > 0 && absl::ascii_isalpha(static_cast<unsigned char>(c[at - 1]));
+    const size_t after = at + token.size();
+    const bool letter_after = after < c.size() && absl::ascii_isalpha(static_cast<unsigned char>(c[after]));
+    if (letter_before || letter_after) {
+      return Invalid(field, absl::StrCat(token, " must be a word of its own, not joined to letters: '", c, "'"));
+    }
+    if (c.find("{}") != std::string::npos) {
+      return Invalid(field, absl::StrCat("must not contain \"{}\" (the trainer's mark for the concept): '", c, "'"));
+    }
     // Whole words, case-insensitive, outside the concept's token. A word is a run of letters, as
     // the CLIP tokenizer splits text (and the trainer checks): "toy2" holds the token "toy".
     std::string rest = absl::StrCat(c.substr(0, at), " ", c.substr(at + token.size()));

@@ -5,6 +5,8 @@
 #include <ATen/Context.h>
 #include <ATen/Functions.h>
 #include <c10/util/Exception.h>
+#include <atomic>
+
 #include <gtest/gtest.h>
 
 #include "perfusion/concept.h"
@@ -177,6 +179,22 @@ TEST_F(PipelineTest, TrainingWithCaptionsUsesThemAndChecksTheirCount) {
     EXPECT_NE(std::string(e.what_without_backtrace()).find("captions: 2 caption(s) for 3 image(s)"), std::string::npos)
         << e.what_without_backtrace();
   }
+  // Refused before the first step, whichever image a step would draw: a place glued to letters
+  // ("{}s" gives "stars", another token), and a place marked twice.
+  t.captions.push_back("two {}s in the top left");
+  std::atomic<int> steps{0};
+  t.progress = [&](const TrainProgress&) { return ++steps > 0; };
+  try {
+    TrainConcept(*model_, images, t);
+    FAIL();
+  } catch (const c10::ValueError& e) {
+    EXPECT_NE(std::string(e.what_without_backtrace()).find("captions[2]: a prompt does not hold the superclass token"),
+              std::string::npos)
+        << e.what_without_backtrace();
+  }
+  EXPECT_EQ(steps.load(), 0);
+  t.captions.back() = "a {} beside a {}";
+  EXPECT_THROW(TrainConcept(*model_, images, t), c10::ValueError);
 }
 
 // A GPU worker runs the model in half precision (--dtype fp16). bf16 is the reduced precision a CPU

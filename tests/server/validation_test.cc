@@ -156,6 +156,20 @@ TEST(ValidateTest, CaptionsAreOnePerImageAndNameTheConceptOnce) {
               StatusIs(kInvalid, HasSubstr("options.captions[1]: uses the superclass word 'toy' besides <teddy>")));
   r.options.captions[1] = "<teddy> beside toys and a toyshop";  // other words are fine
   EXPECT_THAT(ValidateTrainingRequest(r, limits, nullptr, true), IsOk());
+  // The superclass word takes the token's place: joined to letters it would be another word.
+  for (const char* glued : {"two <teddy>s on a bed", "a hot<teddy>"}) {
+    r.options.captions[1] = glued;
+    EXPECT_THAT(ValidateTrainingRequest(r, limits, nullptr, true),
+                StatusIs(kInvalid, HasSubstr("options.captions[1]: <teddy> must be a word of its own")))
+        << glued;
+  }
+  r.options.captions[1] = "<teddy>'s ball, <teddy>-shaped";  // twice: refused for that, not for the joins
+  EXPECT_THAT(ValidateTrainingRequest(r, limits, nullptr, true), StatusIs(kInvalid, HasSubstr("exactly once")));
+  r.options.captions[1] = "<teddy>'s ball (2nd)";
+  EXPECT_THAT(ValidateTrainingRequest(r, limits, nullptr, true), IsOk());
+  r.options.captions[1] = "a {} photo of <teddy>";
+  EXPECT_THAT(ValidateTrainingRequest(r, limits, nullptr, true),
+              StatusIs(kInvalid, HasSubstr("options.captions[1]: must not contain \"{}\"")));
   r.options.captions[1] = "<teddy>\nline two";
   EXPECT_THAT(ValidateTrainingRequest(r, limits, nullptr, true), StatusIs(kInvalid, HasSubstr("options.captions[1]")));
 }

@@ -58,8 +58,11 @@ std::vector<std::string> TrainingPrompts(const TrainOptions& o, size_t index, bo
   }
   TORCH_CHECK_VALUE(index < o.captions.size(), "captions: ", o.captions.size(), " caption(s) for training image ", index);
   const std::string& c = o.captions[index];
-  TORCH_CHECK_VALUE(c.find("{}") != std::string::npos, "captions[", index, "]: '", c,
+  const size_t mark = c.find("{}");
+  TORCH_CHECK_VALUE(mark != std::string::npos, "captions[", index, "]: '", c,
                     "' has no {} marking where the concept goes");
+  TORCH_CHECK_VALUE(c.find("{}", mark + 2) == std::string::npos, "captions[", index, "]: '", c,
+                    "' has {} more than once; it marks the concept's one place");
   // The concept is found by its superclass token, so the word must not occur anywhere else.
   std::string rest;
   for (char ch : c) rest += std::isalpha(static_cast<unsigned char>(ch)) ? static_cast<char>(std::tolower(ch)) : ' ';
@@ -139,6 +142,18 @@ Concept TrainConcept(StableDiffusion& model, const std::vector<at::Tensor>& imag
 
   // Latents, masks and prompts of every image and its mirror image, computed once.
   const LatentPrompts prompts_of = EncodeLatentPrompts(*model.tokenizer, o, images.size(), o.flip ? 2 : 1);
+  // Every prompt must hold the superclass token where the concept goes; a caption such as "two {}s"
+  // gives "two dogs", another token. Checked here, before any step, rather than at the first step
+  // that happens to draw that image.
+  for (size_t k = 0; k < prompts_of.ids.size(); ++k) {
+    for (const auto& ids : prompts_of.ids[k]) {
+      if (std::find(ids.begin(), ids.end(), *superclass_id) != ids.end()) continue;
+      const std::string where =
+          o.captions.empty() ? "templates" : "captions[" + std::to_string(k / (o.flip ? 2 : 1)) + "]";
+      TORCH_CHECK_VALUE(false, where, ": a prompt does not hold the superclass token '", o.superclass,
+                        "' (the concept's place must be a word of its own: '{}s' or 'hot{}' makes another word)");
+    }
+  }
   std::vector<at::Tensor> latents, masks;
   {
     torch::NoGradGuard no_grad;
