@@ -174,6 +174,22 @@ def check_render(f, where, docs, overlay):
             f.check(isinstance(mn, int) and mn >= 1,
                     f"{where}: {kind} min replicas {mn!r}: must be >= 1 (generation needs a "
                     "connected worker to queue at all)")
+            # An autoscaled Deployment must leave replicas to the autoscaler: `kubectl apply`
+            # would reset the live count to the manifest's on every apply.
+            target = deployments.get(ref)
+            if target is not None:
+                f.check("replicas" not in target.get("spec", {}),
+                        f"{where}: Deployment {ref} is scaled by {kind} "
+                        f"{o['metadata']['name']}: it must not set spec.replicas")
+            # KEDA's Prometheus trigger reads what the Prometheus Operator scrapes, which only
+            # ServiceMonitors / PodMonitors make it scrape.
+            if kind == "ScaledObject":
+                prometheus = [t for t in o["spec"].get("triggers", []) if t.get("type") == "prometheus"]
+                if prometheus and deployments:  # a whole deployment, not the component alone
+                    f.check(bool(by_kind.get("ServiceMonitor")) or bool(by_kind.get("PodMonitor")),
+                            f"{where}: ScaledObject {o['metadata']['name']} queries Prometheus, but "
+                            "the render has no ServiceMonitor: nothing would be scraped (add "
+                            "../../monitoring)")
 
     for pvc in by_kind.get("PersistentVolumeClaim", {}).values():
         f.check(bool(pvc["spec"].get("accessModes"))
@@ -236,6 +252,18 @@ def check_render(f, where, docs, overlay):
             f.check(gpu == (flags.get("device", "cpu").startswith("cuda")),
                     f"{where}: worker --device={flags.get('device')} and nvidia.com/gpu limit "
                     "disagree")
+            # The autoscaling query counts queued generations per worker batch: its divisor is
+            # the workers' --max_batch, or it asks for the wrong number of workers.
+            max_batch = int(flags.get("max_batch", "4"))
+            for o in by_kind.get("ScaledObject", {}).values():
+                for t in o["spec"].get("triggers", []):
+                    m = re.search(r"perfusion_generate_queue_depth[^/]*/\s*(\d+)",
+                                  t.get("metadata", {}).get("query", ""))
+                    if m:
+                        f.check(int(m.group(1)) == max_batch,
+                                f"{where}: ScaledObject {o['metadata']['name']} divides queued "
+                                f"generations by {m.group(1)}, but workers run --max_batch="
+                                f"{max_batch}")
     return by_kind
 
 

@@ -159,6 +159,17 @@ def main():
     f.check("datasource" in variables, "dashboard: no datasource variable")
     f.check(dash.get("uid") and dash.get("title"), "dashboard: needs uid and title")
     exprs = [(w, e) for w, e in dl.all_deploy_exprs() if not w.startswith("prometheus-adapter")]
+    # Store-wide gauges: every server replica reports the same whole-store count, so a query must
+    # take one value per namespace (max by (namespace ...)) before it adds anything up, or it shows
+    # the count times the replicas: no sum() or count() straight over one.
+    store_wide = ("perfusion_training_queue_depth", "perfusion_training_jobs",
+                  "perfusion_concepts_stored", "perfusion_concept_bytes_stored")
+    for where, expr in exprs:
+        for metric in store_wide:
+            for m in re.finditer(r"(\w+)(?:\s+by\s*\(([^)]*)\))?\s*\(\s*" + metric + r"\b", expr):
+                f.check(m.group(1) not in ("sum", "count"),
+                        f"{where}: {metric} is store-wide (each server replica reports it): "
+                        f"take max by (namespace) of it before {m.group(1)}()")
     rules = []
     for i, (where, expr) in enumerate(exprs):
         e = expr.replace("$__rate_interval", "5m").replace("$__interval", "1m")
