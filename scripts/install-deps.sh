@@ -11,14 +11,14 @@ BUILD_PKGS=(
   libtorch-dev libopenblas0-openmp           # LibTorch 1.13 (CPU); OpenBLAS makes matmul ~12x faster
   libgrpc++-dev protobuf-compiler-grpc protobuf-compiler libprotobuf-dev grpc-proto
   libabsl-dev libssl-dev zlib1g-dev
-  libsqlite3-dev libpng-dev nlohmann-json3-dev
+  libsqlite3-dev libpng-dev libjpeg62-turbo-dev nlohmann-json3-dev
   libpq-dev postgresql                        # PostgreSQL store (optional) and its tests
   libgtest-dev libgmock-dev libbenchmark-dev
   yamllint python3-yaml prometheus            # deploy/ tests: YAML lint, promtool (rules, alerts)
   openssl                                     # TLS test: a throwaway self-signed certificate
 )
 RUNTIME_PKGS=(
-  libtorch1.13 libopenblas0-openmp libgrpc++1.51 libprotobuf32 libsqlite3-0 libpq5 libpng16-16 ca-certificates
+  libtorch1.13 libopenblas0-openmp libgrpc++1.51 libprotobuf32 libsqlite3-0 libpq5 libpng16-16 libjpeg62-turbo ca-certificates
 )
 
 pkgs=("${BUILD_PKGS[@]}")

@@ -98,6 +98,8 @@ absl::StatusOr<ImageInfo> InspectJpeg(absl::string_view bytes, absl::string_view
       if (info.width == 0 || info.height == 0) {
         return Invalid(field, "JPEG frame header has a zero dimension");
       }
+      // Four components are CMYK (or YCCK), which the workers do not decode.
+      if (d[pos + 7] == 4) return Invalid(field, "CMYK JPEG is not supported; send an RGB or greyscale image");
       seen_sof = true;
     }
     pos += len;
@@ -174,6 +176,10 @@ absl::StatusOr<ImageInfo> InspectImage(absl::string_view bytes, const Validation
     return Invalid(field, "not a PNG or JPEG file");
   }
   if (!info.ok()) return info.status();
+  if (info->width > limits.max_image_side_px || info->height > limits.max_image_side_px) {
+    return Invalid(field, absl::StrCat(info->width, "x", info->height, " exceeds ", limits.max_image_side_px,
+                                       " pixels on a side"));
+  }
   int64_t pixels = int64_t{info->width} * info->height;
   if (pixels > limits.max_image_pixels) {
     return Invalid(field, absl::StrCat(info->width, "x", info->height, " = ", pixels,

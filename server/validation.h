@@ -34,6 +34,8 @@ struct ValidationLimits {
   // Per image: encoded size and decoded pixel count (width * height).
   int64_t max_image_bytes = 8 << 20;
   int64_t max_image_pixels = 16'000'000;
+  // Per side of a training image: the workers' decoder limit (worker/perfusion/image_io.h).
+  int max_image_side_px = 4096;
   // A job's encoded images together; 0: no limit. A worker's lease carries them in one message, so
   // the server sets this to its --max_message_bytes less kLeaseOverheadBytes: a larger set could be
   // queued but never handed to a worker.

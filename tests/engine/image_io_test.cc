@@ -14,6 +14,14 @@
 #ifdef PERFUSION_HAVE_PNG
 #include <png.h>
 #endif
+#ifdef PERFUSION_HAVE_JPEG
+#include <cstdio>
+#include <cstdlib>
+
+#include <jpeglib.h>
+
+#include "perfusion/image_jpeg.h"
+#endif
 
 namespace perfusion {
 namespace {
@@ -297,15 +305,148 @@ TEST(ImageIoTest, DecodesInterlacedLikeNonInterlaced) {
 }
 #endif  // PERFUSION_HAVE_PNG
 
-TEST(ImageIoTest, RejectsJpegWithClearMessage) {
-  const std::string jpeg("\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00", 20);
-  ExpectValueError([&] { DecodeImage(jpeg); }, "JPEG is not supported by this build; send PNG");
+#ifdef PERFUSION_HAVE_JPEG
+// A JPEG of `image` made with libjpeg: quality 95, 4:4:4, `components` 3 (YCbCr), 1 (the
+// image's red channel as grey) or 4 (CMYK, K = 0), progressive or not, with `app1` (an Exif payload) when not empty.
+std::string EncodeJpeg(const Image& image, int components = 3, bool progressive = false,
+                       const std::string& app1 = "") {
+  jpeg_compress_struct c;
+  jpeg_error_mgr err;
+  c.err = jpeg_std_error(&err);
+  jpeg_create_compress(&c);
+  unsigned char* buffer = nullptr;
+  unsigned long size = 0;
+  jpeg_mem_dest(&c, &buffer, &size);
+  c.image_width = image.width;
+  c.image_height = image.height;
+  c.input_components = components;
+  c.in_color_space = components == 3 ? JCS_RGB : components == 4 ? JCS_CMYK : JCS_GRAYSCALE;
+  jpeg_set_defaults(&c);
+  jpeg_set_quality(&c, 95, TRUE);
+  for (int i = 0; i < c.num_components; ++i) c.comp_info[i].h_samp_factor = c.comp_info[i].v_samp_factor = 1;
+  if (progressive) jpeg_simple_progression(&c);
+  jpeg_start_compress(&c, TRUE);
+  if (!app1.empty()) {
+    jpeg_write_marker(&c, JPEG_APP0 + 1, reinterpret_cast<const JOCTET*>(app1.data()), app1.size());
+  }
+  std::vector<uint8_t> row(static_cast<size_t>(image.width) * components);
+  while (c.next_scanline < c.image_height) {
+    const int y = static_cast<int>(c.next_scanline);
+    for (int x = 0; x < image.width; ++x) {
+      for (int k = 0; k < components; ++k) {
+        row[static_cast<size_t>(x) * components + k] = k < 3 ? image.at(x, y)[k] : 0;
+      }
+    }
+    JSAMPROW r = row.data();
+    jpeg_write_scanlines(&c, &r, 1);
+  }
+  jpeg_finish_compress(&c);
+  jpeg_destroy_compress(&c);
+  std::string out(reinterpret_cast<const char*>(buffer), size);
+  free(buffer);
+  return out;
 }
+
+// A smooth image (JPEG keeps it within a few levels): red ramps with x, green with y.
+Image Gradient(int w, int h) {
+  Image im(w, h);
+  for (int y = 0; y < h; ++y) {
+    for (int x = 0; x < w; ++x) {
+      im.at(x, y)[0] = static_cast<uint8_t>(x * 255 / (w - 1));
+      im.at(x, y)[1] = static_cast<uint8_t>(y * 255 / (h - 1));
+      im.at(x, y)[2] = 96;
+    }
+  }
+  return im;
+}
+
+double MeanAbsDiff(const Image& a, const Image& b) {
+  EXPECT_EQ(a.width, b.width);
+  EXPECT_EQ(a.height, b.height);
+  if (a.rgb.size() != b.rgb.size()) return 1e9;
+  double total = 0;
+  for (size_t i = 0; i < a.rgb.size(); ++i) total += std::abs(int{a.rgb[i]} - int{b.rgb[i]});
+  return total / static_cast<double>(a.rgb.size());
+}
+
+// An Exif APP1 payload whose IFD0 holds only the orientation tag (big-endian TIFF).
+std::string ExifWithOrientation(int orientation) {
+  const unsigned char tiff[] = {'M', 'M', 0, 42, 0, 0, 0, 8,  // header, IFD0 at 8
+                                0, 1,                          // one entry
+                                0x01, 0x12, 0, 3, 0, 0, 0, 1, 0, static_cast<unsigned char>(orientation), 0, 0,
+                                0, 0, 0, 0};                   // no next IFD
+  return std::string("Exif\0\0", 6) + std::string(reinterpret_cast<const char*>(tiff), sizeof tiff);
+}
+
+TEST(ImageIoJpegTest, DecodesBaselineProgressiveAndGreyscaleToRgb) {
+  ASSERT_TRUE(JpegSupported());
+  const Image src = Gradient(24, 16);
+  EXPECT_LT(MeanAbsDiff(DecodeImage(EncodeJpeg(src)), src), 2.0);
+  EXPECT_LT(MeanAbsDiff(DecodeImage(EncodeJpeg(src, 3, /*progressive=*/true)), src), 2.0);
+  const Image grey = DecodeImage(EncodeJpeg(src, 1));
+  ASSERT_EQ(grey.width, 24);
+  for (int x = 0; x < 24; x += 5) {
+    EXPECT_EQ(grey.at(x, 3)[0], grey.at(x, 3)[1]);
+    EXPECT_EQ(grey.at(x, 3)[1], grey.at(x, 3)[2]);
+    EXPECT_NEAR(grey.at(x, 3)[0], src.at(x, 3)[0], 3);
+  }
+}
+
+// Phones store photos sideways and say so in Exif: the decoded image is upright.
+TEST(ImageIoJpegTest, AppliesTheExifOrientation) {
+  const Image upright = Gradient(24, 16);
+  // Stored 90 degrees counter-clockwise (orientation 6: "rotate 90 CW to display").
+  Image stored(16, 24);
+  for (int y = 0; y < 24; ++y) {
+    for (int x = 0; x < 16; ++x) std::memcpy(stored.at(x, y), upright.at(23 - y, x), 3);
+  }
+  EXPECT_LT(MeanAbsDiff(DecodeImage(EncodeJpeg(stored, 3, false, ExifWithOrientation(6))), upright), 2.0);
+  // Mirrored (2), and 180 degrees (3).
+  Image mirrored(24, 16), turned(24, 16);
+  for (int y = 0; y < 16; ++y) {
+    for (int x = 0; x < 24; ++x) {
+      std::memcpy(mirrored.at(x, y), upright.at(23 - x, y), 3);
+      std::memcpy(turned.at(x, y), upright.at(23 - x, 15 - y), 3);
+    }
+  }
+  EXPECT_LT(MeanAbsDiff(DecodeImage(EncodeJpeg(mirrored, 3, false, ExifWithOrientation(2))), upright), 2.0);
+  EXPECT_LT(MeanAbsDiff(DecodeImage(EncodeJpeg(turned, 3, false, ExifWithOrientation(3))), upright), 2.0);
+  // A malformed Exif block is ignored, not an error.
+  EXPECT_LT(MeanAbsDiff(DecodeImage(EncodeJpeg(upright, 3, false, std::string("Exif\0\0MM\0", 9))), upright), 2.0);
+}
+
+// Hostile or broken JPEGs: a clear error, never a crash, and never a half-grey "success".
+TEST(ImageIoJpegTest, RejectsTruncatedCorruptOversizedAndCmyk) {
+  const std::string good = EncodeJpeg(Gradient(64, 48));
+  ExpectValueError([&] { DecodeImage(good.substr(0, good.size() / 2)); }, "invalid JPEG");
+  ExpectValueError([&] { DecodeImage(good.substr(0, 40)); }, "invalid JPEG");
+  std::string corrupt = good;
+  for (size_t i = good.size() / 2; i < good.size() / 2 + 64; ++i) corrupt[i] = static_cast<char>(0xff);
+  ExpectValueError([&] { DecodeImage(corrupt); }, "invalid JPEG");
+  ImageLimits small;
+  small.max_width = small.max_height = 32;
+  ExpectValueError([&] { DecodeImage(good, small); }, "exceeds the 32x32 limit");
+  ExpectValueError([&] { DecodeImage(EncodeJpeg(Gradient(8, 8), 4)); }, "CMYK JPEG is not supported");
+  // Every truncation point fails cleanly.
+  for (size_t n = 3; n < good.size(); n += 37) {
+    try {
+      DecodeImage(good.substr(0, n));
+      ADD_FAILURE() << "a JPEG cut at " << n << " bytes decoded";
+    } catch (const c10::ValueError&) {
+    }
+  }
+}
+#else
+TEST(ImageIoJpegTest, RejectsJpegWithClearMessageWithoutLibjpeg) {
+  const std::string jpeg("\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00", 20);
+  EXPECT_THROW(DecodeImage(jpeg), c10::Error);
+}
+#endif  // PERFUSION_HAVE_JPEG
 
 TEST(ImageIoTest, RejectsEmptyRandomAndOtherFormats) {
   ExpectValueError([] { DecodeImage(""); }, "empty input");
   ExpectValueError([] { DecodeImage("GIF89a\x01\x00\x01\x00"); }, "GIF is not supported");
-  ExpectValueError([] { DecodeImage("hello world, not an image"); }, "not a PNG");
+  ExpectValueError([] { DecodeImage("hello world, not an image"); }, "not a PNG or JPEG");
   ExpectValueError([] { DecodeImage(std::string("\x89PN", 3)); }, "truncated PNG");
   SplitMix64 rng(11);
   for (int i = 0; i < 200; ++i) {

@@ -34,6 +34,22 @@ TEST(InspectImageTest, ReadsPngAndJpegSizesFromHeaders) {
   EXPECT_EQ(jpg->height, 480);
 }
 
+// What the workers cannot decode is refused before the job is queued: a side over their 4096-pixel
+// limit (the pixel count alone allowed 8192x1024), and CMYK JPEGs.
+TEST(InspectImageTest, RefusesWhatWorkersCannotDecode) {
+  ValidationLimits limits;
+  EXPECT_THAT(InspectImage(MakeJpeg(8192, 1024), limits, "images[2]"),
+              StatusIs(kInvalid, HasSubstr("images[2]: 8192x1024 exceeds 4096 pixels on a side")));
+  EXPECT_THAT(InspectImage(MakeJpeg(4096, 1024), limits, "images[2]"), IsOk());
+  std::string cmyk = MakeJpeg(64, 64);
+  const size_t sof = cmyk.find("\xFF\xC0");
+  ASSERT_NE(sof, std::string::npos);
+  ASSERT_EQ(cmyk[sof + 9], 3);  // FF C0, length (2), precision, height (2), width (2), components
+  cmyk[sof + 9] = 4;
+  EXPECT_THAT(InspectImage(cmyk, limits, "images[0]"),
+              StatusIs(kInvalid, HasSubstr("images[0]: CMYK JPEG is not supported")));
+}
+
 TEST(InspectImageTest, RejectsNonImagesNamingTheField) {
   ValidationLimits limits;
   EXPECT_THAT(InspectImage("GIF89a....", limits, "images[4]"),

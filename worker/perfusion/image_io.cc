@@ -7,6 +7,8 @@
 #include <cstdio>
 #include <cstring>
 
+#include "perfusion/image_jpeg.h"
+
 #ifdef PERFUSION_HAVE_PNG
 #include <png.h>
 
@@ -228,19 +230,17 @@ bool PngSupported() {
 }
 
 Image DecodeImage(const std::string& bytes, const ImageLimits& limits) {
-  TORCH_CHECK_VALUE(!bytes.empty(), "DecodeImage: empty input (0 bytes); send a PNG");
+  TORCH_CHECK_VALUE(!bytes.empty(), "DecodeImage: empty input (0 bytes); send a PNG or JPEG");
   TORCH_CHECK_VALUE(static_cast<int64_t>(bytes.size()) <= limits.max_bytes, "DecodeImage: input of ",
                     bytes.size(), " bytes exceeds the limit of ", limits.max_bytes, " bytes");
-  if (StartsWith(bytes, "\xff\xd8\xff", 3)) {
-    TORCH_CHECK_VALUE(false, "DecodeImage: JPEG is not supported by this build; send PNG");
-  }
+  if (StartsWith(bytes, "\xff\xd8\xff", 3)) return DecodeJpeg(bytes, limits);
   if (!StartsWith(bytes, reinterpret_cast<const char*>(kPngSignature), 8)) {
     const char* other = OtherFormatName(bytes);
-    TORCH_CHECK_VALUE(other == nullptr, "DecodeImage: not a PNG (", other, " is not supported); send PNG");
+    TORCH_CHECK_VALUE(other == nullptr, "DecodeImage: not a PNG or JPEG (", other, " is not supported); send PNG or JPEG");
     TORCH_CHECK_VALUE(bytes.size() >= 8 || !StartsWith(bytes, reinterpret_cast<const char*>(kPngSignature),
                                                        bytes.size()),
                       "DecodeImage: truncated PNG (", bytes.size(), " bytes, shorter than the signature)");
-    TORCH_CHECK_VALUE(false, "DecodeImage: not a PNG (signature ", HexPrefix(bytes), ")");
+    TORCH_CHECK_VALUE(false, "DecodeImage: not a PNG or JPEG (signature ", HexPrefix(bytes), ")");
   }
   // IHDR is always the first chunk: check the dimensions before libpng sees (or allocates) anything.
   TORCH_CHECK_VALUE(bytes.size() >= 33, "DecodeImage: truncated PNG (", bytes.size(),

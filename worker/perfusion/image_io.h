@@ -9,10 +9,10 @@
 // (TORCH_CHECK_VALUE) with a message saying why: "not a PNG", "truncated", "image of 9000x9000
 // exceeds the 4096x4096 limit", a CRC error, ... Nothing is printed.
 //
-// Formats: PNG only. JPEG input is recognised by its magic bytes and rejected with "JPEG is not
-// supported by this build; send PNG" (libjpeg is not linked). Without libpng at configure time
-// (PERFUSION_HAVE_PNG undefined) DecodeImage and EncodePng raise c10::Error saying so;
-// PngSupported() tells which.
+// Formats: PNG, and JPEG through image_jpeg.h (libjpeg-turbo; Exif orientation applied, CMYK
+// refused). Other formats are named from their magic bytes and refused. Without libpng (or
+// libjpeg) at configure time, DecodeImage and EncodePng raise c10::Error saying so;
+// PngSupported() and JpegSupported() tell which.
 //
 // Colour: every PNG colour type and bit depth decodes to 8-bit RGB: palette and grey are expanded,
 // 16-bit samples are scaled to 8 bits with rounding (v * 255 / 65535), and alpha (an alpha channel
@@ -60,10 +60,10 @@ struct Image {
 // True when this build can decode and encode PNG (libpng was found at configure time).
 bool PngSupported();
 
-// Decodes an encoded image (PNG) to 8-bit RGB; see the file comment for colour handling.
-// Throws c10::ValueError naming the reason for: empty input, input over limits.max_bytes, JPEG or any
-// other non-PNG signature, dimensions over the limits (checked before allocation), truncation, CRC or
-// zlib errors, and any other libpng error. Never crashes on any input.
+// Decodes an encoded image (PNG or JPEG) to 8-bit RGB; see the file comment for colour handling.
+// Throws c10::ValueError naming the reason for: empty input, input over limits.max_bytes, any other
+// signature, dimensions over the limits (checked before allocation), truncation, CRC or zlib errors,
+// corrupt JPEG data, and any other libpng or libjpeg error. Never crashes on any input.
 Image DecodeImage(const std::string& bytes, const ImageLimits& limits = {});
 
 // Encodes `image` as an 8-bit RGB, non-interlaced PNG with no ancillary chunks (no time stamp), so

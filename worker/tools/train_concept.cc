@@ -47,7 +47,7 @@ void Usage() {
   std::printf(
       "perfusion-train-concept: train a Perfusion concept from a folder of PNG images\n\n"
       "usage: perfusion-train-concept DIR --superclass WORD --name NAME --out FILE [options]\n\n"
-      "  DIR                   folder with the training images (*.png, 3 to 20 are typical)\n"
+      "  DIR                   folder with the training images (*.png, *.jpg, *.jpeg; 3 to 20 are typical)\n"
       "  --superclass WORD     one-token class word, e.g. star, dog (required)\n"
       "  --name NAME           concept name used as <NAME> in prompts: letters, digits, _-. (required)\n"
       "  --out FILE            concept blob to write (required)\n"
@@ -75,13 +75,17 @@ bool EndsWith(const std::string& s, const std::string& suffix) {
                                                  [](char a, char b) { return std::tolower(a) == std::tolower(b); });
 }
 
-std::vector<std::string> ListPngs(const std::string& dir) {
+std::vector<std::string> ListImages(const std::string& dir) {
   std::vector<std::string> out;
   DIR* d = ::opendir(dir.c_str());
   TORCH_CHECK_VALUE(d != nullptr, "cannot open image folder '", dir, "'");
   while (dirent* e = ::readdir(d)) {
     const std::string n = e->d_name;
-    if (n[0] != '.' && EndsWith(n, ".png")) out.push_back(dir + "/" + n);
+    std::string lower = n;
+    for (char& c : lower) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    if (n[0] != '.' && (EndsWith(lower, ".png") || EndsWith(lower, ".jpg") || EndsWith(lower, ".jpeg"))) {
+      out.push_back(dir + "/" + n);
+    }
   }
   ::closedir(d);
   std::sort(out.begin(), out.end());
@@ -156,8 +160,8 @@ int main(int argc, char** argv) {
   }
   try {
     if (a.threads > 0) at::set_num_threads(a.threads);
-    const auto files = ListPngs(a.dir);
-    TORCH_CHECK_VALUE(!files.empty(), "no .png images in '", a.dir, "'");
+    const auto files = ListImages(a.dir);
+    TORCH_CHECK_VALUE(!files.empty(), "no .png, .jpg or .jpeg images in '", a.dir, "'");
     std::vector<at::Tensor> images;
     for (const auto& f : files) {
       try {
@@ -169,7 +173,7 @@ int main(int argc, char** argv) {
     if (a.captions) {
       const std::string token = "<" + a.name + ">";
       for (const auto& f : files) {
-        const std::string txt = f.substr(0, f.size() - 4) + ".txt";
+        const std::string txt = f.substr(0, f.rfind('.')) + ".txt";
         std::string caption;
         try {
           caption = ReadFileToString(txt);
