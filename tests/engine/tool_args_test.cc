@@ -28,7 +28,7 @@ Parsed Parse(std::vector<std::string> args) {
   ::testing::internal::CaptureStderr();
   p.code = ParseToolArgs(static_cast<int>(argv.size()), argv.data(), CountUsage,
                          [&](const std::string& k, const NextValue& v) {
-                           if (k == "--steps") p.steps = std::stoi(v());
+                           if (k == "--steps") p.steps = ParseInt(v());
                            else if (k == "--quiet") p.quiet = true;
                            else if (!k.empty() && k[0] == '-') return false;
                            else if (p.positional.empty()) p.positional = k;
@@ -70,6 +70,25 @@ TEST(ToolArgsTest, ErrorsNameTheArgumentAndExitTwo) {
   p = Parse({"a", "b"});
   EXPECT_EQ(p.code, 2);
   EXPECT_EQ(p.err, "one folder only\n");
+}
+
+// A value is the number or an error: std::stoll read "4e2" as 4, "2x" as 2, and std::stoull read
+// "-1" as 2^64 - 1, so a typo changed the run instead of stopping it.
+TEST(ToolArgsTest, NumbersMustBeTheWholeValue) {
+  for (const char* bad : {"4e2", "2x", "12 ", "", "0x10"}) {
+    Parsed p = Parse({"--steps", bad});
+    EXPECT_EQ(p.code, 2) << bad;
+    EXPECT_EQ(p.err, std::string("--steps: bad value '") + bad + "'\n");
+  }
+  EXPECT_EQ(ParseInt64("-7"), -7);
+  EXPECT_EQ(ParseInt64(" 7"), 7);  // leading blanks, as strtoll takes them
+  EXPECT_THROW(ParseUint64("-1"), std::invalid_argument);
+  EXPECT_EQ(ParseUint64("18446744073709551615"), UINT64_MAX);
+  EXPECT_THROW(ParseInt("3000000000"), std::out_of_range);
+  EXPECT_DOUBLE_EQ(ParseDouble("2.5e-4"), 2.5e-4);
+  EXPECT_THROW(ParseDouble("0.5.1"), std::invalid_argument);
+  EXPECT_EQ(ParseIntList("1,,2"), (std::vector<int64_t>{1, 2}));
+  EXPECT_THROW(ParseIntList("1,2x"), std::invalid_argument);
 }
 
 }  // namespace

@@ -16,6 +16,7 @@
 
 #include "perfusion/covariance.h"
 #include "perfusion/model_dir.h"
+#include "tools/tool_args.h"
 
 using namespace perfusion;
 
@@ -40,25 +41,19 @@ int main(int argc, char** argv) {
   int64_t batch = 32, max_captions = -1;
   bool exclude_padding = false;
   double ridge = 0;
-  for (int i = 1; i < argc; ++i) {
-    std::string k = argv[i];
-    auto v = [&]() -> std::string {
-      if (i + 1 >= argc) {
-        std::fprintf(stderr, "%s needs a value\n", k.c_str());
-        std::exit(2);
-      }
-      return argv[++i];
-    };
-    if (k == "--help" || k == "-h") { Usage(); return 0; }
-    else if (k == "--model") model_dir = v();
-    else if (k == "--captions") captions = v();
-    else if (k == "--out") out = v();
-    else if (k == "--batch") batch = std::stoll(v());
-    else if (k == "--max-captions") max_captions = std::stoll(v());
-    else if (k == "--exclude-padding") exclude_padding = true;
-    else if (k == "--tokenizer-dir") tok_dir = v();
-    else if (k == "--ridge") ridge = std::stod(v());
-    else { std::fprintf(stderr, "unknown argument %s (see --help)\n", k.c_str()); return 2; }
+  if (auto code = ParseToolArgs(argc, argv, Usage, [&](const std::string& k, const NextValue& v) {
+        if (k == "--model") model_dir = v();
+        else if (k == "--captions") captions = v();
+        else if (k == "--out") out = v();
+        else if (k == "--batch") batch = ParseInt64(v());
+        else if (k == "--max-captions") max_captions = ParseInt64(v());
+        else if (k == "--exclude-padding") exclude_padding = true;
+        else if (k == "--tokenizer-dir") tok_dir = v();
+        else if (k == "--ridge") ridge = ParseDouble(v());
+        else return false;
+        return true;
+      })) {
+    return *code;
   }
   if (model_dir.empty() || captions.empty() || batch < 1) {
     std::fprintf(stderr, "--model and --captions are required, --batch must be >= 1 (see --help)\n");
@@ -124,5 +119,9 @@ int main(int argc, char** argv) {
   } catch (const c10::Error& e) {
     std::fprintf(stderr, "\nerror: %s\n", e.what_without_backtrace());
     return 1;
+   } catch (const std::exception& e) {
+    std::fprintf(stderr, "\nerror: %s\n", e.what());
+    return 1;
   }
+
 }

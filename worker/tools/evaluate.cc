@@ -137,7 +137,7 @@ void Usage() {
 
 std::vector<double> ParseDoubles(const std::string& s) {
   std::vector<double> out;
-  for (const auto& item : SplitList(s)) out.push_back(std::stod(item));
+  for (const auto& item : SplitList(s)) out.push_back(ParseDouble(item));
   return out;
 }
 
@@ -1409,22 +1409,22 @@ int main(int argc, char** argv) {
       else if (k == "--out") a.out = v();
       else if (k == "--tokenizer-dir") a.tokenizer_dir = v();
       else if (k == "--concepts") a.concepts = v();
-      else if (k == "--images") a.images = std::stoi(v());
-      else if (k == "--steps") a.steps = std::stoll(v());
-      else if (k == "--batch") a.batch = std::stoll(v());
-      else if (k == "--ti-lr") a.ti_lr = std::stod(v());
-      else if (k == "--per-prompt") a.per_prompt = std::stoi(v());
-      else if (k == "--gen-steps") a.gen_steps = std::stoll(v());
-      else if (k == "--guidance") a.guidance = std::stod(v());
-      else if (k == "--guidance-rescale") a.guidance_rescale = std::stod(v());
+      else if (k == "--images") a.images = ParseInt(v());
+      else if (k == "--steps") a.steps = ParseInt64(v());
+      else if (k == "--batch") a.batch = ParseInt64(v());
+      else if (k == "--ti-lr") a.ti_lr = ParseDouble(v());
+      else if (k == "--per-prompt") a.per_prompt = ParseInt(v());
+      else if (k == "--gen-steps") a.gen_steps = ParseInt64(v());
+      else if (k == "--guidance") a.guidance = ParseDouble(v());
+      else if (k == "--guidance-rescale") a.guidance_rescale = ParseDouble(v());
       else if (k == "--sampler") a.sampler = v();
-      else if (k == "--seed") a.seed = std::stoull(v());
+      else if (k == "--seed") a.seed = ParseUint64(v());
       else if (k == "--seeds") {
         const auto list = SplitList(v());
         if (list.empty()) throw ToolUsageError("--seeds: expected a comma-separated list of seeds, e.g. 1,2,3");
-        a.seed = std::stoull(list[0]);
+        a.seed = ParseUint64(list[0]);
         a.more_seeds.clear();
-        for (size_t i = 1; i < list.size(); ++i) a.more_seeds.push_back(std::stoull(list[i]));
+        for (size_t i = 1; i < list.size(); ++i) a.more_seeds.push_back(ParseUint64(list[i]));
       }
       else if (k == "--sweep-concept") a.sweep_concept = v();
       else if (k == "--betas") a.betas = ParseDoubles(v());
@@ -1433,9 +1433,9 @@ int main(int argc, char** argv) {
       else if (k == "--no-ablations") a.ablations = false;
       else if (k == "--captions") a.captions = true;
       else if (k == "--finetune") a.finetune = true;
-      else if (k == "--finetune-lr") a.finetune_lr = std::stod(v());
+      else if (k == "--finetune-lr") a.finetune_lr = ParseDouble(v());
       else if (k == "--no-sweep") a.sweep = false;
-      else if (k == "--threads") a.threads = std::stoi(v());
+      else if (k == "--threads") a.threads = ParseInt(v());
       else if (k == "--device") a.device = ParseToolDevice(v());
       else return false;
       return true;

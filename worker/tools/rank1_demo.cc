@@ -17,6 +17,7 @@
 #include "perfusion/concept.h"
 #include "perfusion/covariance.h"
 #include "perfusion/rank1_edit.h"
+#include "tools/tool_args.h"
 
 using namespace perfusion;
 
@@ -38,30 +39,15 @@ int main(int argc, char** argv) {
   int steps = 200;
   int64_t O = 320, seed = 0;
   std::string cov_path = std::string(PERFUSION_DEFAULT_SHARED) + "/data/sd15/clip_vit_l14_covariance.safetensors";
-  for (int i = 1; i < argc; ++i) {
-    std::string a = argv[i];
-    auto next = [&]() -> std::string {
-      if (i + 1 >= argc) {
-        std::fprintf(stderr, "%s needs a value\n", a.c_str());
-        std::exit(2);
-      }
-      return argv[++i];
-    };
-    if (a == "--help" || a == "-h") {
-      Usage();
-      return 0;
-    } else if (a == "--steps") {
-      steps = std::stoi(next());
-    } else if (a == "--out-dim") {
-      O = std::stoll(next());
-    } else if (a == "--seed") {
-      seed = std::stoll(next());
-    } else if (a == "--covariance") {
-      cov_path = next();
-    } else {
-      std::fprintf(stderr, "unknown argument %s (see --help)\n", a.c_str());
-      return 2;
-    }
+  if (auto code = ParseToolArgs(argc, argv, Usage, [&](const std::string& k, const NextValue& v) {
+        if (k == "--steps") steps = ParseInt(v());
+        else if (k == "--out-dim") O = ParseInt64(v());
+        else if (k == "--seed") seed = ParseInt64(v());
+        else if (k == "--covariance") cov_path = v();
+        else return false;
+        return true;
+      })) {
+    return *code;
   }
   if (steps <= 0 || O <= 0) {
     std::fprintf(stderr, "--steps and --out-dim must be > 0\n");
@@ -142,5 +128,9 @@ int main(int argc, char** argv) {
   } catch (const c10::Error& e) {
     std::fprintf(stderr, "error: %s\n", e.what_without_backtrace());
     return 1;
+   } catch (const std::exception& e) {
+    std::fprintf(stderr, "\nerror: %s\n", e.what());
+    return 1;
   }
+
 }

@@ -4,7 +4,7 @@
 //   "--steps needs a value (see --help)", "--steps: bad value 'x'", "unknown option --x (see --help)".
 //
 //   if (auto code = ParseToolArgs(argc, argv, Usage, [&](const std::string& k, const NextValue& v) {
-//         if (k == "--steps") a.steps = std::stoll(v());
+//         if (k == "--steps") a.steps = ParseInt64(v());
 //         else if (k == "--quiet") a.quiet = true;
 //         else return false;  // unknown
 //         return true;
@@ -83,11 +83,40 @@ inline std::vector<std::string> SplitList(const std::string& s) {
   return out;
 }
 
+// Whole-string number parsing for flag values. std::stoll and friends stop at the first character
+// they cannot use, so "4e2" read as 4 and "2x" as 2, and std::stoull wraps "-1" to 2^64 - 1; these
+// throw std::invalid_argument (reported by ParseToolArgs as a bad value of the flag) unless the
+// whole value is the number.
+inline int64_t ParseInt64(const std::string& s) {
+  size_t used = 0;
+  const long long v = std::stoll(s, &used);
+  if (used != s.size()) throw std::invalid_argument(s);
+  return v;
+}
+inline int ParseInt(const std::string& s) {
+  const int64_t v = ParseInt64(s);
+  if (v < INT32_MIN || v > INT32_MAX) throw std::out_of_range(s);
+  return static_cast<int>(v);
+}
+inline uint64_t ParseUint64(const std::string& s) {
+  if (s.empty() || s[0] == '-' || s[0] == ' ') throw std::invalid_argument(s);
+  size_t used = 0;
+  const unsigned long long v = std::stoull(s, &used);
+  if (used != s.size()) throw std::invalid_argument(s);
+  return v;
+}
+inline double ParseDouble(const std::string& s) {
+  size_t used = 0;
+  const double v = std::stod(s, &used);
+  if (used != s.size()) throw std::invalid_argument(s);
+  return v;
+}
+
 // A comma-separated list of integers; a bad item throws std::invalid_argument, which
 // ParseToolArgs reports as a bad value of the flag.
 inline std::vector<int64_t> ParseIntList(const std::string& s) {
   std::vector<int64_t> out;
-  for (const auto& item : SplitList(s)) out.push_back(std::stoll(item));
+  for (const auto& item : SplitList(s)) out.push_back(ParseInt64(item));
   return out;
 }
 

@@ -254,15 +254,15 @@ int main(int argc, char** argv) {
   if (auto code = ParseToolArgs(argc, argv, Usage, [&](const std::string& k, const NextValue& v) {
       if (k == "--out") a.out = v();
       else if (k == "--model") a.model = v();
-      else if (k == "--train") a.train = std::stoll(v());
-      else if (k == "--test") a.test = std::stoll(v());
-      else if (k == "--steps") a.steps = std::stoll(v());
-      else if (k == "--batch") a.batch = std::stoll(v());
-      else if (k == "--lr") a.lr = std::stod(v());
-      else if (k == "--vae-fraction") a.vae_fraction = std::stod(v());
-      else if (k == "--width") a.width = std::stoll(v());
-      else if (k == "--seed") a.seed = std::stoull(v());
-      else if (k == "--threads") a.threads = std::stoi(v());
+      else if (k == "--train") a.train = ParseInt64(v());
+      else if (k == "--test") a.test = ParseInt64(v());
+      else if (k == "--steps") a.steps = ParseInt64(v());
+      else if (k == "--batch") a.batch = ParseInt64(v());
+      else if (k == "--lr") a.lr = ParseDouble(v());
+      else if (k == "--vae-fraction") a.vae_fraction = ParseDouble(v());
+      else if (k == "--width") a.width = ParseInt64(v());
+      else if (k == "--seed") a.seed = ParseUint64(v());
+      else if (k == "--threads") a.threads = ParseInt(v());
       else if (k == "--sheet") a.sheet = v();
       else if (k == "--device") a.device = ParseToolDevice(v());
       else return false;
