@@ -170,6 +170,57 @@ TEST_F(TrainBaseToolTest, SeedFixesTheWeightsAcrossAStop) {
   }
 }
 
+// A kill can land anywhere in a checkpoint. Before its commit (state.json naming the new files as
+// pending) the previous checkpoint stands and a half-written .next file is ignored; after it, the
+// next run finishes the renames. Either way the resumed run trains the same weights as one that was
+// never stopped. (The files were once written in place: a kill left a truncated unet_opt.pt that
+// every rerun failed to load.)
+TEST_F(TrainBaseToolTest, AKillDuringACheckpointNeitherBreaksNorChangesTheRun) {
+  const std::vector<std::string> steps = {"--vae-steps", "1", "--unet-steps", "3", "--decoder-steps", "0"};
+  ASSERT_EQ(Train(steps, "whole").exit_code, 0);
+  std::vector<std::string> stop = steps;
+  stop.insert(stop.end(), {"--max-minutes", "0.000001"});
+  // Into the UNet stage: the VAE's checkpoint, then the UNet's first.
+  ASSERT_EQ(Train(stop).exit_code, 0);
+  ASSERT_EQ(Train(stop).exit_code, 0);
+  ASSERT_EQ(State()["stage"], "unet") << State().dump();
+  const std::string work = dir_ + "/work";
+  // Killed before a commit: a truncated .next beside the good file.
+  {
+    std::ofstream(work + "/unet_opt.pt.next", std::ios::binary) << "PK\x03\x04 truncated";
+  }
+  // And killed after another commit: the step's unet.safetensors is still .next, the old file in
+  // place is broken, and state.json names it pending.
+  const std::string unet = ReadFileOrEmpty(work + "/unet.safetensors");
+  ASSERT_FALSE(unet.empty());
+  {
+    std::ofstream(work + "/unet.safetensors.next", std::ios::binary) << unet;
+    std::ofstream(work + "/unet.safetensors", std::ios::binary) << "truncated";
+    nlohmann::json st = State();
+    st["pending"] = {work + "/unet.safetensors"};
+    std::ofstream(work + "/state.json") << st.dump(2);
+  }
+  CommandResult r = Train(steps);
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  EXPECT_FALSE(State().contains("pending")) << State().dump();
+  for (const char* f : {"unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"}) {
+    const std::string got = ReadFileOrEmpty(dir_ + "/model/" + f);
+    ASSERT_FALSE(got.empty()) << f;
+    EXPECT_TRUE(got == ReadFileOrEmpty(dir_ + "/whole/" + f)) << f << ": the resumed run trained other weights";
+  }
+}
+
+// The training objective is part of the work folder: resuming with or without --sd-schedule would
+// switch it halfway without a word.
+TEST_F(TrainBaseToolTest, RefusesToResumeWithTheOtherSchedule) {
+  const std::vector<std::string> steps = {"--vae-steps", "1", "--unet-steps", "2", "--decoder-steps", "0"};
+  ASSERT_EQ(Train(steps).exit_code, 0);
+  std::vector<std::string> more = {"--vae-steps", "1", "--unet-steps", "3", "--decoder-steps", "0", "--sd-schedule"};
+  CommandResult r = Train(more);
+  EXPECT_EQ(r.exit_code, 2) << r.out;
+  EXPECT_NE(r.err.find("--sd-schedule false, not true"), std::string::npos) << r.err;
+}
+
 // --latent-size 16: a VAE with one downsampling less (16x16 latents) and a UNet of that sample size;
 // --vae-blocks and --vae-layers set the VAE's width and depth.
 TEST_F(TrainBaseToolTest, SixteenBySixteenLatents) {

@@ -35,6 +35,7 @@
 #include <torch/serialize.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
@@ -194,7 +195,19 @@ struct State {
   int64_t pair_step = 0;     // two-object stage steps done (kept after the stage ends)
   // What the checkpoints depend on: a rerun with other values would train on other data or shapes.
   nlohmann::json data = nlohmann::json::object();
+  // Checkpoint files written as <file>.next and not yet renamed over <file> (see SaveCheckpoint).
+  std::vector<std::string> pending;
 };
+void SaveState(const std::string& work, const State& s) {
+  nlohmann::json j = {{"stage", s.stage}, {"step", s.step}, {"latent_scale", s.latent_scale},
+                    {"decoder_step", s.decoder_step}, {"pair_step", s.pair_step}, {"data", s.data}};
+  if (!s.pending.empty()) j["pending"] = s.pending;
+  WriteFileAtomically(work + "/state.json", j.dump(2));
+}
+void RenameOrThrow(const std::string& from, const std::string& to) {
+  TORCH_CHECK(std::rename(from.c_str(), to.c_str()) == 0, "cannot rename ", from, " to ", to, ": ",
+              std::strerror(errno));
+}
 State LoadState(const std::string& work) {
   State s;
   if (!Exists(work + "/state.json")) return s;
@@ -205,12 +218,33 @@ State LoadState(const std::string& work) {
   s.decoder_step = j.value("decoder_step", int64_t{0});
   s.pair_step = j.value("pair_step", int64_t{0});
   s.data = j.value("data", nlohmann::json::object());
+  s.pending = j.value("pending", std::vector<std::string>{});
+  if (!s.pending.empty()) {
+    // Killed between a checkpoint's commit and its renames: finish them (roll forward).
+    for (const std::string& file : s.pending) {
+      if (Exists(file + ".next")) RenameOrThrow(file + ".next", file);
+    }
+    s.pending.clear();
+    SaveState(work, s);
+  }
   return s;
 }
-void SaveState(const std::string& work, const State& s) {
-  nlohmann::json j = {{"stage", s.stage}, {"step", s.step}, {"latent_scale", s.latent_scale},
-                    {"decoder_step", s.decoder_step}, {"pair_step", s.pair_step}, {"data", s.data}};
-  WriteFileAtomically(work + "/state.json", j.dump(2));
+
+// Writes one checkpoint so that a kill at any moment leaves either the previous checkpoint or this
+// one, whole: each file goes to <file>.next; state.json (written atomically) then records the new
+// step with the files as pending, which commits it; the files are renamed into place, and
+// state.json is written again without them. A kill before the commit leaves the previous files and
+// step (the .next files are overwritten next time); a kill after it is finished by LoadState. (The
+// weights used to be written in place before state.json: a kill could leave a truncated optimizer
+// file that every rerun failed to load, or weights one checkpoint ahead of the recorded step.)
+void SaveCheckpoint(const std::string& work, State& st,
+                    const std::vector<std::pair<std::string, std::function<void(const std::string&)>>>& files) {
+  for (const auto& [file, write] : files) write(file + ".next");
+  for (const auto& f : files) st.pending.push_back(f.first);
+  SaveState(work, st);
+  for (const auto& f : files) RenameOrThrow(f.first + ".next", f.first);
+  st.pending.clear();
+  SaveState(work, st);
 }
 
 // The rendered dataset: images [N, 3, 32, 32] in [-1, 1] (float16 to halve memory) and scenes.
@@ -466,12 +500,17 @@ int main(int argc, char** argv) {
                                   {"--pair-prob", a.pair_prob}, {"--open-textures", a.open_textures},
                                   {"--latent-channels", a.latent_channels},
                                   {"--latent-size", a.latent_size}, {"--unet-blocks", a.unet_blocks},
-                                  {"--vae-blocks", a.vae_blocks}, {"--vae-layers", a.vae_layers}};
+                                  {"--vae-blocks", a.vae_blocks}, {"--vae-layers", a.vae_layers},
+                                  {"--sd-schedule", a.sd_schedule}};
       for (const auto& [flag, value] : now.items()) {
         // The stage-2b settings matter only once that stage has taken a step.
         if ((flag == "--pair-prob" || flag == "--open-textures") && st.pair_step == 0) continue;
-        // The UNet's levels matter only once the UNet has taken a step: a VAE may be trained first.
-        if (flag == "--unet-blocks" && (st.stage == "vae" || (st.stage == "unet" && st.step == 0))) continue;
+        // The UNet's levels and objective matter only once the UNet has taken a step: a VAE may be
+        // trained first.
+        if ((flag == "--unet-blocks" || flag == "--sd-schedule") &&
+            (st.stage == "vae" || (st.stage == "unet" && st.step == 0))) {
+          continue;
+        }
         // Folders recorded before a shape flag existed were made with its default then: latent size 8,
         // UNet 64,128, the latent size's default VAE levels, one resnet per VAE level.
         const int64_t made_size = st.data.value("--latent-size", int64_t{8});
@@ -558,9 +597,9 @@ int main(int argc, char** argv) {
         loss.backward();
         OptimizerStep(opt);
         if (!loop.AfterStep(st.step, loss.item<double>(), [&] {
-              SaveStateDict(*vae, vae_path);
-              torch::save(opt, vae_opt_path);
-              SaveState(a.work, st);
+              SaveCheckpoint(a.work, st,
+                             {{vae_path, [&](const std::string& f) { SaveStateDict(*vae, f); }},
+                              {vae_opt_path, [&](const std::string& f) { torch::save(opt, f); }}});
               // What the VAE keeps so far, to judge a long run before it ends (the stage's last
               // step is checked once, after the loop).
               if (st.step < a.vae_steps)
@@ -630,6 +669,11 @@ int main(int argc, char** argv) {
       } else {
         for (auto& p : live) avg.push_back(p.detach().clone());
       }
+    } else if (Exists(ema_path) && (st.stage == "unet" || st.stage == "pairs")) {
+      // Training on without an EMA leaves ema.pt behind the weights: a later resume with an EMA
+      // would start from that old average. Drop it; such a resume starts a fresh one.
+      std::printf("--ema-decay 0: removing %s (it would fall behind the weights)\n", ema_path.c_str());
+      std::remove(ema_path.c_str());
     }
     const char* after_pairs = a.decoder_steps > st.decoder_step ? "decoder" : "final";
     const char* after_unet = a.pair_steps > st.pair_step ? "pairs" : after_pairs;
@@ -640,11 +684,12 @@ int main(int argc, char** argv) {
       if (Exists(opt_path)) torch::load(opt, opt_path, dev);
       DDPMScheduler ddpm(sched);
       auto save = [&] {
-        SaveStateDict(*te, te_path);
-        SaveStateDict(*unet, unet_path);
-        torch::save(opt, opt_path);
-        if (!avg.empty()) torch::save(avg, ema_path);
-        SaveState(a.work, st);
+        std::vector<std::pair<std::string, std::function<void(const std::string&)>>> files = {
+            {te_path, [&](const std::string& f) { SaveStateDict(*te, f); }},
+            {unet_path, [&](const std::string& f) { SaveStateDict(*unet, f); }},
+            {opt_path, [&](const std::string& f) { torch::save(opt, f); }}};
+        if (!avg.empty()) files.push_back({ema_path, [&](const std::string& f) { torch::save(avg, f); }});
+        SaveCheckpoint(a.work, st, files);
       };
       // One step on `d`: a batch, captions, noise and timesteps all drawn from `stream`; `total_step`
       // counts every text encoder + UNet step so far (warm-up and the EMA's decay follow it).
@@ -758,9 +803,9 @@ int main(int argc, char** argv) {
         loss.backward();
         OptimizerStep(opt);
         if (!loop.AfterStep(st.decoder_step, loss.item<double>(), [&] {
-              SaveStateDict(*vae, vae_ft_path);
-              torch::save(opt, dec_opt_path);
-              SaveState(a.work, st);
+              SaveCheckpoint(a.work, st,
+                             {{vae_ft_path, [&](const std::string& f) { SaveStateDict(*vae, f); }},
+                              {dec_opt_path, [&](const std::string& f) { torch::save(opt, f); }}});
             })) {
           if (!a.finish) return 0;
           break;
