@@ -247,7 +247,19 @@ int main(int argc, char** argv) {
       return pc::kExitUsage;
     }
   }
-  const bool json = args->Get("output", "text") == "json";
+  const std::string output = args->Get("output", "text");
+  if (output != "text" && output != "json") {
+    std::cerr << "perfusion-load: --output must be text or json, not '" << output << "'\n";
+    return pc::kExitUsage;
+  }
+  // The request fields are int32: a larger value would wrap, not be refused by the server.
+  for (const auto& [flag, value] : {std::pair{"--gen-steps", gen_steps}, std::pair{"--gen-size", gen_size}}) {
+    if (value.ok() && (*value < 1 || *value > INT32_MAX)) {
+      std::cerr << "perfusion-load: " << flag << " must be in 1.." << INT32_MAX << "\n";
+      return pc::kExitUsage;
+    }
+  }
+  const bool json = output == "json";
   pc::ClientOptions o;
   const char* env_server = std::getenv("PERFUSION_SERVER");
   const char* env_token = std::getenv("PERFUSION_TOKEN");

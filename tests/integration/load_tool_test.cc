@@ -1,5 +1,6 @@
 // perfusion-load against a real server and worker: it completes its bounded run and reports
 // rates, percentiles and the generation overhead in machine-readable form.
+#include <filesystem>
 #include <string>
 
 #include <gtest/gtest.h>
@@ -47,4 +48,14 @@ TEST_F(LoadToolTest, ReportsRegistryRatesAndGenerateOverhead) {
 }
 
 }  // namespace
+// Bad flags stop it before it connects, naming the flag (exit 2).
+TEST(LoadToolUsageTest, BadFlagsAreUsageErrors) {
+  const std::string tmp = std::filesystem::temp_directory_path().string();
+  ExpectUsageErrors(PERFUSION_LOAD_BIN,
+                    {{{"--output", "xml"}, "--output must be text or json"},
+                     {{"--gen-size", "99999999999"}, "--gen-size must be in 1.."},
+                     {{"--gen-steps", "0"}, "--gen-steps must be in 1.."}},
+                    tmp);
+}
+
 }  // namespace perfusion::testing

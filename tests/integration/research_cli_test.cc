@@ -169,8 +169,22 @@ TEST_F(ResearchCliTest, EvaluateWritesTheReportWithASweepPerKeyLockingMode) {
                      {{"--sweep-locks", "sideways"}, "--sweep-locks"},
                      {{"--seeds", ","}, "--seeds: expected a comma-separated list"},
                      {{"--seeds", "1,x"}, "--seeds: bad value '1,x'"},
+                     {{"--seeds", "1,-2"}, "--seeds: bad value '1,-2'"},
+                     {{"--taus", "0,0.15"}, "--taus > 0"},
+                     {{"--betas", "0.5,1.5"}, "--betas in (0, 1]"},
+                     {{"--per-prompt", "4e2"}, "--per-prompt: bad value '4e2'"},
                      {{"--device", "gpu"}, "--device: 'gpu' is not a device"}},
                     dir_);
+  // An --out that cannot be made fails before any training (it once failed after all of it).
+  {
+    std::ofstream(dir_ + "/a_file") << "x";
+    CommandResult r = RunCommand({PERFUSION_EVALUATE_BIN, "--out", dir_ + "/a_file/report", "--model", TinyModelDir(),
+                                  "--tokenizer-dir", TokenizerDir()},
+                                 dir_, absl::Seconds(60));
+    EXPECT_EQ(r.exit_code, 1);
+    EXPECT_NE(r.err.find("cannot create folder"), std::string::npos) << r.err;
+    EXPECT_EQ(r.out.find("training"), std::string::npos) << "it started working: " << r.out;
+  }
   // Every engine tool takes --device the same way.
   for (const char* bin : {PERFUSION_GENERATE_BIN, PERFUSION_TRAIN_CONCEPT_BIN}) {
     ExpectUsageErrors(bin, {{{"--device", "cuda:x"}, "--device: 'cuda:x' is not a device"}}, dir_);

@@ -1445,10 +1445,14 @@ int main(int argc, char** argv) {
   const bool locks_ok = !a.sweep_locks.empty() && std::all_of(a.sweep_locks.begin(), a.sweep_locks.end(), [](const auto& l) {
     return l == "local" || l == "global";
   });
+  // A gate's temperature <= 0 means "unset" to the pipeline, which then takes the concept's whole
+  // default gate: such a sweep point would be labelled with one gate and measured at another.
+  const bool gates_ok = std::all_of(a.taus.begin(), a.taus.end(), [](double t) { return t > 0; }) &&
+                        std::all_of(a.betas.begin(), a.betas.end(), [](double b) { return b > 0 && b <= 1; });
   if (a.images < 1 || a.steps < 1 || a.batch < 1 || a.per_prompt < 2 || a.gen_steps < 1 || a.betas.empty() ||
-      a.taus.empty() || !locks_ok || !(a.finetune_lr > 0)) {
+      a.taus.empty() || !locks_ok || !gates_ok || !(a.finetune_lr > 0)) {
     std::fprintf(stderr, "need --images, --steps, --batch, --gen-steps >= 1, --per-prompt >= 2, --finetune-lr > 0, "
-                 "non-empty sweeps and --sweep-locks from local, global\n");
+                 "non-empty sweeps with --betas in (0, 1] and --taus > 0, and --sweep-locks from local, global\n");
     return 2;
   }
   if (a.classifier.empty()) a.classifier = a.model + "/eval/classifier.safetensors";
@@ -1456,6 +1460,7 @@ int main(int argc, char** argv) {
   for (int i = 1; i < argc; ++i) command += std::string(" ") + argv[i];
   try {
     if (a.threads > 0) at::set_num_threads(a.threads);
+    MakeDirs(a.out);  // before the run: a bad --out once failed after all the training and scoring
     std::vector<ConceptSpec> specs;
     if (a.concepts == "all") {
       specs = BuiltinConcepts();
@@ -1464,6 +1469,8 @@ int main(int argc, char** argv) {
     }
     TORCH_CHECK_VALUE(!specs.empty(), "--concepts: no concepts");
     if (a.sweep_concept.empty()) a.sweep_concept = specs[0].name;
+    TORCH_CHECK_VALUE(std::any_of(specs.begin(), specs.end(), [&](const ConceptSpec& c) { return c.name == a.sweep_concept; }),
+                      "--sweep-concept ", a.sweep_concept, " is not one of the evaluated --concepts");
     ModelDirOptions mo;
     mo.tokenizer_dir = a.tokenizer_dir;
     mo.device = a.device;

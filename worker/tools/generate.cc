@@ -195,6 +195,7 @@ int main(int argc, char** argv) {
   }
   try {
     if (a.threads > 0) at::set_num_threads(a.threads);
+    MakeDirs(a.out);  // before the generation: not a failed write after it
     ModelDirOptions mo;
     mo.tokenizer_dir = a.tokenizer_dir;
     mo.device = a.device;

@@ -24,6 +24,7 @@
 #include "perfusion/safetensors.h"
 #include "perfusion/trainer.h"
 #include "tools/tool_args.h"
+#include "tools/tool_files.h"
 #include "tools/tool_device.h"
 
 using namespace perfusion;
@@ -160,6 +161,7 @@ int main(int argc, char** argv) {
   }
   try {
     if (a.threads > 0) at::set_num_threads(a.threads);
+    MakeParentDirs(a.out);  // before the training: not a failed write after it
     const auto files = ListImages(a.dir);
     TORCH_CHECK_VALUE(!files.empty(), "no .png, .jpg or .jpeg images in '", a.dir, "'");
     std::vector<at::Tensor> images;
