@@ -433,7 +433,8 @@ absl::Status PostgresStore::UpdateJob(const JobRecord& job) {
   return c.Commit();
 }
 
-absl::Status PostgresStore::UpdateJobIfLeased(const JobRecord& job, const std::string& lease_id) {
+absl::Status PostgresStore::UpdateJobIfLeased(const JobRecord& job, const std::string& lease_id,
+                                               JobState read_state) {
   ASSIGN_OR_RETURN(Conn c, Borrow());
   RETURN_IF_ERROR(c.Begin());
   Params p;
@@ -441,7 +442,8 @@ absl::Status PostgresStore::UpdateJobIfLeased(const JobRecord& job, const std::s
   ASSIGN_OR_RETURN(Result r,
                    c.Exec(absl::StrCat("UPDATE jobs SET ", set, " WHERE id = ", p.Add(job.id),
                                        " AND lease_id = ", p.Add(lease_id),
-                                       " AND state IN (1, 2, 5)"),
+                                       " AND state IN (1, 2, 5) AND state = ",
+                                       p.Add(static_cast<int>(read_state))),
                           p));
   if (std::string(PQcmdTuples(r.get())) != "1") {
     Params q;
@@ -451,7 +453,7 @@ absl::Status PostgresStore::UpdateJobIfLeased(const JobRecord& job, const std::s
       return absl::NotFoundError(absl::StrCat("job ", job.id, " not found"));
     }
     return absl::AbortedError(absl::StrCat("job ", job.id, ": lease ", lease_id,
-                                           " is no longer held (lost to another lease)"));
+                                           " is no longer held, or its state changed meanwhile"));
   }
   RETURN_IF_ERROR(DeleteImagesIfFinal(c.get(), job));
   return c.Commit();

@@ -727,12 +727,21 @@ std::function<void()> Scheduler::DeliverLease(LeaseCallback done, std::optional<
     if (item && item->training) {
       auto images = store_->GetJobImages(item->training->job.id);
       if (!images.ok()) {
-        LogEvent("lease_images_lost", {{"job", item->training->job.id},
-                                       {"error", std::string(images.status().message())}});
-        (void)FailWork(item->lease_id,
-                       absl::DataLossError(absl::StrCat("training images lost: ",
-                                                        images.status().message())),
-                       /*retryable=*/false);
+        if (images.status().code() == absl::StatusCode::kNotFound) {
+          LogEvent("lease_images_lost", {{"job", item->training->job.id},
+                                         {"error", std::string(images.status().message())}});
+          (void)FailWork(item->lease_id,
+                         absl::DataLossError(absl::StrCat("training images lost: ",
+                                                          images.status().message())),
+                         /*retryable=*/false);
+        } else {
+          // The store failed for a moment (a database failover's broken connection, a busy
+          // SQLite): the images are still there. Hand the job back to the queue, attempts
+          // unchanged, rather than fail it for good and delete them.
+          LogEvent("lease_images_unavailable", {{"job", item->training->job.id},
+                                                {"error", std::string(images.status().message())}});
+          (void)ReturnLease(item->lease_id);
+        }
         done(std::nullopt);
         return;
       }
@@ -991,10 +1000,14 @@ absl::Status Scheduler::FailWork(const std::string& lease_id, const absl::Status
                                {"code", absl::StatusCodeToString(error.code())},
                                {"retryable", retryable ? "true" : "false"},
                                {"error", std::string(error.message())}});
-      RETURN_IF_ERROR(SaveJobLocked(rec, pending));
+      // Queued before the save notifies the watchers, so their QUEUED event has its position.
+      if (requeue) queue_.insert(KeyOf(rec));
+      if (absl::Status saved = SaveJobLocked(rec, pending); !saved.ok()) {
+        if (requeue) queue_.erase(KeyOf(rec));
+        return saved;
+      }
       leases_.erase(lease_id);
       if (requeue) {
-        queue_.insert(KeyOf(rec));
         DispatchLocked(pending);
         NotifyQueuedLocked(pending);
       }
@@ -1043,11 +1056,14 @@ absl::Status Scheduler::ReturnLease(const std::string& lease_id) {
       } else {
         FinishJobLocked(rec, JobState::kCancelled, absl::CancelledError("cancelled by the client"));
       }
-      RETURN_IF_ERROR(SaveJobLocked(rec, pending));
+      if (requeue) queue_.insert(KeyOf(rec));  // before the save's QUEUED event, as above
+      if (absl::Status saved = SaveJobLocked(rec, pending); !saved.ok()) {
+        if (requeue) queue_.erase(KeyOf(rec));
+        return saved;
+      }
       leases_.erase(lease_id);
       LogEvent("lease_returned", {{"job", rec.id}, {"lease", lease_id}});
       if (requeue) {
-        queue_.insert(KeyOf(rec));
         DispatchLocked(pending);
         NotifyQueuedLocked(pending);
       }
@@ -1097,12 +1113,13 @@ void Scheduler::Tick() {
                                    {"worker", l.worker_id},
                                    {"attempts", std::to_string(rec.attempts)},
                                    {"requeued", requeue ? "true" : "false"}});
+        if (requeue) queue_.insert(KeyOf(rec));  // before the save's QUEUED event, as above
         if (absl::Status s = SaveJobLocked(rec, pending); !s.ok()) {
+          if (requeue) queue_.erase(KeyOf(rec));
           LogEvent("store_error", {{"job", rec.id}, {"error", std::string(s.message())}});
           continue;  // try again on the next tick
         }
         leases_.erase(l.id);
-        if (requeue) queue_.insert(KeyOf(rec));
       } else {
         GenItem& g = gen_items_[l.item_id];
         leases_.erase(l.id);
@@ -1276,7 +1293,8 @@ absl::Status Scheduler::SyncSharedLocked(Pending& out) {
     JobRecord rec = held;
     const bool requeue = ExpireLeaseLocked(rec);
     rec.update_time = now;
-    if (!store_->UpdateJobIfLeased(rec, held.lease_id).ok()) continue;  // someone was first
+    // Someone was first, or a replica cancelled it meanwhile: the next sweep reads it again.
+    if (!store_->UpdateJobIfLeased(rec, held.lease_id, held.state).ok()) continue;
     if (metrics_) metrics_->lease_expirations->Inc();
     LogEvent("lease_expired", {{"job", rec.id},
                                {"lease", held.lease_id},
@@ -1409,7 +1427,7 @@ absl::StatusOr<JobView> Scheduler::SharedCancel(const std::string& tenant, const
         next.state = JobState::kCancelling;
       }
       next.update_time = clock_->Now();
-      absl::Status s = store_->UpdateJobIfLeased(next, rec.lease_id);
+      absl::Status s = store_->UpdateJobIfLeased(next, rec.lease_id, rec.state);
       if (s.code() == absl::StatusCode::kAborted) continue;
       RETURN_IF_ERROR(s);
       if (IsFinal(next.state)) {
@@ -1492,11 +1510,12 @@ absl::StatusOr<ConceptRecord> Scheduler::SharedCompleteTraining(const std::strin
   if (absl::Status bad = CheckReturnedBlob(header, options_.base_model_id); !bad.ok()) {
     {
       absl::MutexLock lock(&mu_);
+      const JobState read_state = rec.state;
       FinishJobLocked(rec, JobState::kFailed,
                       absl::InternalError(absl::StrCat("the worker returned an unusable concept: ",
                                                        bad.message())));
       rec.update_time = now;
-      if (store_->UpdateJobIfLeased(rec, lease_id).ok()) {
+      if (store_->UpdateJobIfLeased(rec, lease_id, read_state).ok()) {
         SharedFinalLocked(rec);
         SharedJobChangedLocked(rec, pending);
       }
@@ -1535,53 +1554,59 @@ absl::StatusOr<ConceptRecord> Scheduler::SharedCompleteTraining(const std::strin
 
 absl::Status Scheduler::SharedEndLease(const std::string& lease_id, const absl::Status& error,
                                        bool retryable, bool return_lease) {
-  absl::StatusOr<JobRecord> held = store_->GetJobByLease(lease_id);
-  if (!held.ok()) {
-    if (held.status().code() == absl::StatusCode::kNotFound) return LeaseNotFound(lease_id);
-    return held.status();
+  // Read, decide, write if nothing changed; a replica's cancel between the read and the write
+  // makes the write ABORTED, and the next round reads CANCELLING and ends the job CANCELLED (once
+  // it was overwritten by the re-queue: the client was told CANCELLING and the job ran again).
+  for (int attempt = 0; attempt < 5; ++attempt) {
+    absl::StatusOr<JobRecord> held = store_->GetJobByLease(lease_id);
+    if (!held.ok()) {
+      if (held.status().code() == absl::StatusCode::kNotFound) return LeaseNotFound(lease_id);
+      return held.status();
+    }
+    JobRecord rec = *std::move(held);
+    const JobState read_state = rec.state;
+    Pending pending;
+    {
+      absl::MutexLock lock(&mu_);
+      bool requeue = false;
+      if (rec.state == JobState::kCancelling) {
+        FinishJobLocked(rec, JobState::kCancelled, absl::CancelledError("cancelled by the client"));
+      } else if (return_lease) {
+        RequeueJobLocked(rec);
+        rec.attempts = std::max(0, rec.attempts - 1);  // a returned lease does not count
+        requeue = true;
+      } else if (retryable && rec.attempts < options_.max_attempts) {
+        RequeueJobLocked(rec);
+        requeue = true;
+      } else {
+        FinishJobLocked(rec, JobState::kFailed, error);
+      }
+      rec.update_time = clock_->Now();
+      absl::Status s = store_->UpdateJobIfLeased(rec, lease_id, read_state);
+      if (s.code() == absl::StatusCode::kAborted) continue;  // lost, or changed: read again
+      if (s.code() == absl::StatusCode::kNotFound) return LeaseNotFound(lease_id);
+      RETURN_IF_ERROR(s);
+      if (return_lease) {
+        LogEvent("lease_returned", {{"job", rec.id}, {"lease", lease_id}});
+      } else {
+        LogEvent("work_failed", {{"job", rec.id},
+                                 {"lease", lease_id},
+                                 {"code", absl::StatusCodeToString(error.code())},
+                                 {"retryable", retryable ? "true" : "false"},
+                                 {"error", std::string(error.message())}});
+      }
+      if (requeue) {
+        queue_.insert(KeyOf(rec));
+        DispatchLocked(pending);
+      }
+      if (IsFinal(rec.state)) SharedFinalLocked(rec);
+      SharedJobChangedLocked(rec, pending);
+      UpdateGaugesLocked();
+    }
+    Run(pending);
+    return absl::OkStatus();
   }
-  JobRecord rec = *std::move(held);
-  Pending pending;
-  {
-    absl::MutexLock lock(&mu_);
-    bool requeue = false;
-    if (rec.state == JobState::kCancelling) {
-      FinishJobLocked(rec, JobState::kCancelled, absl::CancelledError("cancelled by the client"));
-    } else if (return_lease) {
-      RequeueJobLocked(rec);
-      rec.attempts = std::max(0, rec.attempts - 1);  // a returned lease does not count
-      requeue = true;
-    } else if (retryable && rec.attempts < options_.max_attempts) {
-      RequeueJobLocked(rec);
-      requeue = true;
-    } else {
-      FinishJobLocked(rec, JobState::kFailed, error);
-    }
-    rec.update_time = clock_->Now();
-    absl::Status s = store_->UpdateJobIfLeased(rec, lease_id);
-    if (s.code() == absl::StatusCode::kAborted || s.code() == absl::StatusCode::kNotFound) {
-      return LeaseNotFound(lease_id);
-    }
-    RETURN_IF_ERROR(s);
-    if (return_lease) {
-      LogEvent("lease_returned", {{"job", rec.id}, {"lease", lease_id}});
-    } else {
-      LogEvent("work_failed", {{"job", rec.id},
-                               {"lease", lease_id},
-                               {"code", absl::StatusCodeToString(error.code())},
-                               {"retryable", retryable ? "true" : "false"},
-                               {"error", std::string(error.message())}});
-    }
-    if (requeue) {
-      queue_.insert(KeyOf(rec));
-      DispatchLocked(pending);
-    }
-    if (IsFinal(rec.state)) SharedFinalLocked(rec);
-    SharedJobChangedLocked(rec, pending);
-    UpdateGaugesLocked();
-  }
-  Run(pending);
-  return absl::OkStatus();
+  return absl::AbortedError(absl::StrCat("lease ", lease_id, ": the job kept changing; retry"));
 }
 
 }  // namespace perfusion::server

@@ -667,7 +667,8 @@ absl::StatusOr<std::optional<JobRecord>> SqliteStore::LeaseNextJob(const LeaseGr
   return std::optional<JobRecord>(std::move(j));
 }
 
-absl::Status SqliteStore::UpdateJobIfLeased(const JobRecord& job, const std::string& lease_id) {
+absl::Status SqliteStore::UpdateJobIfLeased(const JobRecord& job, const std::string& lease_id,
+                                             JobState read_state) {
   absl::MutexLock lock(&mu_);
   Txn txn(db_);
   RETURN_IF_ERROR(txn.began());
@@ -679,6 +680,10 @@ absl::Status SqliteStore::UpdateJobIfLeased(const JobRecord& job, const std::str
   if (s.Text(0) != lease_id || IsFinal(static_cast<JobState>(s.Int(1)))) {
     return absl::AbortedError(absl::StrCat("job ", job.id, ": lease ", lease_id,
                                            " is no longer held (lost to another lease)"));
+  }
+  if (static_cast<JobState>(s.Int(1)) != read_state) {
+    return absl::AbortedError(absl::StrCat("job ", job.id, " changed state meanwhile (now ",
+                                           JobStateName(static_cast<JobState>(s.Int(1))), ")"));
   }
   RETURN_IF_ERROR(UpdateJobLocked(job));
   return txn.Commit();

@@ -68,7 +68,8 @@ class SqliteStore final : public Store {
   absl::StatusOr<int64_t> CountConcepts(const std::string& tenant) override;
   absl::StatusOr<Totals> ConceptTotals() override;
   absl::StatusOr<std::optional<JobRecord>> LeaseNextJob(const LeaseGrant& grant) override;
-  absl::Status UpdateJobIfLeased(const JobRecord& job, const std::string& lease_id) override;
+  absl::Status UpdateJobIfLeased(const JobRecord& job, const std::string& lease_id,
+                                 JobState read_state) override;
   absl::StatusOr<JobRecord> GetJobByLease(const std::string& lease_id) override;
   absl::StatusOr<JobRecord> RecordProgress(const std::string& lease_id, int step, int total_steps,
                                            float loss, absl::Time lease_deadline,

@@ -111,11 +111,13 @@ class Store {
   // set when unset, update_time = now. nullopt when there is none. Callers in one process or in
   // several processes sharing the database never take the same job under live leases.
   virtual absl::StatusOr<std::optional<JobRecord>> LeaseNextJob(const LeaseGrant& grant) = 0;
-  // UpdateJob, but only while the stored job still holds `lease_id` and is not final
-  // (compare-and-set; lease_id "" matches a QUEUED job). ABORTED when another lease (or none)
-  // holds it now or it has ended: the caller's lease was lost, drop its write.
+  // UpdateJob, but only while the stored job still holds `lease_id` and is still in
+  // `read_state`, the state the caller read it in (compare-and-set; lease_id "" matches a QUEUED
+  // job). ABORTED when another lease (or none) holds it now, or its state changed meanwhile (a
+  // replica's cancel between the caller's read and write): read again and decide again.
   // NOT_FOUND for an unknown job.
-  virtual absl::Status UpdateJobIfLeased(const JobRecord& job, const std::string& lease_id) = 0;
+  virtual absl::Status UpdateJobIfLeased(const JobRecord& job, const std::string& lease_id,
+                                         JobState read_state) = 0;
   // The RUNNING or CANCELLING job that `lease_id` holds, whichever replica granted the lease.
   // NOT_FOUND when no active job holds it (finished, re-queued, or taken over). lease_id != "".
   virtual absl::StatusOr<JobRecord> GetJobByLease(const std::string& lease_id) = 0;

@@ -7,6 +7,7 @@
 
 #include "server/scheduler.h"
 #include "server/sqlite_store.h"
+#include "tests/server/hooked_store.h"
 #include "tests/server/server_test_util.h"
 #include "tests/server/status_matchers.h"
 
@@ -220,6 +221,68 @@ TEST_F(SharedSchedulerTest, ReturnedLeaseIsRequeuedWithoutCountingTheAttempt) {
   auto again = Lease(*b_, Worker(*b_));
   ASSERT_TRUE(again && again->training);
   EXPECT_EQ(again->training->job.attempts, 1);
+}
+
+// Another replica cancels a running job between this replica's read (lease expired: re-queue it)
+// and its write. The write used to win: the client was told CANCELLING and the job ran again.
+TEST_F(SharedSchedulerTest, ACancelBetweenAnExpirySweepsReadAndWriteIsKept) {
+  testing::HookedStore hooked(store_.get());
+  Scheduler c(&hooked, &clock_, options_, nullptr);
+  ASSERT_THAT(c.Load(), IsOk());
+  const std::string id = Submit(*b_, "teddy");
+  ASSERT_TRUE(Lease(*b_, Worker(*b_)).has_value());
+  clock_.Advance(absl::Seconds(31));  // the worker went silent: its lease expired
+  hooked.after_list_active_jobs = [&] {
+    auto v = b_->CancelJob("acme", id);
+    ASSERT_THAT(v, IsOk());
+    EXPECT_EQ(v->job.state, JobState::kCancelling);
+  };
+  c.Tick();
+  EXPECT_NE(Get(*b_, id).job.state, JobState::kQueued) << "the cancel was overwritten by the re-queue";
+  // The next sweep reads CANCELLING with the lease expired: the job ends CANCELLED.
+  Advance(absl::Seconds(2));
+  c.Tick();
+  EXPECT_EQ(Get(*b_, id).job.state, JobState::kCancelled);
+  EXPECT_FALSE(Lease(c, Worker(c)).has_value()) << "a cancelled job was leased again";
+}
+
+// The same between a worker's ReturnLease read and its write (a scale-down's SIGTERM while the
+// client cancels): the job ends CANCELLED, not QUEUED.
+TEST_F(SharedSchedulerTest, ACancelBetweenAReturnsReadAndWriteEndsTheJobCancelled) {
+  testing::HookedStore hooked(store_.get());
+  Scheduler c(&hooked, &clock_, options_, nullptr);
+  ASSERT_THAT(c.Load(), IsOk());
+  const std::string id = Submit(*b_, "teddy");
+  auto item = Lease(*b_, Worker(*b_));
+  ASSERT_TRUE(item && item->training);
+  hooked.after_get_job_by_lease = [&] { ASSERT_THAT(b_->CancelJob("acme", id), IsOk()); };
+  ASSERT_THAT(c.ReturnLease(item->lease_id), IsOk());
+  EXPECT_EQ(Get(*b_, id).job.state, JobState::kCancelled);
+}
+
+// A store error that passes (a database failover's broken connection) while a lease's images are
+// read used to fail the job for good as DATA_LOSS, deleting its images. The job goes back to the
+// queue, its attempt not counted, and the next lease carries the images.
+TEST_F(SharedSchedulerTest, AStoreErrorReadingALeasesImagesRequeuesTheJob) {
+  testing::HookedStore hooked(store_.get());
+  Scheduler c(&hooked, &clock_, options_, nullptr);
+  ASSERT_THAT(c.Load(), IsOk());
+  const std::string id = Submit(c, "teddy");
+  const std::string worker = Worker(c);
+  hooked.before_get_job_images = [] { return absl::UnavailableError("postgres: connection lost"); };
+  EXPECT_FALSE(Lease(c, worker).has_value());
+  const JobView v = Get(c, id);
+  EXPECT_EQ(v.job.state, JobState::kQueued);
+  EXPECT_EQ(v.job.attempts, 0);
+  auto again = Lease(c, worker);
+  ASSERT_TRUE(again && again->training);
+  EXPECT_EQ(again->training->images.size(), 2u);
+  // Images truly gone (NOT_FOUND) are still data loss: the job fails, not retried forever.
+  const std::string lost = Submit(c, "bear");
+  hooked.before_get_job_images = [] { return absl::NotFoundError("job: no images stored"); };
+  EXPECT_FALSE(Lease(c, Worker(c)).has_value());
+  EXPECT_EQ(Get(c, lost).job.state, JobState::kFailed);
+  EXPECT_EQ(Get(c, lost).job.error_code, static_cast<int>(absl::StatusCode::kDataLoss));
 }
 
 }  // namespace

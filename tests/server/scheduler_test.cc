@@ -271,6 +271,32 @@ TEST_F(SchedulerTest, WatchDeliversEventsUntilTheFinalOne) {
   EXPECT_EQ(states.size(), n);
 }
 
+// A job that goes back to the queue (a returned lease, a retryable failure; an expired lease takes
+// the same path) is in the queue when its watchers hear QUEUED: every such event has a 1-based
+// position (the first once said 0).
+TEST_F(SchedulerTest, ARequeuedJobsQueuedEventsHaveItsPosition) {
+  std::string id = Submit("teddy");
+  std::vector<std::pair<JobState, int>> events;
+  auto watch = scheduler_->Watch("acme", id, [&](const absl::StatusOr<JobView>& v) {
+    ASSERT_THAT(v, IsOk());
+    events.emplace_back(v->job.state, v->queue_position);
+  });
+  ASSERT_THAT(watch, IsOk());
+  const std::string worker = Worker();
+  auto item = Lease(worker);
+  ASSERT_THAT(scheduler_->ReturnLease(item->lease_id), IsOk());
+  item = Lease(worker);
+  ASSERT_THAT(scheduler_->FailWork(item->lease_id, absl::UnavailableError("gpu fell off"), /*retryable=*/true), IsOk());
+  int queued = 0;
+  for (const auto& [state, position] : events) {
+    if (state != JobState::kQueued) continue;
+    ++queued;
+    EXPECT_GE(position, 1) << "a QUEUED event without its position";
+  }
+  EXPECT_GE(queued, 3);  // submitted, returned, failed (retryable)
+  scheduler_->Unwatch(*watch);
+}
+
 TEST_F(SchedulerTest, CompleteTrainingStoresConceptAndFinishesJob) {
   std::string id = Submit("teddy");
   auto item = Lease(Worker());

@@ -447,12 +447,33 @@ TEST_P(StoreConformanceTest, UpdateJobIfLeasedRejectsALostLease) {
   JobRecord a = **store_->LeaseNextJob(Grant("lease_a", kT0));
   JobRecord b = **Another()->LeaseNextJob(Grant("lease_b", kT0 + absl::Seconds(61)));
   a.step = 50;
-  EXPECT_THAT(store_->UpdateJobIfLeased(a, "lease_a"), StatusIs(absl::StatusCode::kAborted));
+  EXPECT_THAT(store_->UpdateJobIfLeased(a, "lease_a", JobState::kRunning), StatusIs(absl::StatusCode::kAborted));
   b.step = 7;
-  EXPECT_THAT(store_->UpdateJobIfLeased(b, "lease_b"), IsOk());
+  EXPECT_THAT(store_->UpdateJobIfLeased(b, "lease_b", JobState::kRunning), IsOk());
   EXPECT_EQ(store_->GetJob("job_1")->step, 7);
   JobRecord ghost = NewJob("job_x", "acme");
-  EXPECT_THAT(store_->UpdateJobIfLeased(ghost, "lease_b"), StatusIs(absl::StatusCode::kNotFound));
+  EXPECT_THAT(store_->UpdateJobIfLeased(ghost, "lease_b", JobState::kRunning), StatusIs(absl::StatusCode::kNotFound));
+}
+
+// The write is conditional on the state the caller read too: a replica that read RUNNING and
+// decided to re-queue must not overwrite a cancel written since (the client was told CANCELLING).
+TEST_P(StoreConformanceTest, UpdateJobIfLeasedRejectsAStateChangedMeanwhile) {
+  ASSERT_THAT(store_->InsertJob(NewJob("job_1", "acme"), {"x"}), IsOk());
+  JobRecord read = **store_->LeaseNextJob(Grant("lease_a", kT0));
+  JobRecord cancel = read;
+  cancel.state = JobState::kCancelling;
+  ASSERT_THAT(Another()->UpdateJobIfLeased(cancel, "lease_a", JobState::kRunning), IsOk());
+  JobRecord requeue = read;
+  requeue.state = JobState::kQueued;
+  requeue.lease_id.clear();
+  EXPECT_THAT(store_->UpdateJobIfLeased(requeue, "lease_a", JobState::kRunning), StatusIs(absl::StatusCode::kAborted));
+  EXPECT_EQ(store_->GetJob("job_1")->state, JobState::kCancelling);
+  // Read again, decided again: the cancel ends the job.
+  JobRecord done = cancel;
+  done.state = JobState::kCancelled;
+  done.lease_id.clear();
+  EXPECT_THAT(store_->UpdateJobIfLeased(done, "lease_a", JobState::kCancelling), IsOk());
+  EXPECT_EQ(store_->GetJob("job_1")->state, JobState::kCancelled);
 }
 
 TEST_P(StoreConformanceTest, GetJobByLeaseFindsOnlyTheActiveHolder) {
@@ -470,12 +491,12 @@ TEST_P(StoreConformanceTest, GetJobByLeaseFindsOnlyTheActiveHolder) {
   JobRecord j = *store_->GetJob("job_1");
   j.state = JobState::kFailed;
   j.lease_id.clear();
-  ASSERT_THAT(store_->UpdateJobIfLeased(j, "lease_b"), IsOk());
+  ASSERT_THAT(store_->UpdateJobIfLeased(j, "lease_b", JobState::kRunning), IsOk());
   EXPECT_THAT(store_->GetJobByLease("lease_b"), StatusIs(absl::StatusCode::kNotFound));
   // A final job holds no lease: "" (the QUEUED match) must not overwrite it either.
   j.state = JobState::kCancelled;
   j.lease_id.clear();
-  EXPECT_THAT(store_->UpdateJobIfLeased(j, ""), StatusIs(absl::StatusCode::kAborted));
+  EXPECT_THAT(store_->UpdateJobIfLeased(j, "", JobState::kQueued), StatusIs(absl::StatusCode::kAborted));
   EXPECT_EQ(store_->GetJob("job_1")->state, JobState::kFailed);
 }
 
@@ -485,7 +506,7 @@ TEST_P(StoreConformanceTest, RecordProgressKeepsACancelWrittenMeanwhile) {
   // Another replica cancels the running job.
   JobRecord c = leased;
   c.state = JobState::kCancelling;
-  ASSERT_THAT(Another()->UpdateJobIfLeased(c, "lease_a"), IsOk());
+  ASSERT_THAT(Another()->UpdateJobIfLeased(c, "lease_a", JobState::kRunning), IsOk());
   auto p = store_->RecordProgress("lease_a", 40, 400, 0.25f, kT0 + absl::Seconds(90),
                                   kT0 + absl::Seconds(30));
   ASSERT_THAT(p, IsOk());
