@@ -41,7 +41,27 @@ class LeaseReactor final : public DeferredUnaryReactor<std::optional<WorkItem>> 
     if (left < std::chrono::hours(24 * 365)) {
       wait = std::min(wait, absl::FromChrono(left) - absl::Milliseconds(200));
     }
-    auto id = c->scheduler->LeaseWork(req->worker_id(), wait, [s](std::optional<WorkItem> item) {
+    // The poll can be cancelled (a worker stopping) just as the scheduler grants it an item: then
+    // CancelLeaseWait finds no waiter, and the response goes to a call that is gone. The lease
+    // granted to it would stay held by nobody until it expired (a training job a minute late, an
+    // attempt counted; a generation maybe past its deadline). So a grant that meets a cancelled
+    // call is handed back at once, whichever of the two comes second.
+    Scheduler* scheduler = c->scheduler;
+    auto granted = std::make_shared<Granted>();
+    auto id = c->scheduler->LeaseWork(req->worker_id(), wait, [s, scheduler, granted](std::optional<WorkItem> item) {
+      if (item) {
+        bool cancelled;
+        {
+          absl::MutexLock lock(&granted->mu);
+          cancelled = granted->cancelled;
+          if (!cancelled) granted->lease_id = item->lease_id;
+        }
+        if (cancelled) {
+          (void)scheduler->ReturnLease(item->lease_id);
+          Deliver(s, std::nullopt);
+          return;
+        }
+      }
       Deliver(s, std::move(item));
     });
     if (!id.ok()) {
@@ -49,12 +69,21 @@ class LeaseReactor final : public DeferredUnaryReactor<std::optional<WorkItem>> 
       Ready(nullptr);
       return;
     }
-    Scheduler* scheduler = c->scheduler;
     uint64_t waiter = *id;
     // A weak reference: the shared state must not own itself through its own hook.
     std::weak_ptr<Shared> weak = s;
-    Ready([scheduler, waiter, weak] {
-      if (!scheduler->CancelLeaseWait(waiter)) return;
+    Ready([scheduler, waiter, weak, granted] {
+      std::string lease_id;
+      {
+        absl::MutexLock lock(&granted->mu);
+        granted->cancelled = true;
+        lease_id = granted->lease_id;
+      }
+      if (!scheduler->CancelLeaseWait(waiter)) {
+        // Granted already: a lease delivered to this cancelled call never reaches its worker.
+        if (!lease_id.empty()) (void)scheduler->ReturnLease(lease_id);
+        return;
+      }
       if (auto strong = weak.lock()) {
         Fail(strong, grpc::Status(grpc::StatusCode::CANCELLED, "long poll cancelled"));
       }
@@ -67,6 +96,12 @@ class LeaseReactor final : public DeferredUnaryReactor<std::optional<WorkItem>> 
     return grpc::Status::OK;
   }
   v1::LeaseWorkResponse* const resp_;
+  // Between the scheduler's grant and the call's cancellation (see the constructor).
+  struct Granted {
+    absl::Mutex mu;
+    bool cancelled = false;  // the call was cancelled
+    std::string lease_id;    // the lease granted to the call, once granted
+  };
 };
 
 }  // namespace
