@@ -18,6 +18,8 @@
 namespace perfusion {
 namespace {
 
+#ifdef PERFUSION_HAVE_JPEG
+
 // The orientation of an Exif APP1 payload ("Exif\0\0" + TIFF): 1..8, or 1 when absent or malformed.
 int ExifOrientation(const uint8_t* p, size_t n) {
   if (n < 14 || std::memcmp(p, "Exif\0\0", 6) != 0) return 1;
@@ -70,8 +72,6 @@ Image Orient(const Image& image, int o) {
   }
   return out;
 }
-
-#ifdef PERFUSION_HAVE_JPEG
 
 constexpr int kMaxScans = 500;
 
