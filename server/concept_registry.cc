@@ -84,12 +84,6 @@ absl::StatusOr<ConceptRecord> ConceptRegistry::Import(const std::string& tenant,
   ASSIGN_OR_RETURN(std::optional<ConceptRecord> existing,
                    store_->FindConceptByDigest(tenant, use_name, digest));
   if (existing) return *existing;
-  ASSIGN_OR_RETURN(int64_t count, store_->CountConcepts(tenant));
-  if (count >= options_.tenant_max_concepts) {
-    return absl::ResourceExhaustedError(
-        absl::StrCat("tenant quota: ", count, " concepts stored (limit ",
-                     options_.tenant_max_concepts, "); delete some first"));
-  }
   ConceptRecord c;
   c.id = NewId("cpt_");
   c.tenant = tenant;
@@ -102,7 +96,8 @@ absl::StatusOr<ConceptRecord> ConceptRegistry::Import(const std::string& tenant,
   c.dtype = h.dtype;
   c.labels = labels;
   c.create_time = clock_->Now();
-  ASSIGN_OR_RETURN(c, store_->InsertConcept(c, blob));
+  // The quota is checked with the insert, in one step (RESOURCE_EXHAUSTED when it is full).
+  ASSIGN_OR_RETURN(c, store_->InsertConceptWithinQuota(c, blob, options_.tenant_max_concepts));
   LogEvent("concept_imported", {{"concept", c.id},
                                 {"tenant", tenant},
                                 {"name", c.name},

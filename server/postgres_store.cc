@@ -95,6 +95,7 @@ constexpr int kSchemaVersion = sizeof(kMigrations) / sizeof(kMigrations[0]);
 // Advisory lock keys (first int of pg_advisory_xact_lock(int, int)).
 constexpr int kMigrationLock = 0x7065;  // "pe"
 constexpr int kConceptNameLock = 0x7066;
+constexpr int kTenantConceptsLock = 0x7067;  // a tenant's concept count, for its quota
 
 constexpr const char* kJobColumns =
     "seq, id, tenant, request_id, request_hash, concept_name, superclass, options_json, "
@@ -627,6 +628,30 @@ absl::StatusOr<ConceptRecord> InsertConceptTxn(PGconn* c, const ConceptRecord& i
 }
 
 }  // namespace
+
+absl::StatusOr<ConceptRecord> PostgresStore::InsertConceptWithinQuota(const ConceptRecord& concept,
+                                                                      const std::string& blob,
+                                                                      int64_t max_concepts) {
+  ASSIGN_OR_RETURN(Conn c, Borrow());
+  RETURN_IF_ERROR(c.Begin());
+  {
+    // One quota check at a time per tenant, across replicas (released at commit).
+    Params p;
+    RETURN_IF_ERROR(c.Exec(absl::StrCat("SELECT pg_advisory_xact_lock(", p.Add(kTenantConceptsLock),
+                                        ", hashtext(", p.Add(concept.tenant), "::text))"),
+                           p)
+                        .status());
+  }
+  Params p;
+  ASSIGN_OR_RETURN(Result r, c.Exec(absl::StrCat("SELECT COUNT(*) FROM concepts WHERE tenant = ",
+                                                 p.Add(concept.tenant)),
+                                    p));
+  const int64_t count = Row{r.get(), 0}.Int(0);
+  if (count >= max_concepts) return store_rows::ConceptQuotaExceeded(count, max_concepts);
+  ASSIGN_OR_RETURN(ConceptRecord out, InsertConceptTxn(c.get(), concept, blob));
+  RETURN_IF_ERROR(c.Commit());
+  return out;
+}
 
 absl::StatusOr<ConceptRecord> PostgresStore::InsertConcept(const ConceptRecord& concept,
                                                            const std::string& blob) {

@@ -64,6 +64,9 @@ class PostgresStore final : public Store {
 
   absl::StatusOr<ConceptRecord> InsertConcept(const ConceptRecord& concept,
                                               const std::string& blob) override;
+  absl::StatusOr<ConceptRecord> InsertConceptWithinQuota(const ConceptRecord& concept,
+                                                         const std::string& blob,
+                                                         int64_t max_concepts) override;
   absl::StatusOr<ConceptRecord> CompleteJobWithConcept(JobRecord job, const ConceptRecord& concept,
                                                        const std::string& blob,
                                                        const std::string& lease_id) override;

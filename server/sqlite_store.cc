@@ -454,6 +454,23 @@ absl::StatusOr<ConceptRecord> SqliteStore::InsertConceptLocked(const ConceptReco
   return out;
 }
 
+absl::StatusOr<ConceptRecord> SqliteStore::InsertConceptWithinQuota(const ConceptRecord& concept,
+                                                                    const std::string& blob,
+                                                                    int64_t max_concepts) {
+  absl::MutexLock lock(&mu_);
+  Txn txn(db_);  // BEGIN IMMEDIATE: another process's insert waits for this one
+  RETURN_IF_ERROR(txn.began());
+  Stmt n(db_, "SELECT COUNT(*) FROM concepts WHERE tenant = ?");
+  RETURN_IF_ERROR(n.prepared());
+  n.Bind(1, concept.tenant);
+  ASSIGN_OR_RETURN(bool row, n.Step());
+  const int64_t count = row ? n.Int(0) : 0;
+  if (count >= max_concepts) return store_rows::ConceptQuotaExceeded(count, max_concepts);
+  ASSIGN_OR_RETURN(ConceptRecord out, InsertConceptLocked(concept, blob));
+  RETURN_IF_ERROR(txn.Commit());
+  return out;
+}
+
 absl::StatusOr<ConceptRecord> SqliteStore::InsertConcept(const ConceptRecord& concept,
                                                          const std::string& blob) {
   absl::MutexLock lock(&mu_);

@@ -56,6 +56,12 @@ class Store {
   // assigned) with its blob.
   virtual absl::StatusOr<ConceptRecord> InsertConcept(const ConceptRecord& concept,
                                                       const std::string& blob) = 0;
+  // InsertConcept, unless the tenant already has `max_concepts` concepts: then
+  // RESOURCE_EXHAUSTED. The count and the insert are one step, so concurrent imports (from any
+  // replica) cannot pass the quota together, as a count followed by an insert let them.
+  virtual absl::StatusOr<ConceptRecord> InsertConceptWithinQuota(const ConceptRecord& concept,
+                                                                 const std::string& blob,
+                                                                 int64_t max_concepts) = 0;
   // Atomically inserts the concept (as InsertConcept) and writes `job` (SUCCEEDED, with
   // job.concept_id set to the new concept's id by this call). When `lease_id` is not empty,
   // nothing is written and ABORTED is returned unless the stored job still holds that lease (a

@@ -14,6 +14,12 @@
 
 namespace perfusion::server::store_rows {
 
+// InsertConceptWithinQuota's refusal, in both stores.
+inline absl::Status ConceptQuotaExceeded(int64_t count, int64_t limit) {
+  return absl::ResourceExhaustedError(
+      absl::StrCat("tenant quota: ", count, " concepts stored (limit ", limit, "); delete some first"));
+}
+
 // Schema migration 3 of both stores (the same SQL in both dialects): a version number is never
 // given twice to a (tenant, name), even after the newest version is deleted, so a saved prompt's
 // <name@n> cannot come to mean another concept. Filled from the concepts stored at migration.

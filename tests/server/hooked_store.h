@@ -61,6 +61,10 @@ class HookedStore : public Store {
   absl::StatusOr<ConceptRecord> InsertConcept(const ConceptRecord& c, const std::string& blob) override {
     return base_->InsertConcept(c, blob);
   }
+  absl::StatusOr<ConceptRecord> InsertConceptWithinQuota(const ConceptRecord& c, const std::string& blob,
+                                                         int64_t max_concepts) override {
+    return base_->InsertConceptWithinQuota(c, blob, max_concepts);
+  }
   absl::StatusOr<ConceptRecord> CompleteJobWithConcept(JobRecord job, const ConceptRecord& c, const std::string& blob,
                                                        const std::string& lease_id) override {
     return base_->CompleteJobWithConcept(std::move(job), c, blob, lease_id);

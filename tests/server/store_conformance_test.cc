@@ -594,6 +594,21 @@ TEST_P(StoreConformanceTest, ConcurrentLabelUpdatesLoseNoKey) {
   EXPECT_EQ(store_->GetConcept("acme", "cpt_1")->labels.size(), static_cast<size_t>(kInstances * kPerInstance));
 }
 
+// The quota holds under concurrent imports from several instances: the count and the insert are
+// one step (a count followed by an insert let racing imports pass the limit together).
+TEST_P(StoreConformanceTest, ConcurrentInsertsWithinAQuotaNeverPassIt) {
+  ASSERT_THAT(store_->InsertConceptWithinQuota(NewConcept("cpt_first", "acme", "teddy"), "blob", 5), IsOk());
+  const int errors = RunOnInstances(3, 4, [](Store* store, int s, int n) {
+    return store->InsertConceptWithinQuota(NewConcept(absl::StrCat("cpt_", s, "_", n), "acme", "teddy"), "blob", 5)
+        .status();
+  });
+  EXPECT_EQ(errors, 12 - 4) << "exactly the 4 that fit succeed";
+  EXPECT_EQ(*store_->CountConcepts("acme"), 5);
+  EXPECT_THAT(store_->InsertConceptWithinQuota(NewConcept("cpt_x", "acme", "bear"), "blob", 5),
+              StatusIs(absl::StatusCode::kResourceExhausted, ::testing::HasSubstr("tenant quota: 5 concepts stored (limit 5)")));
+  EXPECT_THAT(store_->InsertConceptWithinQuota(NewConcept("cpt_y", "globex", "bear"), "blob", 5), IsOk());
+}
+
 TEST_P(StoreConformanceTest, ConcurrentConceptInsertsGetDistinctVersions) {
   constexpr int kInstances = 4;
   constexpr int kPerInstance = 5;
