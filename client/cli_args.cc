@@ -51,7 +51,9 @@ absl::StatusOr<ParsedArgs> ParsedArgs::Parse(const std::vector<std::string>& arg
       if (value == "true" || value == "1") {
         value = "true";
       } else if (value == "false" || value == "0") {
-        continue;  // --flag=false: as if absent
+        out.set_false_.insert(spec->name);  // as if absent, but a command may ask (SetFalse)
+        out.values_.erase(spec->name);
+        continue;
       } else {
         return absl::InvalidArgumentError(absl::StrCat("--", spec->name, " takes no value"));
       }
@@ -104,9 +106,10 @@ absl::StatusOr<absl::Duration> ParsedArgs::GetDuration(const std::string& name,
   if (!Has(name)) return def;
   const std::string v = Get(name);
   double secs = 0;
-  if (absl::SimpleAtod(v, &secs) && secs >= 0) return absl::Seconds(secs);
+  // A finite, non-negative span: "inf" or 1e300 s would overflow a call's deadline.
+  if (absl::SimpleAtod(v, &secs) && secs >= 0 && secs < 1e9) return absl::Seconds(secs);
   absl::Duration d;
-  if (absl::ParseDuration(v, &d) && d >= absl::ZeroDuration()) return d;
+  if (absl::ParseDuration(v, &d) && d >= absl::ZeroDuration() && d < absl::Seconds(1e9)) return d;
   return absl::InvalidArgumentError(
       absl::StrCat("--", name, ": \"", v, "\" is not a duration (30s, 5m, 1h, or seconds)"));
 }

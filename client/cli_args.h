@@ -8,6 +8,7 @@
 #define PERFUSION_CLIENT_CLI_ARGS_H_
 
 #include <map>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -31,6 +32,8 @@ class ParsedArgs {
 
   const std::vector<std::string>& positionals() const { return positionals_; }
   bool Has(const std::string& name) const { return values_.count(name) > 0; }
+  // Whether a boolean flag was given as --flag=false (or =0), which Has() reads as absent.
+  bool SetFalse(const std::string& name) const { return set_false_.count(name) > 0; }
   // The last value of a flag, or `def` when absent.
   std::string Get(const std::string& name, const std::string& def = "") const;
   // Every value of a repeatable flag, in order.
@@ -47,6 +50,7 @@ class ParsedArgs {
  private:
   std::vector<std::string> positionals_;
   std::map<std::string, std::vector<std::string>> values_;
+  std::set<std::string> set_false_;
 };
 
 }  // namespace perfusion::client

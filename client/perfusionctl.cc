@@ -3,9 +3,11 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
@@ -216,11 +218,24 @@ absl::StatusOr<std::string> ReadFile(const std::string& path) {
   return ss.str();
 }
 
+// Writes `data` to `path` through a temporary file renamed into place: a full disk or a kill
+// leaves the old file (an earlier export) whole rather than truncated.
 absl::Status WriteFile(const std::string& path, const std::string& data) {
-  std::ofstream out(path, std::ios::binary | std::ios::trunc);
-  out.write(data.data(), static_cast<std::streamsize>(data.size()));
-  out.close();
-  if (!out) return absl::UnknownError(absl::StrCat(path, ": cannot write"));
+  const std::string tmp = absl::StrCat(path, ".tmp.", getpid());
+  {
+    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+    out.write(data.data(), static_cast<std::streamsize>(data.size()));
+    out.close();
+    if (!out) {
+      std::remove(tmp.c_str());
+      return absl::UnknownError(absl::StrCat(path, ": cannot write"));
+    }
+  }
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+    const std::string why = std::strerror(errno);
+    std::remove(tmp.c_str());
+    return absl::UnknownError(absl::StrCat(path, ": cannot write: ", why));
+  }
   return absl::OkStatus();
 }
 
@@ -506,7 +521,7 @@ class Cli {
       absl::SleepFor(absl::Seconds(1 << attempt));
     }
     if (!job.ok()) return Fail(job.status(), "submit");
-    if (args_.Has("no-wait")) {
+    if (args_.Has("no-wait") || args_.SetFalse("wait")) {  // --wait=false means --no-wait
       if (json_) {
         std::cout << ProtoJson(*job) << "\n";
       } else {
@@ -827,6 +842,15 @@ class Cli {
     }
     const std::string out_dir = args_.Get("out", ".");
     const std::string prefix = args_.Get("prefix", "img");
+    {
+      // Before the generation: a folder that cannot be made once failed after all of it.
+      std::error_code ec;
+      fs::create_directories(out_dir, ec);
+      if (ec || !fs::is_directory(out_dir)) {
+        return Fail(absl::InvalidArgumentError(
+            absl::StrCat("-o ", out_dir, ": cannot create the folder", ec ? ": " + ec.message() : "")));
+      }
+    }
 
     ProgressPrinter progress(quiet_);
     const absl::Time start = absl::Now();
@@ -835,9 +859,6 @@ class Cli {
     const double e2e = absl::ToDoubleSeconds(absl::Now() - start);
     progress.Done();
     if (!resp.ok()) return Fail(resp.status(), "generate");
-    std::error_code ec;
-    fs::create_directories(out_dir, ec);
-    if (ec) return Fail(absl::UnknownError(absl::StrCat(out_dir, ": ", ec.message())));
     nlohmann::json j;
     j["images"] = nlohmann::json::array();
     std::vector<std::string> paths;
@@ -951,6 +972,12 @@ int main(int argc, char** argv) {
   const std::string output = args->Get("output", "text");
   if (output != "text" && output != "json") {
     return UsageError("--output must be text or json");
+  }
+  // Malformed flag values are usage errors (exit 2), before anything connects.
+  for (const char* duration_flag : {"rpc-timeout", "timeout"}) {
+    if (auto d = args->GetDuration(duration_flag, absl::Seconds(30)); !d.ok()) {
+      return UsageError(std::string(d.status().message()));
+    }
   }
   Cli cli(*std::move(args), command);
   if (absl::Status s = cli.Connect(); !s.ok()) return Fail(s);

@@ -192,6 +192,10 @@ TEST(CliWithoutServerTest, UsageErrorsExitTwo) {
   EXPECT_EQ(RunCommand({PERFUSIONCTL_BIN, "jobs", "get", "--bogus", "x"}, tmp, absl::Seconds(30))
                 .exit_code,
             2);
+  // A malformed value of a global flag too (it used to exit 4, like a server's INVALID_ARGUMENT).
+  EXPECT_EQ(RunCommand({PERFUSIONCTL_BIN, "--rpc-timeout", "abc", "health"}, tmp, absl::Seconds(30)).exit_code, 2);
+  EXPECT_EQ(RunCommand({PERFUSIONCTL_BIN, "generate", "a photo", "--timeout", "inf"}, tmp, absl::Seconds(30)).exit_code,
+            2);
   CommandResult help = RunCommand({PERFUSIONCTL_BIN, "help"}, tmp, absl::Seconds(30));
   EXPECT_EQ(help.exit_code, 0);
   EXPECT_NE(help.out.find("Exit codes"), std::string::npos);

@@ -120,6 +120,24 @@ TEST(CliArgsTest, DurationsAcceptUnitsAndPlainSeconds) {
   a = client::ParsedArgs::Parse({"--timeout", "soon"}, specs);
   EXPECT_EQ(a->GetDuration("timeout", absl::ZeroDuration()).status().code(),
             absl::StatusCode::kInvalidArgument);
+  // An infinite span would overflow a call's deadline: refused, not passed on.
+  for (const char* endless : {"inf", "1e300"}) {
+    a = client::ParsedArgs::Parse({"--timeout", endless}, specs);
+    EXPECT_EQ(a->GetDuration("timeout", absl::ZeroDuration()).status().code(), absl::StatusCode::kInvalidArgument)
+        << endless;
+  }
+}
+
+// --flag=false reads as absent, as before; a command that has a default of true (train waits)
+// can still tell it was switched off.
+TEST(CliArgsTest, ABooleanSetToFalseIsAbsentButKnown) {
+  auto a = client::ParsedArgs::Parse({"--wait=false"}, kSpecs);
+  ASSERT_TRUE(a.ok());
+  EXPECT_FALSE(a->Has("wait"));
+  EXPECT_TRUE(a->SetFalse("wait"));
+  a = client::ParsedArgs::Parse({"--wait=false", "--wait"}, kSpecs);
+  ASSERT_TRUE(a.ok());
+  EXPECT_TRUE(a->Has("wait"));
 }
 
 TEST(ClientTest, ConceptRefsParseIdsNamesAndVersions) {
