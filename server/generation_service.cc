@@ -116,8 +116,7 @@ class GenerateStreamReactor final : public StreamWriterReactor<v1::GenerateEvent
               }
               v1::GenerateEvent e;
               ToProto(*r, e.mutable_result());
-              Send(s, std::move(e), 0, /*coalescable=*/false);
-              Close(s, grpc::Status::OK);
+              SendLastAndClose(s, std::move(e), 0, grpc::Status::OK);  // nothing after the result
             }));
     if (!id.ok()) {
       Close(s, ToGrpcStatus(id.status()));

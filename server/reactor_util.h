@@ -153,6 +153,22 @@ class StreamWriterReactor : public grpc::ServerWriteReactor<Msg> {
     }
     Pump(s);
   }
+  // Queues `msg` as the stream's last message and ends it with `status`, in one step: nothing
+  // sent meanwhile from another thread (a progress event racing a result) can come after it, as
+  // it could between a Send and a Close. `seq` as for Send.
+  static void SendLastAndClose(const std::shared_ptr<Shared>& s, Msg msg, uint64_t seq, grpc::Status status) {
+    {
+      absl::MutexLock lock(&s->mu);
+      if (s->end || s->finished) return;
+      // A stale message (seq not newer) is dropped, as Send would; the stream still ends.
+      if (seq == 0 || seq > s->last_seq) {
+        if (seq != 0) s->last_seq = seq;
+        s->queue.emplace_back(std::move(msg), /*coalescable=*/false);
+      }
+      s->end = std::move(status);
+    }
+    Pump(s);
+  }
   // Ends the stream with `status` once the queued messages are written (the first Close wins).
   static void Close(const std::shared_ptr<Shared>& s, grpc::Status status) {
     {

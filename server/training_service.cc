@@ -184,8 +184,11 @@ class WatchReactor final : public StreamWriterReactor<v1::TrainingJobEvent> {
       v1::TrainingJobEvent event;
       ToProto(*v, &event);
       const bool final = IsFinal(v->job.state);
-      Send(s, std::move(event), v->event_seq, /*coalescable=*/!final);
-      if (final) Close(s, grpc::Status::OK);
+      if (final) {
+        SendLastAndClose(s, std::move(event), v->event_seq, grpc::Status::OK);
+      } else {
+        Send(s, std::move(event), v->event_seq, /*coalescable=*/true);
+      }
     });
     if (!id.ok()) {
       Close(s, ToGrpcStatus(id.status()));
