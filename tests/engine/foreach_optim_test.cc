@@ -94,5 +94,27 @@ TEST(ForeachOptimTest, EmaUpdateEqualsThePerTensorLoop) {
   EXPECT_THROW(ForeachEmaUpdate(one, live, 0.5), c10::Error);
 }
 
+// The trainers' entry points: on the CPU, torch's own loops (the same numbers bit for bit).
+TEST(ForeachOptimTest, TheTrainersStepsOnTheCpuAreTorchsOwn) {
+  auto a = MakeParams(5), b = MakeParams(5);
+  torch::optim::AdamW ref(a, torch::optim::AdamWOptions(3e-3).weight_decay(0.01));
+  torch::optim::AdamW mine(b, torch::optim::AdamWOptions(3e-3).weight_decay(0.01));
+  for (int step = 1; step <= 3; ++step) {
+    for (auto* ps : {&a, &b}) {
+      for (auto& p : *ps) p.mutable_grad() = at::full_like(p, 0.1 * step);
+    }
+    ref.step();
+    AdamWStep(mine);
+  }
+  for (size_t i = 0; i < a.size(); ++i) EXPECT_TRUE(at::equal(a[i], b[i])) << i;
+  auto live = MakeParams(2), avg = MakeParams(3), expect = MakeParams(3);
+  for (auto& t : avg) t = t.detach();
+  for (auto& t : expect) t = t.detach();
+  EmaUpdate(avg, live, 0.9);
+  for (size_t i = 0; i < avg.size(); ++i) EXPECT_TRUE(at::equal(avg[i], expect[i].mul(0.9).add(live[i].detach(), 1.0 - 0.9))) << i;
+  std::vector<at::Tensor> one = {avg[0]};
+  EXPECT_THROW(EmaUpdate(one, live, 0.5), c10::Error);
+}
+
 }  // namespace
 }  // namespace perfusion

@@ -99,4 +99,21 @@ void ForeachEmaUpdate(std::vector<at::Tensor>& avg, const std::vector<at::Tensor
   at::_foreach_add_(avg, detached, 1 - decay);
 }
 
+void AdamWStep(torch::optim::AdamW& opt) {
+  const auto& groups = opt.param_groups();
+  const bool on_cpu = groups.empty() || groups[0].params().empty() || groups[0].params()[0].device().is_cpu();
+  if (on_cpu) {
+    opt.step();
+  } else {
+    ForeachAdamWStep(opt);
+  }
+}
+
+void EmaUpdate(std::vector<at::Tensor>& avg, const std::vector<at::Tensor>& live, double decay) {
+  if (!avg.empty() && !avg[0].device().is_cpu()) return ForeachEmaUpdate(avg, live, decay);
+  TORCH_CHECK(avg.size() == live.size(), "EmaUpdate: ", avg.size(), " averages for ", live.size(), " tensors");
+  torch::NoGradGuard no_grad;
+  for (size_t i = 0; i < live.size(); ++i) avg[i].mul_(decay).add_(live[i].detach(), 1.0 - decay);
+}
+
 }  // namespace perfusion

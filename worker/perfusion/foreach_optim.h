@@ -23,6 +23,13 @@ bool ForeachAdamWStep(torch::optim::AdamW& opt);
 // avg[i] = decay * avg[i] + (1 - decay) * live[i], for every i (live detached).
 void ForeachEmaUpdate(std::vector<at::Tensor>& avg, const std::vector<at::Tensor>& live, double decay);
 
+// The trainers' steps: the multi-tensor forms above where the tensors live off the CPU (a GPU,
+// where a small model's step is bound by kernel launches; PyTorch's optimizers default to the same
+// on CUDA), torch's own per-tensor loops on the CPU, which are faster there. The same numbers either
+// way. The device is the first parameter's (the first average's).
+void AdamWStep(torch::optim::AdamW& opt);
+void EmaUpdate(std::vector<at::Tensor>& avg, const std::vector<at::Tensor>& live, double decay);
+
 }  // namespace perfusion
 
 #endif  // PERFUSION_WORKER_PERFUSION_FOREACH_OPTIM_H_

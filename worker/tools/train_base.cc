@@ -560,21 +560,6 @@ int main(int argc, char** argv) {
     // that --seed fixes them (a resumed run loads its checkpoints over them).
     at::manual_seed(DeriveSeed(a.seed, 4000000));
     const c10::Device dev = a.device;
-    // On a GPU a step of these small models is bound by kernel launches, and AdamW's per-tensor loop
-    // is most of them: there the multi-tensor form runs (as PyTorch's optimizers default to on
-    // CUDA). The CPU keeps the plain loop, which is faster there; both give the same numbers.
-    auto OptimizerStep = [&](torch::optim::AdamW& opt) {
-      if (dev.is_cpu()) {
-        opt.step();
-      } else {
-        ForeachAdamWStep(opt);
-      }
-    };
-    auto EmaStep = [&](std::vector<at::Tensor>& avg, const std::vector<at::Tensor>& live, double decay) {
-      if (!dev.is_cpu()) return ForeachEmaUpdate(avg, live, decay);
-      torch::NoGradGuard ng;
-      for (size_t i = 0; i < live.size(); ++i) avg[i].mul_(decay).add_(live[i].detach(), 1.0 - decay);
-    };
     AutoencoderKL vae(VaeOptions(1.0, a));
     vae->to(dev);
     const std::string vae_path = a.work + "/vae.safetensors", vae_opt_path = a.work + "/vae_opt.pt";
@@ -595,7 +580,7 @@ int main(int argc, char** argv) {
         at::Tensor loss = ReconstructionLoss(recon, x, a.vae_edge_weight) + 1e-5 * post.kl().mean();
         opt.zero_grad();
         loss.backward();
-        OptimizerStep(opt);
+        AdamWStep(opt);  // multi-tensor on a GPU (foreach_optim.h)
         if (!loop.AfterStep(st.step, loss.item<double>(), [&] {
               SaveCheckpoint(a.work, st,
                              {{vae_path, [&](const std::string& f) { SaveStateDict(*vae, f); }},
@@ -732,8 +717,8 @@ int main(int argc, char** argv) {
         }
         opt.zero_grad();
         loss.backward();
-        OptimizerStep(opt);
-        if (!avg.empty()) EmaStep(avg, live, std::min(a.ema_decay, (1.0 + total_step) / (10.0 + total_step)));
+        AdamWStep(opt);
+        if (!avg.empty()) EmaUpdate(avg, live, std::min(a.ema_decay, (1.0 + total_step) / (10.0 + total_step)));
         return loss.item<double>();
       };
       if (st.stage == "unet" && !finishing) {
@@ -801,7 +786,7 @@ int main(int argc, char** argv) {
         at::Tensor loss = ReconstructionLoss(recon, x, a.edge_weight);
         opt.zero_grad();
         loss.backward();
-        OptimizerStep(opt);
+        AdamWStep(opt);
         if (!loop.AfterStep(st.decoder_step, loss.item<double>(), [&] {
               SaveCheckpoint(a.work, st,
                              {{vae_ft_path, [&](const std::string& f) { SaveStateDict(*vae, f); }},

@@ -362,13 +362,7 @@ int main(int argc, char** argv) {
       loss = loss + 2.0 * at::binary_cross_entropy_with_logits(y.concepts, pt);
       opt.zero_grad();
       loss.backward();
-      // Off the CPU the multi-tensor step saves most of a step's kernel launches (train_base does the
-      // same); on the CPU the plain loop is faster, and both give the same numbers.
-      if (a.device.is_cpu()) {
-        opt.step();
-      } else {
-        ForeachAdamWStep(opt);
-      }
+      AdamWStep(opt);  // multi-tensor on a GPU (foreach_optim.h)
       ema = step == 1 ? loss.item<double>() : 0.98 * ema + 0.02 * loss.item<double>();
       if (step % 100 == 0 || step == a.steps) {
         const double sps = std::chrono::duration<double>(Clock::now() - last).count() / (step % 100 == 0 ? 100 : step % 100);
