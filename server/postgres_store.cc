@@ -653,15 +653,6 @@ absl::StatusOr<ConceptRecord> PostgresStore::InsertConceptWithinQuota(const Conc
   return out;
 }
 
-absl::StatusOr<ConceptRecord> PostgresStore::InsertConcept(const ConceptRecord& concept,
-                                                           const std::string& blob) {
-  ASSIGN_OR_RETURN(Conn c, Borrow());
-  RETURN_IF_ERROR(c.Begin());
-  ASSIGN_OR_RETURN(ConceptRecord out, InsertConceptTxn(c.get(), concept, blob));
-  RETURN_IF_ERROR(c.Commit());
-  return out;
-}
-
 absl::StatusOr<ConceptRecord> PostgresStore::CompleteJobWithConcept(JobRecord job,
                                                                     const ConceptRecord& concept,
                                                                     const std::string& blob,

@@ -62,8 +62,6 @@ class PostgresStore final : public Store {
   absl::StatusOr<std::vector<std::string>> GetJobImages(const std::string& id) override;
   absl::StatusOr<std::map<JobState, int64_t>> CountJobsByState() override;
 
-  absl::StatusOr<ConceptRecord> InsertConcept(const ConceptRecord& concept,
-                                              const std::string& blob) override;
   absl::StatusOr<ConceptRecord> InsertConceptWithinQuota(const ConceptRecord& concept,
                                                          const std::string& blob,
                                                          int64_t max_concepts) override;

@@ -254,6 +254,13 @@ void Scheduler::RequeueJobLocked(JobRecord& rec) {
   rec.loss = 0;
 }
 
+absl::Status Scheduler::SaveLeftJobLocked(const JobRecord& rec, bool requeue, Pending& out) {
+  if (requeue) queue_.insert(KeyOf(rec));
+  absl::Status saved = SaveJobLocked(rec, out);
+  if (!saved.ok() && requeue) queue_.erase(KeyOf(rec));
+  return saved;
+}
+
 absl::Status Scheduler::SaveJobLocked(JobRecord rec, Pending& out, bool persist) {
   rec.update_time = clock_->Now();
   if (persist) RETURN_IF_ERROR(store_->UpdateJob(rec));
@@ -1000,12 +1007,7 @@ absl::Status Scheduler::FailWork(const std::string& lease_id, const absl::Status
                                {"code", absl::StatusCodeToString(error.code())},
                                {"retryable", retryable ? "true" : "false"},
                                {"error", std::string(error.message())}});
-      // Queued before the save notifies the watchers, so their QUEUED event has its position.
-      if (requeue) queue_.insert(KeyOf(rec));
-      if (absl::Status saved = SaveJobLocked(rec, pending); !saved.ok()) {
-        if (requeue) queue_.erase(KeyOf(rec));
-        return saved;
-      }
+      RETURN_IF_ERROR(SaveLeftJobLocked(rec, requeue, pending));
       leases_.erase(lease_id);
       if (requeue) {
         DispatchLocked(pending);
@@ -1056,11 +1058,7 @@ absl::Status Scheduler::ReturnLease(const std::string& lease_id) {
       } else {
         FinishJobLocked(rec, JobState::kCancelled, absl::CancelledError("cancelled by the client"));
       }
-      if (requeue) queue_.insert(KeyOf(rec));  // before the save's QUEUED event, as above
-      if (absl::Status saved = SaveJobLocked(rec, pending); !saved.ok()) {
-        if (requeue) queue_.erase(KeyOf(rec));
-        return saved;
-      }
+      RETURN_IF_ERROR(SaveLeftJobLocked(rec, requeue, pending));
       leases_.erase(lease_id);
       LogEvent("lease_returned", {{"job", rec.id}, {"lease", lease_id}});
       if (requeue) {
@@ -1113,9 +1111,7 @@ void Scheduler::Tick() {
                                    {"worker", l.worker_id},
                                    {"attempts", std::to_string(rec.attempts)},
                                    {"requeued", requeue ? "true" : "false"}});
-        if (requeue) queue_.insert(KeyOf(rec));  // before the save's QUEUED event, as above
-        if (absl::Status s = SaveJobLocked(rec, pending); !s.ok()) {
-          if (requeue) queue_.erase(KeyOf(rec));
+        if (absl::Status s = SaveLeftJobLocked(rec, requeue, pending); !s.ok()) {
           LogEvent("store_error", {{"job", rec.id}, {"error", std::string(s.message())}});
           continue;  // try again on the next tick
         }

@@ -292,6 +292,11 @@ class Scheduler {
   // a final job leaves the active set and its watchers are dropped after the final event.
   absl::Status SaveJobLocked(JobRecord rec, Pending& out, bool persist = true)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // SaveJobLocked for a job that leaves its lease, with `requeue` when it goes back to the queue:
+  // it is queued first, so the watchers' QUEUED event carries its position; a failed save leaves
+  // the queue as it was.
+  absl::Status SaveLeftJobLocked(const JobRecord& rec, bool requeue, Pending& out)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void FinishJobLocked(JobRecord& rec, JobState state, const absl::Status& error)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void RequeueJobLocked(JobRecord& rec) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

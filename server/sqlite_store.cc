@@ -471,16 +471,6 @@ absl::StatusOr<ConceptRecord> SqliteStore::InsertConceptWithinQuota(const Concep
   return out;
 }
 
-absl::StatusOr<ConceptRecord> SqliteStore::InsertConcept(const ConceptRecord& concept,
-                                                         const std::string& blob) {
-  absl::MutexLock lock(&mu_);
-  Txn txn(db_);
-  RETURN_IF_ERROR(txn.began());
-  ASSIGN_OR_RETURN(ConceptRecord out, InsertConceptLocked(concept, blob));
-  RETURN_IF_ERROR(txn.Commit());
-  return out;
-}
-
 absl::StatusOr<ConceptRecord> SqliteStore::CompleteJobWithConcept(JobRecord job,
                                                                   const ConceptRecord& concept,
                                                                   const std::string& blob,

@@ -12,6 +12,7 @@
 #define PERFUSION_SERVER_STORE_H_
 
 #include <functional>
+#include <limits>
 #include <map>
 #include <optional>
 #include <string>
@@ -53,15 +54,16 @@ class Store {
 
   // ---- concepts ----
   // Inserts a concept as the next version of (tenant, name) (concept.version and seq are
-  // assigned) with its blob.
-  virtual absl::StatusOr<ConceptRecord> InsertConcept(const ConceptRecord& concept,
-                                                      const std::string& blob) = 0;
-  // InsertConcept, unless the tenant already has `max_concepts` concepts: then
+  // assigned) with its blob, unless the tenant already has `max_concepts` concepts: then
   // RESOURCE_EXHAUSTED. The count and the insert are one step, so concurrent imports (from any
   // replica) cannot pass the quota together, as a count followed by an insert let them.
   virtual absl::StatusOr<ConceptRecord> InsertConceptWithinQuota(const ConceptRecord& concept,
                                                                  const std::string& blob,
                                                                  int64_t max_concepts) = 0;
+  // The same without a quota.
+  absl::StatusOr<ConceptRecord> InsertConcept(const ConceptRecord& concept, const std::string& blob) {
+    return InsertConceptWithinQuota(concept, blob, std::numeric_limits<int64_t>::max());
+  }
   // Atomically inserts the concept (as InsertConcept) and writes `job` (SUCCEEDED, with
   // job.concept_id set to the new concept's id by this call). When `lease_id` is not empty,
   // nothing is written and ABORTED is returned unless the stored job still holds that lease (a

@@ -58,9 +58,6 @@ class HookedStore : public Store {
     return base_->ListJobs(tenant, state, page_size, page_token);
   }
   absl::StatusOr<std::map<JobState, int64_t>> CountJobsByState() override { return base_->CountJobsByState(); }
-  absl::StatusOr<ConceptRecord> InsertConcept(const ConceptRecord& c, const std::string& blob) override {
-    return base_->InsertConcept(c, blob);
-  }
   absl::StatusOr<ConceptRecord> InsertConceptWithinQuota(const ConceptRecord& c, const std::string& blob,
                                                          int64_t max_concepts) override {
     return base_->InsertConceptWithinQuota(c, blob, max_concepts);
