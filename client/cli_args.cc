@@ -1,10 +1,15 @@
 #include "client/cli_args.h"
 
 #include <algorithm>
+#include <cstdlib>
+#include <fstream>
+#include <sstream>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_replace.h"
+#include "client/client.h"
 
 namespace perfusion::client {
 
@@ -112,6 +117,29 @@ absl::StatusOr<absl::Duration> ParsedArgs::GetDuration(const std::string& name,
   if (absl::ParseDuration(v, &d) && d >= absl::ZeroDuration() && d < absl::Seconds(1e9)) return d;
   return absl::InvalidArgumentError(
       absl::StrCat("--", name, ": \"", v, "\" is not a duration (30s, 5m, 1h, or seconds)"));
+}
+
+absl::StatusOr<std::string> TenantTokenFromArgs(const ParsedArgs& args) {
+  // A file or variable gives its first non-comment line, so a trailing newline (a Kubernetes
+  // secret made from a file) is not part of the token.
+  std::string token, source = "--token";
+  if (args.Has("token")) {
+    token = std::string(absl::StripAsciiWhitespace(args.Get("token")));
+  } else if (const char* env = std::getenv("PERFUSION_TOKEN"); env != nullptr) {
+    token = TokenFromText(env);
+    source = "PERFUSION_TOKEN";
+  }
+  if (args.Has("token-file")) {
+    source = absl::StrCat("--token-file ", args.Get("token-file"));
+    std::ifstream in(args.Get("token-file"), std::ios::binary);
+    if (!in) return absl::InvalidArgumentError(absl::StrCat(source, ": cannot read it"));
+    std::stringstream text;
+    text << in.rdbuf();
+    token = TokenFromText(text.str());
+    if (token.empty()) return absl::InvalidArgumentError(absl::StrCat(source, ": no token in it"));
+  }
+  if (absl::Status s = CheckToken(token, source); !s.ok()) return s;
+  return token;
 }
 
 }  // namespace perfusion::client

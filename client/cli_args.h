@@ -53,6 +53,12 @@ class ParsedArgs {
   std::set<std::string> set_false_;
 };
 
+// The tenant token of a CLI: --token, else $PERFUSION_TOKEN (its first non-comment line), and
+// --token-file's first non-comment line when that flag is given. INVALID_ARGUMENT naming where it
+// came from for a file that cannot be read or holds no token, or a token no request header can
+// carry (client.h's CheckToken).
+absl::StatusOr<std::string> TenantTokenFromArgs(const ParsedArgs& args);
+
 }  // namespace perfusion::client
 
 #endif  // PERFUSION_CLIENT_CLI_ARGS_H_

@@ -26,7 +26,6 @@
 
 #include <nlohmann/json.hpp>
 
-#include "absl/strings/ascii.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -262,14 +261,13 @@ int main(int argc, char** argv) {
   const bool json = output == "json";
   pc::ClientOptions o;
   const char* env_server = std::getenv("PERFUSION_SERVER");
-  const char* env_token = std::getenv("PERFUSION_TOKEN");
   o.server = args->Get("server", env_server && *env_server ? env_server : "localhost:50051");
-  o.token = args->Has("token") ? std::string(absl::StripAsciiWhitespace(args->Get("token")))
-                                : pc::TokenFromText(env_token ? env_token : "");
-  if (absl::Status s = pc::CheckToken(o.token, args->Has("token") ? "--token" : "PERFUSION_TOKEN"); !s.ok()) {
-    std::cerr << "perfusion-load: " << s.message() << "\n";
+  absl::StatusOr<std::string> token = pc::TenantTokenFromArgs(*args);
+  if (!token.ok()) {
+    std::cerr << "perfusion-load: " << token.status().message() << "\n";
     return pc::kExitUsage;
   }
+  o.token = *std::move(token);
   auto client = pc::Client::Connect(o);
   if (!client.ok()) {
     std::cerr << "perfusion-load: " << client.status() << "\n";

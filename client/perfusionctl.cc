@@ -39,12 +39,10 @@ namespace {
 
 namespace fs = std::filesystem;
 using perfusion::client::Client;
-using perfusion::client::CheckToken;
 using perfusion::client::ClientOptions;
 using perfusion::client::ExitCodeFor;
 using perfusion::client::FlagSpec;
 using perfusion::client::ParsedArgs;
-using perfusion::client::TokenFromText;
 namespace v1 = perfusion::v1;
 using perfusion::ParseRegionText;
 using perfusion::RegionText;
@@ -379,25 +377,10 @@ class Cli {
   absl::Status Connect() {
     ClientOptions o;
     const char* env_server = std::getenv("PERFUSION_SERVER");
-    const char* env_token = std::getenv("PERFUSION_TOKEN");
     o.server = args_.Get("server", env_server && *env_server ? env_server : "localhost:50051");
-    // The token's source names it in errors. A file or variable gives its first non-comment line,
-    // so a trailing newline (a Kubernetes secret made from a file) is not part of the token.
-    std::string token_source = "--token";
-    if (args_.Has("token")) {
-      o.token = std::string(absl::StripAsciiWhitespace(args_.Get("token")));
-    } else if (env_token != nullptr) {
-      o.token = TokenFromText(env_token);
-      token_source = "PERFUSION_TOKEN";
-    }
-    if (args_.Has("token-file")) {
-      token_source = absl::StrCat("--token-file ", args_.Get("token-file"));
-      auto t = ReadFile(args_.Get("token-file"));
-      if (!t.ok()) return t.status();
-      o.token = TokenFromText(*t);
-      if (o.token.empty()) return absl::InvalidArgumentError(absl::StrCat(token_source, ": no token in it"));
-    }
-    if (absl::Status s = CheckToken(o.token, token_source); !s.ok()) return s;
+    absl::StatusOr<std::string> token = pc::TenantTokenFromArgs(args_);
+    if (!token.ok()) return token.status();
+    o.token = *std::move(token);
     o.tls = args_.Has("tls") || args_.Has("tls-ca");
     o.tls_ca_file = args_.Get("tls-ca");
     o.tls_server_name = args_.Get("tls-server-name");
