@@ -108,6 +108,36 @@ TEST_F(ResearchCliTest, TrainAConceptThenGenerateAndShowItsGates) {
   EXPECT_NE(r.err.find("nope"), std::string::npos) << r.err;
 }
 
+// A value that reads as a number but is out of range is a usage error (exit 2), found before the
+// model loads, and the message names the option.
+TEST_F(ResearchCliTest, OutOfRangeValuesAreUsageErrors) {
+  CommandResult r = Run({PERFUSION_RENDER_SHAPES_BIN, "--out", dir_ + "/imgs", "--n", "2", "--concept", "candy_heart"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const std::vector<std::pair<std::vector<std::string>, std::string>> train_cases = {
+      {{"--steps", "0"}, "steps must be >= 1"},
+      {{"--beta", "2"}, "default_gate.beta must be in [0, 1]"},
+      {{"--tau", "-1"}, "default_gate.temperature must be in (0, 1]"},
+      {{"--lr-values", "-0.5"}, "lr_values must be a finite number >= 0"},
+      {{"--lr-embedding", "nan"}, "lr_embedding must be a finite number >= 0"},
+  };
+  for (const auto& [flags, message] : train_cases) {
+    std::vector<std::string> argv = {PERFUSION_TRAIN_CONCEPT_BIN, dir_ + "/imgs", "--superclass", "heart", "--name",
+                                     "candy", "--out", dir_ + "/candy.bin", "--model", dir_ + "/no-model", "--quiet"};
+    argv.insert(argv.end(), flags.begin(), flags.end());
+    r = Run(argv);
+    EXPECT_EQ(r.exit_code, 2) << flags[0] << ": " << r.err;
+    EXPECT_NE(r.err.find(message), std::string::npos) << r.err;
+  }
+  EXPECT_FALSE(fs::exists(dir_ + "/candy.bin"));
+  for (const auto& [flag, value] : std::vector<std::pair<std::string, std::string>>{
+           {"--beta", "1.5"}, {"--tau", "0"}, {"--tau", "3"}}) {
+    r = Run({PERFUSION_GENERATE_BIN, "a heart", "--model", dir_ + "/no-model", "-o", dir_ + "/out", flag, value});
+    EXPECT_EQ(r.exit_code, 2) << flag << " " << value << ": " << r.err;
+    EXPECT_NE(r.err.find(flag + " must be in"), std::string::npos) << r.err;
+  }
+  EXPECT_FALSE(fs::exists(dir_ + "/out"));
+}
+
 // The quality harness end to end at toy sizes: two concepts (so the two-concept section runs), the
 // gate sweep under both key-locking modes, a repeat with a second seed, and the report with its
 // pictures.

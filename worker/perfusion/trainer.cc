@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cctype>
 #include <chrono>
+#include <cmath>
 
 #include "perfusion/concept_token.h"
 #include "perfusion/image_io.h"
@@ -119,11 +120,40 @@ at::Tensor ForegroundMask(const at::Tensor& image, int64_t factor, double mask_m
   return (m / mx).clamp_min(mask_min);
 }
 
+namespace {
+
+void CheckGate(const char* beta_name, double beta, const char* temperature_name, double temperature) {
+  TORCH_CHECK_VALUE(beta >= 0 && beta <= 1, beta_name, " must be in [0, 1], got ", beta);
+  TORCH_CHECK_VALUE(temperature > 0 && temperature <= 1, temperature_name, " must be in (0, 1], got ", temperature);
+}
+
+void CheckRate(const char* name, double v) {
+  TORCH_CHECK_VALUE(std::isfinite(v) && v >= 0, name, " must be a finite number >= 0, got ", v);
+}
+
+}  // namespace
+
+void CheckTrainOptions(const TrainOptions& o) {
+  TORCH_CHECK_VALUE(o.steps >= 1, "steps must be >= 1, got ", o.steps);
+  TORCH_CHECK_VALUE(o.batch_size >= 1, "batch_size must be >= 1, got ", o.batch_size);
+  TORCH_CHECK_VALUE(o.resolution >= 0, "resolution must be >= 0 (0: the model's own), got ", o.resolution);
+  CheckRate("lr_embedding", o.lr_embedding);
+  CheckRate("lr_values", o.lr_values);
+  CheckRate("weight_decay", o.weight_decay);
+  TORCH_CHECK_VALUE(o.mask_min >= 0 && o.mask_min <= 1, "mask_min must be in [0, 1], got ", o.mask_min);
+  TORCH_CHECK_VALUE(std::isfinite(o.mask_distance) && o.mask_distance > 0, "mask_distance must be > 0, got ",
+                    o.mask_distance);
+  CheckGate("default_gate.beta", o.default_gate.beta, "default_gate.temperature", o.default_gate.temperature);
+  CheckGate("edit.train_beta", o.edit.train_beta(), "edit.train_temperature", o.edit.train_temperature());
+  CheckGate("edit.eval_beta", o.edit.eval_beta(), "edit.eval_temperature", o.edit.eval_temperature());
+  TORCH_CHECK_VALUE(o.edit.input_decay() >= 0 && o.edit.input_decay() < 1, "edit.input_decay must be in [0, 1), got ",
+                    o.edit.input_decay());
+}
+
 Concept TrainConcept(StableDiffusion& model, const std::vector<at::Tensor>& images, const TrainOptions& o) {
   TORCH_CHECK_VALUE(!o.name.empty(), "name: a concept needs a name");
   TORCH_CHECK_VALUE(!images.empty(), "images: at least one training image is needed");
-  TORCH_CHECK_VALUE(o.steps >= 1, "steps must be >= 1, got ", o.steps);
-  TORCH_CHECK_VALUE(o.batch_size >= 1, "batch_size must be >= 1, got ", o.batch_size);
+  CheckTrainOptions(o);
   TORCH_CHECK_VALUE(model.c_inv.defined(), "the model has no perfusion/covariance.safetensors: cannot train concepts");
   TORCH_CHECK_VALUE(model.vae, "the model was loaded without its VAE: cannot encode training images");
   const auto superclass_id = model.tokenizer->SingleTokenId(o.superclass);

@@ -77,6 +77,13 @@ struct TrainOptions {
   std::function<bool(const TrainProgress&)> progress;
 };
 
+// Throws c10::ValueError naming the first option out of its range: steps and batch_size >= 1,
+// resolution >= 0, learning rates and weight decay finite and >= 0, every beta in [0, 1] and every
+// temperature in (0, 1] (the gate of spec §3: a beta above 1 never opens it, a temperature <= 0
+// turns it around), mask_min in [0, 1], mask_distance > 0, input_decay in [0, 1). TrainConcept
+// calls it first; a tool calls it before loading the model, so a bad flag costs no time.
+void CheckTrainOptions(const TrainOptions& options);
+
 // The built-in prompt templates (textual-inversion style).
 const std::vector<std::string>& DefaultTemplates();
 

@@ -189,8 +189,13 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "need a prompt (see --help)\n");
     return 2;
   }
-  if (a.tau && !(*a.tau > 0)) {
-    std::fprintf(stderr, "--tau must be > 0\n");
+  // The gate's ranges, as the service's (api.md): a beta above 1 never opens the gate.
+  if (a.beta && !(*a.beta >= 0 && *a.beta <= 1)) {
+    std::fprintf(stderr, "--beta must be in [0, 1], got %g\n", *a.beta);
+    return 2;
+  }
+  if (a.tau && !(*a.tau > 0 && *a.tau <= 1)) {
+    std::fprintf(stderr, "--tau must be in (0, 1], got %g\n", *a.tau);
     return 2;
   }
   try {

@@ -151,6 +151,12 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "--name '%s': use 1-64 letters, digits, '_', '-' or '.'\n", a.name.c_str());
     return 2;
   }
+  try {
+    CheckTrainOptions(a.train);  // a value out of range is a usage error: before the model loads
+  } catch (const c10::ValueError& e) {
+    std::fprintf(stderr, "%s (see --help)\n", e.what_without_backtrace());
+    return 2;
+  }
   ConceptEncodeOptions enc;
   if (a.dtype == "fp16") enc.dtype = at::kHalf;
   else if (a.dtype == "bf16") enc.dtype = at::kBFloat16;
