@@ -1,8 +1,11 @@
 #include "client/cli_args.h"
 
 #include <algorithm>
+#include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <fstream>
+#include <limits>
 #include <sstream>
 
 #include "absl/strings/ascii.h"
@@ -96,14 +99,39 @@ absl::StatusOr<int64_t> ParsedArgs::GetInt(const std::string& name, int64_t def)
   return v;
 }
 
-absl::StatusOr<double> ParsedArgs::GetDouble(const std::string& name, double def) const {
+absl::StatusOr<int32_t> ParsedArgs::GetInt32(const std::string& name, int32_t def) const {
   if (!Has(name)) return def;
-  double v = 0;
-  if (!absl::SimpleAtod(Get(name), &v)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--", name, ": \"", Get(name), "\" is not a number"));
+  int32_t v = 0;
+  if (!absl::SimpleAtoi(Get(name), &v)) {
+    int64_t wide = 0;
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--", name, ": \"", Get(name), "\" is ",
+        absl::SimpleAtoi(Get(name), &wide) ? absl::StrCat("out of range (", INT32_MIN, "..", INT32_MAX, ")")
+                                           : std::string("not an integer")));
   }
   return v;
+}
+
+absl::StatusOr<uint64_t> ParsedArgs::GetUint64(const std::string& name, uint64_t def) const {
+  if (!Has(name)) return def;
+  const std::string text(absl::StripAsciiWhitespace(Get(name)));
+  uint64_t v = 0;
+  if (text.empty() || text[0] == '-' || !absl::SimpleAtoi(text, &v)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--", name, ": \"", Get(name), "\" is not an integer in 0..18446744073709551615"));
+  }
+  return v;
+}
+
+absl::StatusOr<float> ParsedArgs::GetFloat(const std::string& name, float def) const {
+  if (!Has(name)) return def;
+  double v = 0;
+  if (!absl::SimpleAtod(Get(name), &v) || !std::isfinite(v) ||
+      std::fabs(v) > static_cast<double>(std::numeric_limits<float>::max())) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--", name, ": \"", Get(name), "\" is not a finite number"));
+  }
+  return static_cast<float>(v);
 }
 
 absl::StatusOr<absl::Duration> ParsedArgs::GetDuration(const std::string& name,

@@ -7,6 +7,7 @@
 #ifndef PERFUSION_CLIENT_CLI_ARGS_H_
 #define PERFUSION_CLIENT_CLI_ARGS_H_
 
+#include <cstdint>
 #include <map>
 #include <set>
 #include <string>
@@ -41,9 +42,14 @@ class ParsedArgs {
   // The flags given (canonical names), for checking them against a command's allowed set.
   std::vector<std::string> Names() const;
 
-  // Typed accessors: INVALID_ARGUMENT "--name: ..." when the value does not parse.
+  // Typed accessors: INVALID_ARGUMENT "--name: ..." when the value does not parse, or does not fit
+  // the type the request field has (a static_cast would wrap 4294967297 to 1, not refuse it).
   absl::StatusOr<int64_t> GetInt(const std::string& name, int64_t def) const;
-  absl::StatusOr<double> GetDouble(const std::string& name, double def) const;
+  absl::StatusOr<int32_t> GetInt32(const std::string& name, int32_t def) const;
+  // 0..2^64-1; a minus sign is refused rather than wrapped.
+  absl::StatusOr<uint64_t> GetUint64(const std::string& name, uint64_t def) const;
+  // A finite number within float's range (a proto float field): not nan, inf or 1e40.
+  absl::StatusOr<float> GetFloat(const std::string& name, float def) const;
   // "30s", "5m", "1h30m", "250ms" or a plain number of seconds.
   absl::StatusOr<absl::Duration> GetDuration(const std::string& name, absl::Duration def) const;
 

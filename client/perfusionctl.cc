@@ -431,6 +431,20 @@ class Cli {
     if (args_.Has("wait") && args_.Has("no-wait")) {
       return UsageError("train: --wait and --no-wait exclude each other");
     }
+    // Flags first: a malformed value is a usage error before any image is read.
+    auto steps = args_.GetInt32("steps", 0);
+    auto seed = args_.GetUint64("seed", 0);
+    auto priority = args_.GetInt32("priority", 0);
+    auto batch = args_.GetInt32("batch-size", 0);
+    auto resolution = args_.GetInt32("resolution", 0);
+    auto lr = args_.GetFloat("lr", 0);
+    auto elr = args_.GetFloat("embedding-lr", 0);
+    auto timeout = args_.GetDuration("timeout", absl::ZeroDuration());
+    for (const absl::Status& s : {steps.status(), seed.status(), priority.status(), batch.status(),
+                                  resolution.status(), lr.status(), elr.status(),
+                                  timeout.status()}) {
+      if (!s.ok()) return UsageError(std::string(s.message()));
+    }
     std::error_code ec;
     if (!fs::is_directory(dir, ec)) {
       return Fail(absl::InvalidArgumentError(absl::StrCat(dir, ": not a folder")));
@@ -464,26 +478,13 @@ class Cli {
       }
     }
     auto* o = req.mutable_options();
-    auto steps = args_.GetInt("steps", 0);
-    auto seed = args_.GetInt("seed", 0);
-    auto priority = args_.GetInt("priority", 0);
-    auto batch = args_.GetInt("batch-size", 0);
-    auto resolution = args_.GetInt("resolution", 0);
-    auto lr = args_.GetDouble("lr", 0);
-    auto elr = args_.GetDouble("embedding-lr", 0);
-    auto timeout = args_.GetDuration("timeout", absl::ZeroDuration());
-    for (const absl::Status& s : {steps.status(), seed.status(), priority.status(), batch.status(),
-                                  resolution.status(), lr.status(), elr.status(),
-                                  timeout.status()}) {
-      if (!s.ok()) return UsageError(std::string(s.message()));
-    }
-    if (args_.Has("steps")) o->set_steps(static_cast<int32_t>(*steps));
-    if (args_.Has("seed")) o->set_seed(static_cast<uint64_t>(*seed));
-    o->set_batch_size(static_cast<int32_t>(*batch));
-    o->set_resolution(static_cast<int32_t>(*resolution));
-    o->set_learning_rate(static_cast<float>(*lr));
-    o->set_embedding_learning_rate(static_cast<float>(*elr));
-    req.set_priority(static_cast<int32_t>(*priority));
+    if (args_.Has("steps")) o->set_steps(*steps);
+    if (args_.Has("seed")) o->set_seed(*seed);
+    o->set_batch_size(*batch);
+    o->set_resolution(*resolution);
+    o->set_learning_rate(*lr);
+    o->set_embedding_learning_rate(*elr);
+    req.set_priority(*priority);
     if (absl::Status s = ParseLabels(args_.GetAll("label"), req.mutable_labels()); !s.ok()) {
       return UsageError(std::string(s.message()));
     }
@@ -598,7 +599,7 @@ class Cli {
       if (!s.ok()) return UsageError(std::string(s.status().message()));
       state = *s;
     }
-    auto limit = args_.GetInt("limit", 0);
+    auto limit = args_.GetInt32("limit", 0);
     if (!limit.ok()) return UsageError(std::string(limit.status().message()));
     auto jobs = client_->ListAllTrainingJobs(state, static_cast<int>(*limit));
     if (!jobs.ok()) return Fail(jobs.status());
@@ -658,7 +659,7 @@ class Cli {
 
   int ConceptsList() {
     if (args_.positionals().size() != 2) return UsageError("concepts list takes no arguments");
-    auto limit = args_.GetInt("limit", 0);
+    auto limit = args_.GetInt32("limit", 0);
     if (!limit.ok()) return UsageError(std::string(limit.status().message()));
     auto list = client_->ListConcepts(args_.Get("name"), static_cast<int>(*limit));
     if (!list.ok()) return Fail(list.status());
@@ -771,30 +772,30 @@ class Cli {
     req.set_prompt(prompt);
     req.set_negative_prompt(args_.Get("negative"));
     req.set_sampler(args_.Get("sampler"));
-    auto seed = args_.GetInt("seed", 0);
-    auto steps = args_.GetInt("steps", 0);
-    auto n = args_.GetInt("n", 0);
-    auto width = args_.GetInt("width", 0);
-    auto height = args_.GetInt("height", 0);
-    auto guidance = args_.GetDouble("guidance", 0);
-    auto rescale = args_.GetDouble("guidance-rescale", 0);
-    auto beta = args_.GetDouble("beta", 0);
-    auto tau = args_.GetDouble("tau", 0);
+    auto seed = args_.GetUint64("seed", 0);
+    auto steps = args_.GetInt32("steps", 0);
+    auto n = args_.GetInt32("n", 0);
+    auto width = args_.GetInt32("width", 0);
+    auto height = args_.GetInt32("height", 0);
+    auto guidance = args_.GetFloat("guidance", 0);
+    auto rescale = args_.GetFloat("guidance-rescale", 0);
+    auto beta = args_.GetFloat("beta", 0);
+    auto tau = args_.GetFloat("tau", 0);
     auto timeout = args_.GetDuration("timeout", absl::Minutes(10));
     for (const absl::Status& s :
          {seed.status(), steps.status(), n.status(), width.status(), height.status(),
           guidance.status(), rescale.status(), beta.status(), tau.status(), timeout.status()}) {
       if (!s.ok()) return UsageError(std::string(s.message()));
     }
-    if (args_.Has("seed")) req.set_seed(static_cast<uint64_t>(*seed));
-    if (args_.Has("steps")) req.set_steps(static_cast<int32_t>(*steps));
-    if (args_.Has("n")) req.set_num_images(static_cast<int32_t>(*n));
-    if (args_.Has("width")) req.set_width(static_cast<int32_t>(*width));
-    if (args_.Has("height")) req.set_height(static_cast<int32_t>(*height));
-    if (args_.Has("guidance")) req.set_guidance_scale(static_cast<float>(*guidance));
-    if (args_.Has("guidance-rescale")) req.set_guidance_rescale(static_cast<float>(*rescale));
-    if (args_.Has("beta")) req.set_beta(static_cast<float>(*beta));
-    if (args_.Has("tau")) req.set_tau(static_cast<float>(*tau));
+    if (args_.Has("seed")) req.set_seed(*seed);
+    if (args_.Has("steps")) req.set_steps(*steps);
+    if (args_.Has("n")) req.set_num_images(*n);
+    if (args_.Has("width")) req.set_width(*width);
+    if (args_.Has("height")) req.set_height(*height);
+    if (args_.Has("guidance")) req.set_guidance_scale(*guidance);
+    if (args_.Has("guidance-rescale")) req.set_guidance_rescale(*rescale);
+    if (args_.Has("beta")) req.set_beta(*beta);
+    if (args_.Has("tau")) req.set_tau(*tau);
     if (args_.Has("global-lock")) req.set_key_lock(v1::KEY_LOCK_GLOBAL);
     for (const std::string& s : args_.GetAll("strength")) {
       // REF=BETA[:TAU]
@@ -803,11 +804,14 @@ class Cli {
         return UsageError(absl::StrCat("--strength: \"", s, "\" is not REF=BETA[:TAU]"));
       }
       auto* cs = req.add_concepts();
-      cs->set_name(s.substr(0, eq));
+      // REF as written in the prompt; "<rex>" is taken as "rex".
+      std::string ref = s.substr(0, eq);
+      if (ref.size() > 2 && ref.front() == '<' && ref.back() == '>') ref = ref.substr(1, ref.size() - 2);
+      cs->set_name(ref);
       std::vector<std::string> parts = absl::StrSplit(s.substr(eq + 1), ':');
       double b = 0, t = 0;
-      if (parts.size() > 2 || !absl::SimpleAtod(parts[0], &b) ||
-          (parts.size() == 2 && !absl::SimpleAtod(parts[1], &t))) {
+      if (parts.size() > 2 || !absl::SimpleAtod(parts[0], &b) || !std::isfinite(b) ||
+          (parts.size() == 2 && (!absl::SimpleAtod(parts[1], &t) || !std::isfinite(t)))) {
         return UsageError(absl::StrCat("--strength: \"", s, "\" is not REF=BETA[:TAU]"));
       }
       cs->set_beta(static_cast<float>(b));
@@ -823,8 +827,17 @@ class Cli {
       region->set_x1(static_cast<float>(text.box[2]));
       region->set_y1(static_cast<float>(text.box[3]));
     }
+    // 0 means "no limit" for train and jobs watch; a generation always has a deadline.
+    if (*timeout == absl::ZeroDuration()) return UsageError("--timeout: a generation needs a deadline > 0");
     const std::string out_dir = args_.Get("out", ".");
+    if (out_dir == "-") return UsageError("-o -: generate writes PNG files into a folder, not to stdout");
     const std::string prefix = args_.Get("prefix", "img");
+    // A file name, not a path: "a/b" failed only after the generation, "/etc/x" escaped -o.
+    if (prefix.empty() || prefix.find('/') != std::string::npos || prefix == "." || prefix == ".." ||
+        prefix[0] == '-') {
+      return UsageError(absl::StrCat("--prefix \"", prefix,
+                                     "\": use a plain file name (no '/', not empty, not starting with '-')"));
+    }
     {
       // Before the generation: a folder that cannot be made once failed after all of it.
       std::error_code ec;
@@ -847,11 +860,20 @@ class Cli {
     std::vector<std::string> paths;
     for (int i = 0; i < resp->images_size(); ++i) {
       const v1::GeneratedImage& img = resp->images(i);
-      const std::string path = (fs::path(out_dir) / absl::StrCat(prefix, "-", img.seed(), ".png")).string();
-      if (absl::Status s = WriteFile(path, img.png()); !s.ok()) return Fail(s);
+      std::string path = (fs::path(out_dir) / absl::StrCat(prefix, "-", img.seed(), ".png")).string();
+      // Two images of one response never share a file, whatever seeds the server sent.
+      if (std::find(paths.begin(), paths.end(), path) != paths.end()) {
+        path = (fs::path(out_dir) / absl::StrCat(prefix, "-", img.seed(), "-", i, ".png")).string();
+      }
+      if (absl::Status s = WriteFile(path, img.png()); !s.ok()) {
+        // The images already written stay; say which they are.
+        for (const std::string& written : paths) std::cout << written << "\n";
+        return Fail(s);
+      }
       paths.push_back(path);
+      // A string, as every 64-bit integer in --output json: a double cannot hold a 63-bit seed.
       j["images"].push_back({{"file", path},
-                             {"seed", img.seed()},
+                             {"seed", std::to_string(img.seed())},
                              {"width", img.width()},
                              {"height", img.height()}});
     }

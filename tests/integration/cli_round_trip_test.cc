@@ -4,6 +4,8 @@
 #include <fstream>
 #include <sstream>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
@@ -112,8 +114,9 @@ TEST_F(CliRoundTripTest, TrainWatchListGenerateExportImportDelete) {
   ASSERT_EQ(r.exit_code, 0) << r.err;
   json gen = ParseJson(r);
   ASSERT_EQ(gen["images"].size(), 2u);
-  EXPECT_EQ(gen["images"][0]["seed"], 7);
-  EXPECT_EQ(gen["images"][1]["seed"], 8);
+  // Seeds are strings, as every 64-bit integer in --output json (a double would round them).
+  EXPECT_EQ(gen["images"][0]["seed"], "7");
+  EXPECT_EQ(gen["images"][1]["seed"], "8");
   for (const json& img : gen["images"]) {
     EXPECT_TRUE(IsPng(img["file"])) << img.dump();
     EXPECT_EQ(img["width"], 32);
@@ -199,6 +202,48 @@ TEST(CliWithoutServerTest, UsageErrorsExitTwo) {
   CommandResult help = RunCommand({PERFUSIONCTL_BIN, "help"}, tmp, absl::Seconds(30));
   EXPECT_EQ(help.exit_code, 0);
   EXPECT_NE(help.out.find("Exit codes"), std::string::npos);
+}
+
+// Values a request field cannot hold are refused before anything is sent or made, naming the flag;
+// they used to be cut to int32 (--n 4294967297 asked for 1 image) or wrapped (--seed -1).
+TEST(CliWithoutServerTest, ValuesTheRequestCannotHoldAreUsageErrors) {
+  ScratchDir scratch("cli-values");
+  const std::string out = scratch.path() + "/out";
+  const std::vector<std::pair<std::vector<std::string>, std::string>> cases = {
+      {{"--n", "4294967297"}, "--n: \"4294967297\" is out of range"},
+      {{"--steps", "4294967326"}, "--steps: \"4294967326\" is out of range"},
+      {{"--width", "-4294967296"}, "--width"},
+      {{"--seed", "-1"}, "--seed: \"-1\" is not an integer in 0..18446744073709551615"},
+      {{"--guidance", "nan"}, "--guidance: \"nan\" is not a finite number"},
+      {{"--beta", "1e40"}, "--beta: \"1e40\" is not a finite number"},
+      {{"--strength", "rex=inf"}, "is not REF=BETA[:TAU]"},
+      {{"--prefix", "a/b"}, "--prefix \"a/b\": use a plain file name"},
+      {{"--prefix", ""}, "--prefix \"\""},
+      {{"--timeout", "0"}, "--timeout: a generation needs a deadline > 0"},
+  };
+  for (const auto& [flags, message] : cases) {
+    std::vector<std::string> argv = {PERFUSIONCTL_BIN, "--server", "127.0.0.1:1", "generate", "a photo", "-o", out};
+    argv.insert(argv.end(), flags.begin(), flags.end());
+    CommandResult r = RunCommand(argv, scratch.path(), absl::Seconds(30));
+    EXPECT_EQ(r.exit_code, 2) << flags[0] << ": " << r.err;
+    EXPECT_NE(r.err.find(message), std::string::npos) << r.err;
+  }
+  EXPECT_FALSE(fs::exists(out)) << "a usage error made the -o folder";
+  CommandResult r = RunCommand({PERFUSIONCTL_BIN, "--server", "127.0.0.1:1", "generate", "a photo", "-o", "-"},
+                               scratch.path(), absl::Seconds(30));
+  EXPECT_EQ(r.exit_code, 2) << r.err;
+  EXPECT_FALSE(fs::exists(scratch.path() + "/-"));
+  // The largest seed is a seed: it gets as far as the (absent) server.
+  r = RunCommand({PERFUSIONCTL_BIN, "--server", "127.0.0.1:1", "--rpc-timeout", "2s", "generate", "a photo", "-o",
+                  out, "--seed", "18446744073709551615", "--timeout", "3s"},
+                 scratch.path(), absl::Seconds(30));
+  EXPECT_EQ(r.exit_code, 5) << r.err;
+  // train's int32 fields too.
+  r = RunCommand({PERFUSIONCTL_BIN, "--server", "127.0.0.1:1", "train", scratch.path(), "--superclass", "dog",
+                  "--name", "rex", "--steps", "2147483648"},
+                 scratch.path(), absl::Seconds(30));
+  EXPECT_EQ(r.exit_code, 2) << r.err;
+  EXPECT_NE(r.err.find("--steps"), std::string::npos) << r.err;
 }
 
 TEST(CliWithoutServerTest, UnreachableServerExitsFive) {

@@ -128,6 +128,35 @@ TEST(CliArgsTest, DurationsAcceptUnitsAndPlainSeconds) {
   }
 }
 
+// Numbers are read into the type of the request field they fill, and refused when they do not fit.
+TEST(CliArgsTest, NumbersMustFitTheirRequestFields) {
+  const std::vector<client::FlagSpec> specs = {{"n", true}, {"seed", true}, {"x", true}};
+  auto parse = [&](const std::string& flag, const std::string& value) {
+    auto a = client::ParsedArgs::Parse({"--" + flag, value}, specs);
+    EXPECT_TRUE(a.ok());
+    return *a;
+  };
+  EXPECT_EQ(*parse("n", "2147483647").GetInt32("n", 0), 2147483647);
+  EXPECT_EQ(*parse("n", "-2147483648").GetInt32("n", 0), INT32_MIN);
+  for (const char* bad : {"2147483648", "4294967297", "-2147483649", "3.0", "x"}) {
+    EXPECT_EQ(parse("n", bad).GetInt32("n", 0).status().code(), absl::StatusCode::kInvalidArgument) << bad;
+  }
+  EXPECT_EQ(*parse("seed", "18446744073709551615").GetUint64("seed", 0), UINT64_MAX);
+  EXPECT_EQ(*parse("seed", "0").GetUint64("seed", 7), 0u);
+  for (const char* bad : {"-1", "-0", "18446744073709551616", "1e3", ""}) {
+    EXPECT_EQ(parse("seed", bad).GetUint64("seed", 0).status().code(), absl::StatusCode::kInvalidArgument) << bad;
+  }
+  EXPECT_FLOAT_EQ(*parse("x", "7.5").GetFloat("x", 0), 7.5f);
+  EXPECT_FLOAT_EQ(*parse("x", "-1e30").GetFloat("x", 0), -1e30f);
+  for (const char* bad : {"nan", "inf", "-inf", "1e40", "1e400", "0x"}) {
+    EXPECT_EQ(parse("x", bad).GetFloat("x", 0).status().code(), absl::StatusCode::kInvalidArgument) << bad;
+  }
+  auto none = client::ParsedArgs::Parse({}, specs);
+  EXPECT_EQ(*none->GetInt32("n", 5), 5);
+  EXPECT_EQ(*none->GetUint64("seed", 9), 9u);
+  EXPECT_FLOAT_EQ(*none->GetFloat("x", 0.5f), 0.5f);
+}
+
 // --flag=false reads as absent, as before; a command that has a default of true (train waits)
 // can still tell it was switched off.
 TEST(CliArgsTest, ABooleanSetToFalseIsAbsentButKnown) {
