@@ -45,6 +45,7 @@ constexpr char kUsage[] = R"(perfusion-load: drives the perfusion-serve API and 
 Usage: perfusion-load [flags]
   --server HOST:PORT       (env PERFUSION_SERVER; default localhost:50051)
   --token TOKEN            tenant token (env PERFUSION_TOKEN)
+  --token-file FILE        read the tenant token from FILE (its first non-comment line)
   --concurrency LIST       registry levels, comma-separated (default 1,4,16)
   --requests N             calls per RPC and level, at most (default 2000)
   --duration DUR           time per RPC and level, at most (default 10s)
@@ -53,8 +54,10 @@ Usage: perfusion-load [flags]
   --gen-steps N            denoising steps (default 4)
   --gen-size PX            width and height (default 32)
   --prompt TEXT            generation prompt (default "a photo of a red circle")
+  --gen-timeout DUR        each Generate call's deadline (default 10m)
   --output text|json
-Exit codes as perfusionctl: 0 ok, 2 usage, 5 unavailable, 1 other.
+Exit codes as perfusionctl: 0 every call succeeded; 2 usage; otherwise the code of the first
+failed call's status (5 unavailable, 1 other, ...). The report is printed either way.
 )";
 
 struct Percentiles {
@@ -107,7 +110,14 @@ struct LevelResult {
   double seconds = 0;
   Percentiles latency_ms;
   std::string first_error;
+  absl::StatusCode first_error_code = absl::StatusCode::kOk;
 };
+
+// p50/p90/p99 as text, or "-" when no call succeeded (0.0 would read as instant calls).
+std::string Trio(const Percentiles& p) {
+  if (p.n == 0) return "-/-/-";
+  return absl::StrFormat("%.1f/%.1f/%.1f", p.p50, p.p90, p.p99);
+}
 
 // Runs `call` from `concurrency` threads until `requests` calls are done or `duration` passes.
 LevelResult RunLevel(const std::string& rpc, int concurrency, int64_t requests,
@@ -120,6 +130,7 @@ LevelResult RunLevel(const std::string& rpc, int concurrency, int64_t requests,
   std::mutex mu;
   std::vector<double> all;
   std::string first_error;
+  absl::StatusCode first_error_code = absl::StatusCode::kOk;
   const absl::Time end = absl::Now() + duration;
   const auto t0 = std::chrono::steady_clock::now();
   std::vector<std::thread> threads;
@@ -137,7 +148,10 @@ LevelResult RunLevel(const std::string& rpc, int concurrency, int64_t requests,
         } else {
           ++errors;
           std::lock_guard<std::mutex> l(mu);
-          if (first_error.empty()) first_error = s.ToString();
+          if (first_error.empty()) {
+            first_error = s.ToString();
+            first_error_code = s.code();
+          }
         }
       }
       std::lock_guard<std::mutex> l(mu);
@@ -150,6 +164,7 @@ LevelResult RunLevel(const std::string& rpc, int concurrency, int64_t requests,
   r.errors = errors.load();
   r.latency_ms = Summarize(std::move(all));
   r.first_error = first_error;
+  r.first_error_code = first_error_code;
   return r;
 }
 
@@ -163,10 +178,11 @@ struct GenResult {
   double seconds = 0;
   Percentiles e2e_ms, compute_ms, queue_ms, overhead_ms;
   std::string first_error;
+  absl::StatusCode first_error_code = absl::StatusCode::kOk;
 };
 
 GenResult RunGeneration(pc::Client* client, int concurrency, int64_t count,
-                        const v1::GenerateRequest& base) {
+                        const v1::GenerateRequest& base, absl::Duration timeout) {
   GenResult r;
   r.concurrency = concurrency;
   std::atomic<int64_t> issued{0};
@@ -181,13 +197,16 @@ GenResult RunGeneration(pc::Client* client, int concurrency, int64_t count,
         v1::GenerateRequest req = base;
         req.set_seed(1000 + static_cast<uint64_t>(i));
         const auto s0 = std::chrono::steady_clock::now();
-        auto resp = client->GenerateUnary(req, absl::Minutes(5));
+        auto resp = client->GenerateUnary(req, timeout);
         const double ms =
             std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - s0).count();
         std::lock_guard<std::mutex> l(mu);
         if (!resp.ok()) {
           ++r.errors;
-          if (r.first_error.empty()) r.first_error = resp.status().ToString();
+          if (r.first_error.empty()) {
+            r.first_error = resp.status().ToString();
+            r.first_error_code = resp.status().code();
+          }
           continue;
         }
         ++r.ok;
@@ -214,7 +233,8 @@ GenResult RunGeneration(pc::Client* client, int concurrency, int64_t count,
 int main(int argc, char** argv) {
   std::vector<std::string> raw(argv + 1, argv + argc);
   const std::vector<pc::FlagSpec> specs = {
-      {"server", true},       {"token", true},           {"concurrency", true},
+      {"server", true},       {"token", true},           {"token-file", true},
+      {"concurrency", true},  {"gen-timeout", true},
       {"requests", true},     {"duration", true},        {"generate", true},
       {"gen-concurrency", true}, {"gen-steps", true},    {"gen-size", true},
       {"prompt", true},       {"output", true},          {"help", false, "h"}};
@@ -238,9 +258,10 @@ int main(int argc, char** argv) {
   auto generate = args->GetInt("generate", 8);
   auto gen_steps = args->GetInt("gen-steps", 4);
   auto gen_size = args->GetInt("gen-size", 32);
+  auto gen_timeout = args->GetDuration("gen-timeout", absl::Minutes(10));
   for (const absl::Status& s : {levels.status(), gen_levels.status(), requests.status(),
                                 duration.status(), generate.status(), gen_steps.status(),
-                                gen_size.status()}) {
+                                gen_size.status(), gen_timeout.status()}) {
     if (!s.ok()) {
       std::cerr << "perfusion-load: " << s.message() << "\n";
       return pc::kExitUsage;
@@ -257,6 +278,18 @@ int main(int argc, char** argv) {
       std::cerr << "perfusion-load: " << flag << " must be in 1.." << INT32_MAX << "\n";
       return pc::kExitUsage;
     }
+  }
+  if (*requests < 1) {
+    std::cerr << "perfusion-load: --requests must be >= 1\n";
+    return pc::kExitUsage;
+  }
+  if (*generate < 0) {
+    std::cerr << "perfusion-load: --generate must be >= 0 (0 skips generation)\n";
+    return pc::kExitUsage;
+  }
+  if (*generate > 0 && *gen_timeout <= absl::ZeroDuration()) {
+    std::cerr << "perfusion-load: --gen-timeout must be > 0\n";
+    return pc::kExitUsage;
   }
   const bool json = output == "json";
   pc::ClientOptions o;
@@ -301,7 +334,13 @@ int main(int argc, char** argv) {
     std::cout << absl::StrFormat("%-13s %5s %8s %7s %10s %9s %9s %9s\n", "RPC", "CONC", "CALLS",
                                  "ERRORS", "CALLS/S", "P50_MS", "P90_MS", "P99_MS");
   }
+  // The first failed call decides the exit code (0 when every call succeeded).
+  absl::StatusCode first_failure = absl::StatusCode::kOk;
+  auto note_failure = [&](absl::StatusCode code) {
+    if (first_failure == absl::StatusCode::kOk) first_failure = code;
+  };
   for (const LevelResult& r : reg) {
+    if (r.errors > 0) note_failure(r.first_error_code);
     const double rps = r.seconds > 0 ? r.ok / r.seconds : 0;
     if (json) {
       out["registry"].push_back({{"rpc", r.rpc},
@@ -313,9 +352,10 @@ int main(int argc, char** argv) {
                                  {"latency_ms", ToJson(r.latency_ms)},
                                  {"first_error", r.first_error}});
     } else {
-      std::cout << absl::StrFormat("%-13s %5d %8d %7d %10.0f %9.3f %9.3f %9.3f\n", r.rpc,
-                                   r.concurrency, r.ok, r.errors, rps, r.latency_ms.p50,
-                                   r.latency_ms.p90, r.latency_ms.p99);
+      auto ms = [&](double v) { return r.latency_ms.n == 0 ? std::string("-") : absl::StrFormat("%.3f", v); };
+      std::cout << absl::StrFormat("%-13s %5d %8d %7d %10.0f %9s %9s %9s\n", r.rpc, r.concurrency, r.ok,
+                                   r.errors, rps, ms(r.latency_ms.p50), ms(r.latency_ms.p90),
+                                   ms(r.latency_ms.p99));
       if (!r.first_error.empty()) std::cout << "  first error: " << r.first_error << "\n";
     }
   }
@@ -324,7 +364,6 @@ int main(int argc, char** argv) {
   }
 
   out["generation"] = nlohmann::json::array();
-  int exit_code = 0;
   if (*generate > 0) {
     v1::GenerateRequest req;
     req.set_prompt(args->Get("prompt", "a photo of a red circle"));
@@ -341,12 +380,9 @@ int main(int argc, char** argv) {
                                    "QUEUE p50/p90/p99", "OVERHEAD p50/p90/p99");
     }
     for (int level : *gen_levels) {
-      GenResult g = RunGeneration(c, level, *generate, req);
-      if (g.ok == 0) exit_code = pc::kExitOther;
+      GenResult g = RunGeneration(c, level, *generate, req, *gen_timeout);
+      if (g.errors > 0) note_failure(g.first_error_code);
       const double ips = g.seconds > 0 ? g.images / g.seconds : 0;
-      auto trio = [](const Percentiles& p) {
-        return absl::StrFormat("%.1f/%.1f/%.1f", p.p50, p.p90, p.p99);
-      };
       if (json) {
         out["generation"].push_back({{"concurrency", g.concurrency},
                                      {"ok", g.ok},
@@ -360,12 +396,12 @@ int main(int argc, char** argv) {
                                      {"first_error", g.first_error}});
       } else {
         std::cout << absl::StrFormat("%5d %5d %6d %8.2f %21s %21s %21s %21s\n", g.concurrency,
-                                     g.ok, g.errors, ips, trio(g.e2e_ms), trio(g.compute_ms),
-                                     trio(g.queue_ms), trio(g.overhead_ms));
+                                     g.ok, g.errors, ips, Trio(g.e2e_ms), Trio(g.compute_ms),
+                                     Trio(g.queue_ms), Trio(g.overhead_ms));
         if (!g.first_error.empty()) std::cout << "  first error: " << g.first_error << "\n";
       }
     }
   }
   if (json) std::cout << out.dump(2) << "\n";
-  return exit_code;
+  return first_failure == absl::StatusCode::kOk ? 0 : pc::ExitCodeFor(first_failure);
 }

@@ -47,6 +47,24 @@ TEST_F(LoadToolTest, ReportsRegistryRatesAndGenerateOverhead) {
   EXPECT_GE(g["e2e_ms"]["p50"].get<double>(), g["compute_ms"]["p50"].get<double>());
 }
 
+// Failed calls make a failed run: the exit code is the first failure's (5 for UNAVAILABLE, here:
+// no worker for Generate), and levels with no successful call show "-" rather than 0 ms.
+TEST_F(LoadToolTest, FailedCallsGiveTheFirstFailuresExitCode) {
+  ASSERT_TRUE(cluster_.StartServer());
+  CommandResult r = RunCommand(
+      {PERFUSION_LOAD_BIN, "--server", cluster_.address(), "--token", kTokenA, "--concurrency", "1", "--requests",
+       "3", "--generate", "2", "--gen-concurrency", "1", "--gen-timeout", "20s"},
+      cluster_.dir(), absl::Minutes(2));
+  EXPECT_EQ(r.exit_code, 5) << r.out << r.err;
+  EXPECT_NE(r.out.find("-/-/-"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("first error: UNAVAILABLE"), std::string::npos) << r.out;
+  // The registry calls alone succeed: exit 0.
+  r = RunCommand({PERFUSION_LOAD_BIN, "--server", cluster_.address(), "--token", kTokenA, "--concurrency", "1",
+                  "--requests", "3", "--generate", "0"},
+                 cluster_.dir(), absl::Minutes(2));
+  EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
+}
+
 }  // namespace
 // Bad flags stop it before it connects, naming the flag (exit 2).
 TEST(LoadToolUsageTest, BadFlagsAreUsageErrors) {
@@ -54,7 +72,11 @@ TEST(LoadToolUsageTest, BadFlagsAreUsageErrors) {
   ExpectUsageErrors(PERFUSION_LOAD_BIN,
                     {{{"--output", "xml"}, "--output must be text or json"},
                      {{"--gen-size", "99999999999"}, "--gen-size must be in 1.."},
-                     {{"--gen-steps", "0"}, "--gen-steps must be in 1.."}},
+                     {{"--gen-steps", "0"}, "--gen-steps must be in 1.."},
+                     {{"--requests", "0"}, "--requests must be >= 1"},
+                     {{"--generate", "-5"}, "--generate must be >= 0"},
+                     {{"--gen-timeout", "0"}, "--gen-timeout must be > 0"},
+                     {{"--token-file", "/nonexistent/token"}, "--token-file /nonexistent/token: cannot read it"}},
                     tmp);
 }
 
