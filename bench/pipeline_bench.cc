@@ -1,17 +1,33 @@
-// End-to-end engine costs on the shipped tiny model (models/tiny; PERFUSION_TINY_MODEL overrides):
-//   BM_Generate/K: one 32x32 image, 20 DDIM steps with guidance, a prompt using K concepts (0, 1, 4):
-//                  what concepts add to generation time (their K/V edits run once per prompt).
-//   BM_PromptKV/K: the per-prompt part alone (text encoder + gates + every attn2 K/V).
-//   BM_GenerateRegions/R: BM_Generate/2 with R regional prompts side by side (0, 2, 4): each region
-//                  adds one UNet pass per image to the guided pair, so at most (2 + R) / 2 times R = 0
-//                  (measured on 1 core: 204 / 330 / 447 ms, the larger batch runs more efficiently).
+// End-to-end engine costs on the shipped tiny model (models/tiny; PERFUSION_TINY_MODEL overrides;
+// the tokenizer comes from $PERFUSION_SHARED_DIR/data/clip). One core:
+//
+//   OMP_NUM_THREADS=1 build/bench/pipeline_bench --benchmark_min_time=2
+//
+//   BM_Generate/concepts:K/global:G: one 32x32 image, 20 DDIM steps with guidance, a prompt using
+//                  K concepts (0, 1, 4) with local (G = 0) or global (G = 1, the shipped tiny model's
+//                  default, models/tiny/perfusion/inference.json) key-locking: what concepts add to
+//                  generation time (their K/V edits run once per prompt; global locking encodes the
+//                  prompt a second time for the keys). K = 0 has no edits, so it runs once (G = 0).
+//   BM_PromptKV/concepts:K/global:G: the per-prompt part alone (text encoder(s) + gates + every
+//                  attn2 K/V). 1 core: about 1.0 ms for K = 0, 2.1 ms for K = 4 local, 3.7 ms for
+//                  K = 4 global (4.2 ms before the two encodings of global locking shared one
+//                  batch): four concepts under the default (global) mode add about 2.8 ms, 1.3% of
+//                  BM_Generate's 208 ms at 20 steps and 0.9% at the API's default 30, below its
+//                  run-to-run noise (2-4%).
+//   BM_GenerateRegions/R: as BM_Generate, with a 2-concept prompt (local key-locking) and R regional
+//                  prompts side by side (0, 2, 4): each region adds one UNet pass per image to the
+//                  guided pair, so at most (2 + R) / 2 times R = 0 (the larger batch runs more
+//                  efficiently; 1 core: about 204 / 330 / 447 ms, as docs/api.md quotes).
 //   BM_TrainConcept: Perfusion training of one concept, 400 steps, batch 4, 8 images.
+// A benchmark whose model cannot be loaded skips itself with the reason (exit status 0).
 #include <ATen/Functions.h>
 #include <benchmark/benchmark.h>
 
 #include <cstdlib>
+#include <exception>
 #include <memory>
 
+#include "bench_main.h"
 #include "perfusion/image_io.h"
 #include "perfusion/pipeline.h"
 #include "perfusion/shapes_world.h"
@@ -19,34 +35,54 @@
 
 namespace perfusion {
 
-std::shared_ptr<StableDiffusion>& Model() {
-  static std::shared_ptr<StableDiffusion> m = [] {
+struct LoadedModel {
+  std::shared_ptr<StableDiffusion> model;
+  std::string error;  // why `model` is null
+};
+
+const LoadedModel& TinyModel() {
+  static const LoadedModel loaded = [] {
+    LoadedModel l;
     const char* env = std::getenv("PERFUSION_TINY_MODEL");
-    ModelDirOptions o;
-    o.tokenizer_dir = std::string(PERFUSION_SHARED_DIR) + "/data/clip";
-    return LoadModelDir(env ? env : std::string(PERFUSION_SOURCE_DIR) + "/models/tiny", o);
+    const std::string dir = (env != nullptr && *env != '\0') ? env : std::string(PERFUSION_SOURCE_DIR) + "/models/tiny";
+    try {
+      ModelDirOptions o;
+      o.tokenizer_dir = bench::SharedDir() + "/data/clip";
+      l.model = LoadModelDir(dir, o);
+    } catch (const std::exception& e) {
+      l.error = "cannot load the tiny model from " + dir + " (PERFUSION_TINY_MODEL; tokenizer from " +
+                bench::SharedDir() + "/data/clip): " + bench::ErrorText(e);
+    }
+    return l;
   }();
-  return m;
+  return loaded;
 }
 
-// K concepts shaped for the model (values do not change the cost).
-std::map<std::string, ConceptRef> Concepts(int64_t K) {
+// The tiny model, or null after skipping `state` with the load error.
+std::shared_ptr<StableDiffusion> ModelOrSkip(benchmark::State& state) {
+  const LoadedModel& l = TinyModel();
+  if (!l.model) state.SkipWithError(l.error.c_str());
+  return l.model;
+}
+
+// K concepts shaped for the model (values do not change the cost), local or global key-locking.
+std::map<std::string, ConceptRef> Concepts(const StableDiffusion& model, int64_t K, bool global_key_lock) {
   std::map<std::string, ConceptRef> out;
-  const auto layers = Model()->unet->cross_attention_layers();
+  const auto layers = model.unet->cross_attention_layers();
   at::manual_seed(1);
   for (int64_t k = 0; k < K; ++k) {
     auto c = std::make_shared<Concept>();
     c->name = "c" + std::to_string(k);
     c->superclass = "star";
-    c->superclass_token_id = *Model()->tokenizer->SingleTokenId("star");
-    c->base_model_id = Model()->model_id;
+    c->superclass_token_id = *model.tokenizer->SingleTokenId("star");
+    c->base_model_id = model.model_id;
     for (const auto& l : layers) c->layers.push_back({l.name, l.to_v->weight.size(0)});
-    const int64_t D = Model()->text_dim();
+    const int64_t D = model.text_dim();
     c->embedding = at::randn({D});
     c->i_star = at::randn({D}) * 3;
     c->i_sup = at::randn({D}) * 3;
     c->v_targets = at::randn({c->total_out_dim()});
-    out[c->name] = {c, {0.7, 0.15}, false};
+    out[c->name] = {c, {0.7, 0.15}, global_key_lock};
   }
   return out;
 }
@@ -58,19 +94,23 @@ std::string Prompt(int64_t K) {
 }
 
 void BM_Generate(benchmark::State& state) {
-  Pipeline pipe(Model());
+  const auto model = ModelOrSkip(state);
+  if (!model) return;
+  Pipeline pipe(model);
   GenerationRequest r;
   r.prompt = Prompt(state.range(0));
-  r.concepts = Concepts(state.range(0));
+  r.concepts = Concepts(*model, state.range(0), state.range(1) != 0);
   r.steps = 20;
   for (auto _ : state) benchmark::DoNotOptimize(pipe.Generate({r}));
 }
 
 void BM_GenerateRegions(benchmark::State& state) {
-  Pipeline pipe(Model());
+  const auto model = ModelOrSkip(state);
+  if (!model) return;
+  Pipeline pipe(model);
   GenerationRequest r;
   r.prompt = Prompt(2);
-  r.concepts = Concepts(2);
+  r.concepts = Concepts(*model, 2, false);
   r.steps = 20;
   const int64_t R = state.range(0);
   for (int64_t j = 0; j < R; ++j) {
@@ -81,27 +121,38 @@ void BM_GenerateRegions(benchmark::State& state) {
 }
 
 void BM_PromptKV(benchmark::State& state) {
-  Pipeline pipe(Model());
-  auto concepts = Concepts(state.range(0));
+  const auto model = ModelOrSkip(state);
+  if (!model) return;
+  Pipeline pipe(model);
+  auto concepts = Concepts(*model, state.range(0), state.range(1) != 0);
   const std::string prompt = Prompt(state.range(0));
   for (auto _ : state) benchmark::DoNotOptimize(pipe.PromptKV(prompt, concepts));
 }
 
 void BM_TrainConcept(benchmark::State& state) {
+  const auto model = ModelOrSkip(state);
+  if (!model) return;
   std::vector<at::Tensor> images;
   for (const auto& s : RenderConcept(FindConcept("checker_star"), 8, 1, 32)) images.push_back(ImageToTensor(s.image));
   TrainOptions o;
   o.name = "bench";
   o.superclass = "star";
   o.steps = 400;
-  for (auto _ : state) benchmark::DoNotOptimize(TrainConcept(*Model(), images, o));
+  for (auto _ : state) benchmark::DoNotOptimize(TrainConcept(*model, images, o));
 }
 
-BENCHMARK(BM_Generate)->Arg(0)->Arg(1)->Arg(4)->Unit(benchmark::kMillisecond)->MinTime(2);
-BENCHMARK(BM_GenerateRegions)->Arg(0)->Arg(2)->Arg(4)->Unit(benchmark::kMillisecond)->MinTime(2);
-BENCHMARK(BM_PromptKV)->Arg(0)->Arg(1)->Arg(4)->Unit(benchmark::kMillisecond);
+// {concepts, global}: 0 concepts once (no edits, so the key-locking mode does not apply), then each
+// count under both modes.
+void ConceptArgs(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"concepts", "global"})->Args({0, 0});
+  for (int64_t k : {1, 4}) b->Args({k, 0})->Args({k, 1});
+}
+
+BENCHMARK(BM_Generate)->Apply(ConceptArgs)->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_GenerateRegions)->Arg(0)->Arg(2)->Arg(4)->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_PromptKV)->Apply(ConceptArgs)->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_TrainConcept)->Unit(benchmark::kSecond)->Iterations(1);
 
 }  // namespace perfusion
 
-BENCHMARK_MAIN();
+int main(int argc, char** argv) { return perfusion::bench::Main(argc, argv); }

@@ -1,16 +1,18 @@
 // Cost of encoding one prompt with the CLIP text encoder (random weights), under InferenceMode:
 //
-//   build/bench/text_encoder_bench --benchmark_min_time=0.5
+//   OMP_NUM_THREADS=1 build/bench/text_encoder_bench --benchmark_min_time=0.5
 //
 // BM_Sd15TextEncoder/B: the SD 1.5 config (768 wide, 12 layers, 77 tokens), batch B (1 = one prompt,
 // 2 = a prompt and the unconditional prompt for classifier-free guidance).
 // BM_Sd15TextEncoderEmbeds: the concept path (forward_embeds on token embeddings with a substituted
 // vector), batch 1. BM_TinyTextEncoder: the conformance-size model (32 wide, 2 layers), batch 1.
-// Threads: LibTorch's intra-op pool (OMP_NUM_THREADS).
+// Threads: LibTorch's intra-op pool (OMP_NUM_THREADS, or --torch_threads=N); the run's header states
+// it (torch_threads). Random weights: no shared data needed.
 #include <ATen/Functions.h>
 #include <benchmark/benchmark.h>
 #include <c10/core/InferenceMode.h>
 
+#include "bench_main.h"
 #include "perfusion/clip_text.h"
 
 namespace perfusion {
@@ -65,4 +67,4 @@ BENCHMARK(BM_TinyTextEncoder)->Unit(benchmark::kMicrosecond);
 }  // namespace
 }  // namespace perfusion
 
-BENCHMARK_MAIN();
+int main(int argc, char** argv) { return perfusion::bench::Main(argc, argv); }
