@@ -175,13 +175,28 @@ Pipeline::EditedPrompt Pipeline::PrepareEdits(const std::string& prompt,
   }
   const at::Tensor table = model_->text_encoder->token_embedding_weight();
   const at::Tensor concept_vectors = at::stack(vecs).to(table.device(), table.scalar_type());
-  e.X = model_->text_encoder->forward_embeds(EmbedWithConcepts(table, ids_tensor(t.ids), concept_vectors));
-  e.Xk = e.X;
-  if (any_global) e.Xk = model_->text_encoder->forward_embeds(EmbedWithConcepts(table, ids_tensor(key_ids), concept_vectors));
   e.I = at::stack(istar).to(dev);
   e.Isup = at::stack(isup).to(dev, at::kFloat);
-  e.g = ComputeConceptGates(e.X, e.I, model_->c_inv, gates, mode);
-  e.gk = any_global ? ComputeConceptGates(e.Xk, e.I, model_->c_inv, gates, mode) : e.g;
+  const at::Tensor embeds = EmbedWithConcepts(table, ids_tensor(t.ids), concept_vectors);
+  if (!any_global) {
+    e.X = model_->text_encoder->forward_embeds(embeds);
+    e.Xk = e.X;
+    e.g = ComputeConceptGates(e.X, e.I, model_->c_inv, gates, mode);
+    e.gk = e.g;
+    return e;
+  }
+  // Global key-locking encodes the prompt twice (as written, and with the superclass word for the
+  // keys): one batch of two through the encoder and the gates, half the fixed cost of two calls.
+  const at::Tensor both = model_->text_encoder->forward_embeds(
+      at::cat({embeds, EmbedWithConcepts(table, ids_tensor(key_ids), concept_vectors)}));
+  e.X = both.slice(0, 0, 1);
+  e.Xk = both.slice(0, 1, 2);
+  const ConceptGates g2 = ComputeConceptGates(both, e.I, model_->c_inv, gates, mode);
+  auto half = [&](int64_t b) {
+    return ConceptGates{g2.erase.slice(0, b, b + 1), g2.alpha.slice(0, b, b + 1), g2.gate.slice(0, b, b + 1)};
+  };
+  e.g = half(0);
+  e.gk = half(1);
   return e;
 }
 
