@@ -48,6 +48,17 @@ GenerationCallbacks MakeCallbacks(
   return cb;
 }
 
+// The RPC's cancellation hook: the item leaves the queue (or its worker is told to stop). gRPC
+// cancels a call whose deadline passed the same way as one the client abandoned; the two are
+// told apart by the clock, so the first is counted as outcome "deadline" (which alerts watch).
+std::function<void()> CancelHook(Scheduler* scheduler, std::string gen_id, absl::Time deadline) {
+  return [scheduler, gen_id = std::move(gen_id), deadline] {
+    // gRPC's timer and absl::Now() may disagree by a little: a cancel that close is the deadline's.
+    const bool deadline_passed = absl::Now() + absl::Milliseconds(100) >= deadline;
+    scheduler->CancelGeneration(gen_id, deadline_passed);
+  };
+}
+
 class GenerateReactor final : public DeferredUnaryReactor<GenerationResult> {
  public:
   GenerateReactor(ServiceContext* c, grpc::CallbackServerContext* ctx,
@@ -74,9 +85,7 @@ class GenerateReactor final : public DeferredUnaryReactor<GenerationResult> {
       Ready(nullptr);
       return;
     }
-    Scheduler* scheduler = c->scheduler;
-    std::string gen_id = *id;
-    Ready([scheduler, gen_id] { scheduler->CancelGeneration(gen_id); });  // last statement
+    Ready(CancelHook(c->scheduler, *id, prepared->deadline));  // last statement
   }
 
  private:
@@ -123,9 +132,7 @@ class GenerateStreamReactor final : public StreamWriterReactor<v1::GenerateEvent
       Ready(nullptr, nullptr);
       return;
     }
-    Scheduler* scheduler = c->scheduler;
-    std::string gen_id = *id;
-    Ready([scheduler, gen_id] { scheduler->CancelGeneration(gen_id); }, nullptr);
+    Ready(CancelHook(c->scheduler, *id, prepared->deadline), nullptr);
   }
 };
 

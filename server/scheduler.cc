@@ -604,11 +604,16 @@ void Scheduler::FinishGenLocked(std::string id, absl::StatusOr<GenerationResult>
   UpdateGaugesLocked();
 }
 
-void Scheduler::CancelGeneration(const std::string& id) {
+void Scheduler::CancelGeneration(const std::string& id, bool deadline_passed) {
   Pending pending;
   {
     absl::MutexLock lock(&mu_);
-    FinishGenLocked(id, absl::CancelledError("cancelled by the client"), "cancelled", pending);
+    if (deadline_passed) {
+      FinishGenLocked(id, absl::DeadlineExceededError("the call's deadline passed before the generation finished"),
+                      "deadline", pending);
+    } else {
+      FinishGenLocked(id, absl::CancelledError("cancelled by the client"), "cancelled", pending);
+    }
   }
   Run(pending);
 }

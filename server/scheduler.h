@@ -183,8 +183,9 @@ class Scheduler {
   absl::StatusOr<std::string> SubmitGeneration(const std::string& tenant, GenerationSpec spec,
                                                absl::Time deadline, GenerationCallbacks callbacks);
   // The client went away: drop the item (a running one is cancelled through its heartbeat).
-  // on_done is called with CANCELLED unless it was already called.
-  void CancelGeneration(const std::string& id);
+  // on_done is called with CANCELLED (DEADLINE_EXCEEDED, outcome "deadline", when the call ended
+  // because its deadline passed) unless it was already called.
+  void CancelGeneration(const std::string& id, bool deadline_passed = false);
 
   // ---- workers ----
   // FAILED_PRECONDITION when base_model_id differs from the server's. Returns the worker id.

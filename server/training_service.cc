@@ -176,6 +176,11 @@ class WatchReactor final : public StreamWriterReactor<v1::TrainingJobEvent> {
       Ready(nullptr, nullptr);
       return;
     }
+    if (req->id().empty()) {  // as GetTrainingJob and CancelTrainingJob
+      Close(s, ToGrpcStatus(absl::InvalidArgumentError("id: empty")));
+      Ready(nullptr, nullptr);
+      return;
+    }
     auto id = c->scheduler->Watch(*tenant, req->id(), [s](const absl::StatusOr<JobView>& v) {
       if (!v.ok()) {
         Close(s, ToGrpcStatus(v.status()));

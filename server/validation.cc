@@ -251,7 +251,7 @@ absl::Status ValidateLabels(const Labels& labels, absl::string_view field) {
     if (!ok) {
       return Invalid(field, absl::StrCat("key \"", k, "\" must match [a-z0-9][a-z0-9_./-]{0,62}"));
     }
-    if (v.size() > 256 || !Printable(v)) {
+    if (Utf8Chars(v) > 256 || !Printable(v)) {
       return Invalid(absl::StrCat(field, "[", k, "]"),
                      "value must be up to 256 printable characters");
     }
@@ -409,6 +409,21 @@ absl::StatusOr<std::vector<ConceptRef>> ParsePromptReferences(absl::string_view 
   return refs;
 }
 
+namespace {
+
+// An enum value this server does not know (a typo, a newer client's mode) is refused: the worker
+// would otherwise read it as local key-locking, over the model's own default.
+absl::Status CheckKeyLock(absl::string_view field, KeyLock mode) {
+  const int v = static_cast<int>(mode);
+  if (v < 0 || v > 2) {
+    return Invalid(field, absl::StrCat(v, " is not one of KEY_LOCK_UNSPECIFIED (0), KEY_LOCK_LOCAL (1), "
+                                          "KEY_LOCK_GLOBAL (2)"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
 absl::StatusOr<std::vector<ConceptRef>> ValidateGenerationRequest(GenerationRequest& r,
                                                                   const ValidationLimits& limits) {
   if (r.prompt.empty()) return Invalid("prompt", "empty");
@@ -479,6 +494,7 @@ absl::StatusOr<std::vector<ConceptRef>> ValidateGenerationRequest(GenerationRequ
   if (!r.sampler.empty() && r.sampler != "ddim" && r.sampler != "euler") {
     return Invalid("sampler", absl::StrCat("\"", r.sampler, "\" is not one of ddim, euler"));
   }
+  if (auto st = CheckKeyLock("key_lock", r.key_lock); !st.ok()) return st;
   if (!r.beta) r.beta = limits.default_beta;
   if (!r.tau) r.tau = limits.default_tau;
   if (auto s = CheckRange("beta", *r.beta, 0, 1, false); !s.ok()) return s;
@@ -506,6 +522,7 @@ absl::StatusOr<std::vector<ConceptRef>> ValidateGenerationRequest(GenerationRequ
     if (c.tau) {
       if (auto s = CheckRange(absl::StrCat(field, ".tau"), *c.tau, 0, 1, true); !s.ok()) return s;
     }
+    if (auto s = CheckKeyLock(absl::StrCat(field, ".key_lock"), c.key_lock); !s.ok()) return s;
   }
   return refs;
 }

@@ -37,6 +37,7 @@ namespace {
 
 using ::testing::Contains;
 using ::testing::HasSubstr;
+using ::testing::Not;
 using testing::HttpGet;
 using testing::IsOk;
 using testing::StatusIs;
@@ -416,6 +417,29 @@ TEST_F(ServerTest, InvalidArgumentCarriesAGoogleRpcBadRequestNamingTheField) {
   ASSERT_TRUE(details.details(0).UnpackTo(&bad));
   ASSERT_EQ(bad.field_violations_size(), 1);
   EXPECT_EQ(bad.field_violations(0).field(), "labels[app.kubernetes.io/team-a]");
+  // A value's limit is 256 characters, not bytes: 256 two-byte letters pass, 257 do not.
+  std::string e_acute;
+  for (int i = 0; i < 256; ++i) e_acute += "\xc3\xa9";
+  job = Job("teddy");
+  (*job.mutable_labels())["team"] = e_acute;
+  EXPECT_TRUE(training_->CreateTrainingJob(Ctx("acme-token").get(), job, &out).ok());
+  job = Job("teddy2");
+  (*job.mutable_labels())["team"] = e_acute + "e";
+  s = training_->CreateTrainingJob(Ctx("acme-token").get(), job, &out);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(s.error_message(), HasSubstr("labels[team]"));
+  // An empty id is INVALID_ARGUMENT for WatchTrainingJob too, as for Get and Cancel.
+  {
+    auto ctx = Ctx();
+    v1::WatchTrainingJobRequest wr;
+    auto reader = training_->WatchTrainingJob(ctx.get(), wr);
+    v1::TrainingJobEvent ev;
+    while (reader->Read(&ev)) {
+    }
+    s = reader->Finish();
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << s.error_message();
+    EXPECT_THAT(s.error_message(), HasSubstr("id: empty"));
+  }
   // Other codes carry no details.
   v1::GetTrainingJobRequest get;
   get.set_id("job_0000000000000000");
@@ -935,6 +959,26 @@ TEST_F(ServerTest, ClientDeadlineRemovesTheQueuedGeneration) {
               StatusIs(absl::StatusCode::kDeadlineExceeded));
   EXPECT_TRUE(Eventually([&] { return server_->scheduler()->GenerationsInFlight() == 0; }));
   EXPECT_FALSE(Lease(w).has_generation());
+  // Counted as a missed deadline (which the failure alert watches), not as a client's cancel.
+  const std::string body = HttpGet(server_->metrics_port(), "/metrics");
+  EXPECT_THAT(body, HasSubstr("perfusion_generate_requests_total{outcome=\"deadline\"} 1"));
+  EXPECT_THAT(body, Not(HasSubstr("perfusion_generate_requests_total{outcome=\"cancelled\"} 1")));
+}
+
+// An enum value the server does not know is refused, naming the field: the worker would read it
+// as local key-locking, over the model's default.
+TEST_F(ServerTest, UnknownKeyLockModesAreInvalidArgument) {
+  ASSERT_THAT(Import(testing::MakeConceptBlob("tiny", "teddy", "toy")), IsOk());
+  RegisterWorker(/*training=*/false, /*generation=*/true);
+  v1::GenerateRequest r;
+  r.set_prompt("a <teddy>");
+  r.set_key_lock(static_cast<v1::KeyLockMode>(7));
+  EXPECT_THAT(Generate(r), StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("key_lock: 7 is not one of")));
+  r.set_key_lock(v1::KEY_LOCK_GLOBAL);
+  auto* c = r.add_concepts();
+  c->set_name("teddy");
+  c->set_key_lock(static_cast<v1::KeyLockMode>(-1));
+  EXPECT_THAT(Generate(r), StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("concepts[0].key_lock: -1")));
 }
 
 TEST_F(ServerTest, RestartKeepsAcknowledgedJobsAndConcepts) {
