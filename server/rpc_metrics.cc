@@ -1,8 +1,12 @@
 #include "server/rpc_metrics.h"
 
+#include <google/protobuf/descriptor.h>
+
+#include <set>
 #include <string>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 
 namespace perfusion::server {
@@ -22,13 +26,19 @@ const char* TypeName(grpc::experimental::ServerRpcInfo::Type t) {
 
 class RpcMetricsInterceptor final : public grpc::experimental::Interceptor {
  public:
-  RpcMetricsInterceptor(grpc::experimental::ServerRpcInfo* info, ServerMetrics* m)
+  RpcMetricsInterceptor(grpc::experimental::ServerRpcInfo* info, ServerMetrics* m,
+                        const std::set<std::string>& known)
       : start_(absl::Now()) {
-    // "/perfusion.v1.TrainingService/CreateTrainingJob"
+    // "/perfusion.v1.TrainingService/CreateTrainingJob". The path is whatever the client sent, and
+    // gRPC runs interceptors for unknown methods too: only a method this server serves gets its
+    // own labels, or any caller could create label series without end.
     std::string full = info->method() ? info->method() : "";
-    size_t slash = full.rfind('/');
-    std::string service = slash == std::string::npos ? "unknown" : full.substr(1, slash - 1);
-    std::string method = slash == std::string::npos ? full : full.substr(slash + 1);
+    std::string service = "unknown", method = "unknown";
+    const size_t slash = full.rfind('/');
+    if (slash != std::string::npos && slash > 0 && known.count(full)) {
+      service = full.substr(1, slash - 1);
+      method = full.substr(slash + 1);
+    }
     labels_ = {service, method, TypeName(info->type())};
     handled_ = m->rpc_handled;
     seconds_ = &m->rpc_seconds->WithLabels(labels_);
@@ -55,32 +65,25 @@ class RpcMetricsInterceptor final : public grpc::experimental::Interceptor {
 
 }  // namespace
 
-const char* GrpcCodeName(grpc::StatusCode code) {
-  switch (code) {
-    case grpc::StatusCode::OK: return "OK";
-    case grpc::StatusCode::CANCELLED: return "Canceled";
-    case grpc::StatusCode::UNKNOWN: return "Unknown";
-    case grpc::StatusCode::INVALID_ARGUMENT: return "InvalidArgument";
-    case grpc::StatusCode::DEADLINE_EXCEEDED: return "DeadlineExceeded";
-    case grpc::StatusCode::NOT_FOUND: return "NotFound";
-    case grpc::StatusCode::ALREADY_EXISTS: return "AlreadyExists";
-    case grpc::StatusCode::PERMISSION_DENIED: return "PermissionDenied";
-    case grpc::StatusCode::RESOURCE_EXHAUSTED: return "ResourceExhausted";
-    case grpc::StatusCode::FAILED_PRECONDITION: return "FailedPrecondition";
-    case grpc::StatusCode::ABORTED: return "Aborted";
-    case grpc::StatusCode::OUT_OF_RANGE: return "OutOfRange";
-    case grpc::StatusCode::UNIMPLEMENTED: return "Unimplemented";
-    case grpc::StatusCode::INTERNAL: return "Internal";
-    case grpc::StatusCode::UNAVAILABLE: return "Unavailable";
-    case grpc::StatusCode::DATA_LOSS: return "DataLoss";
-    case grpc::StatusCode::UNAUTHENTICATED: return "Unauthenticated";
-    default: return "Unknown";
+RpcMetricsInterceptorFactory::RpcMetricsInterceptorFactory(ServerMetrics* metrics,
+                                                           const std::vector<std::string>& services)
+    : metrics_(metrics) {
+  for (const std::string& name : services) {
+    const google::protobuf::ServiceDescriptor* d =
+        google::protobuf::DescriptorPool::generated_pool()->FindServiceByName(name);
+    if (d == nullptr) continue;
+    for (int i = 0; i < d->method_count(); ++i) known_.insert(absl::StrCat("/", name, "/", d->method(i)->name()));
+  }
+  // gRPC's own services, whose descriptors may not be in this binary's pool.
+  for (const char* m : {"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch",
+                        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"}) {
+    known_.insert(m);
   }
 }
 
 grpc::experimental::Interceptor* RpcMetricsInterceptorFactory::CreateServerInterceptor(
     grpc::experimental::ServerRpcInfo* info) {
-  return new RpcMetricsInterceptor(info, metrics_);
+  return new RpcMetricsInterceptor(info, metrics_, known_);
 }
 
 }  // namespace perfusion::server

@@ -9,23 +9,28 @@
 
 #include <grpcpp/support/server_interceptor.h>
 
+#include <set>
+#include <string>
+#include <vector>
+
+#include "server/grpc_code_name.h"
 #include "server/server_metrics.h"
 
 namespace perfusion::server {
 
-// go-grpc-prometheus's name for a status code.
-const char* GrpcCodeName(grpc::StatusCode code);
-
 class RpcMetricsInterceptorFactory final
     : public grpc::experimental::ServerInterceptorFactoryInterface {
  public:
-  // `metrics` must outlive the server.
-  explicit RpcMetricsInterceptorFactory(ServerMetrics* metrics) : metrics_(metrics) {}
+  // `metrics` must outlive the server. `services`: the full names of the services the server
+  // registers ("perfusion.v1.TrainingService"); their methods, and gRPC's health and reflection,
+  // are labelled by name. Any other path (a client may send any) is labelled "unknown".
+  RpcMetricsInterceptorFactory(ServerMetrics* metrics, const std::vector<std::string>& services);
   grpc::experimental::Interceptor* CreateServerInterceptor(
       grpc::experimental::ServerRpcInfo* info) override;
 
  private:
   ServerMetrics* const metrics_;
+  std::set<std::string> known_;  // "/service/Method"
 };
 
 }  // namespace perfusion::server

@@ -148,7 +148,11 @@ absl::StatusOr<std::unique_ptr<PerfusionServer>> PerfusionServer::Start(ServerOp
   builder.RegisterService(s->generation_service_.get());
   builder.RegisterService(s->worker_service_.get());
   std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> creators;
-  creators.push_back(std::make_unique<RpcMetricsInterceptorFactory>(s->metrics_.get()));
+  creators.push_back(std::make_unique<RpcMetricsInterceptorFactory>(
+      s->metrics_.get(), std::vector<std::string>{v1::TrainingService::service_full_name(),
+                                                  v1::ConceptService::service_full_name(),
+                                                  v1::GenerationService::service_full_name(),
+                                                  v1::WorkerService::service_full_name()}));
   builder.experimental().SetInterceptorCreators(std::move(creators));
   s->server_ = builder.BuildAndStart();
   if (!s->server_ || s->port_ == 0) {

@@ -965,6 +965,32 @@ TEST_F(ServerTest, ClientDeadlineRemovesTheQueuedGeneration) {
   EXPECT_THAT(body, Not(HasSubstr("perfusion_generate_requests_total{outcome=\"cancelled\"} 1")));
 }
 
+// The RPC metrics' method labels come from the path the client sends; a path this server does not
+// serve is labelled "unknown", so callers cannot create label series without end.
+TEST_F(ServerTest, UnknownMethodsShareOneMetricsLabel) {
+  grpc::GenericStub stub(channel_);
+  for (int i = 0; i < 3; ++i) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(10)));
+    grpc::Slice empty(std::string{});
+    grpc::ByteBuffer request(&empty, 1), response;
+    std::promise<grpc::Status> done;
+    stub.UnaryCall(&ctx, absl::StrCat("/evil.Service/Method", i), grpc::StubOptions(), &request, &response,
+                   [&](grpc::Status s) { done.set_value(s); });
+    EXPECT_EQ(done.get_future().get().error_code(), grpc::StatusCode::UNIMPLEMENTED);
+  }
+  const std::string body = HttpGet(server_->metrics_port(), "/metrics");
+  EXPECT_THAT(body, Not(HasSubstr("evil")));
+  EXPECT_THAT(body, HasSubstr("grpc_server_handled_total{grpc_service=\"unknown\",grpc_method=\"unknown\","
+                              "grpc_type=\"bidi_stream\",grpc_code=\"Unimplemented\"} 3"));
+  // (gRPC serves an unknown method as a bidi stream.) Served methods keep their names, gRPC's own
+  // health service too.
+  ExpectHealthy();
+  const std::string after = HttpGet(server_->metrics_port(), "/metrics");
+  EXPECT_THAT(after, HasSubstr("grpc_method=\"ListTrainingJobs\""));
+  EXPECT_THAT(after, HasSubstr("grpc_service=\"grpc.health.v1.Health\",grpc_method=\"Check\""));
+}
+
 // An enum value the server does not know is refused, naming the field: the worker would read it
 // as local key-locking, over the model's default.
 TEST_F(ServerTest, UnknownKeyLockModesAreInvalidArgument) {
