@@ -123,7 +123,11 @@ absl::Status Scheduler::Load() {
       }
       j.update_time = now;
       RETURN_IF_ERROR(store_->UpdateJob(j));
-      if (IsFinal(j.state)) continue;
+      if (IsFinal(j.state)) {
+        CountOutcome(j.state);  // as every other path that ends a job
+        LogJobFinished(j);
+        continue;
+      }
     }
     if (j.state == JobState::kQueued) {
       queue_.insert(KeyOf(j));
@@ -586,7 +590,15 @@ void Scheduler::FinishGenLocked(std::string id, absl::StatusOr<GenerationResult>
     if (result.ok()) {
       metrics_->generate_compute_seconds->Observe(
           absl::ToDoubleSeconds(result->compute_duration));
+    }
+    // Latency counts every request the service ended, failed or late ones too (leaving those out
+    // made the latency alert improve just as clients started timing out); a client's own cancel
+    // says nothing about the service's speed.
+    if (absl::string_view(outcome) != "cancelled") {
       metrics_->generate_seconds->Observe(absl::ToDoubleSeconds(now - g.submitted));
+      if (g.leased == absl::InfinitePast()) {  // it never left the queue
+        metrics_->generate_queue_seconds->Observe(absl::ToDoubleSeconds(now - g.submitted));
+      }
     }
   }
   LogEvent("generation_finished",
@@ -669,7 +681,9 @@ std::optional<WorkItem> Scheduler::GrantLocked(const Worker& worker, Pending& ou
     Lease l{NewId("lease_"), false, id, worker.id, now + options_.lease_duration, now, false};
     leases_[l.id] = l;
     g.lease_id = l.id;
-    if (g.attempts == 0 && metrics_) {
+    // The first lease only: a returned lease gives its attempt back, and attempts == 0 again
+    // would count the wait twice.
+    if (g.leased == absl::InfinitePast() && metrics_) {
       metrics_->generate_queue_seconds->Observe(absl::ToDoubleSeconds(now - g.submitted));
     }
     if (g.leased == absl::InfinitePast()) g.leased = now;
@@ -1027,9 +1041,12 @@ absl::Status Scheduler::FailWork(const std::string& lease_id, const absl::Status
         NotifyGenQueueLocked(pending);
         DispatchLocked(pending);
       } else {
-        FinishGenLocked(g.id, error,
-                        error.code() == absl::StatusCode::kCancelled ? "cancelled" : "failed",
-                        pending);
+        // A worker that saw the deadline pass reports DEADLINE_EXCEEDED: counted as the RPC
+        // path counts it, so the failure alert (failed|deadline) sees it.
+        const char* outcome = error.code() == absl::StatusCode::kCancelled          ? "cancelled"
+                              : error.code() == absl::StatusCode::kDeadlineExceeded ? "deadline"
+                                                                                    : "failed";
+        FinishGenLocked(g.id, error, outcome, pending);
       }
     }
     UpdateGaugesLocked();
@@ -1109,7 +1126,6 @@ void Scheduler::Tick() {
       }
       if (l.training) {
         JobRecord rec = active_[l.item_id].rec;
-        if (metrics_) metrics_->lease_expirations->Inc();
         const bool requeue = ExpireLeaseLocked(rec);
         LogEvent("lease_expired", {{"job", rec.id},
                                    {"lease", l.id},
@@ -1118,8 +1134,9 @@ void Scheduler::Tick() {
                                    {"requeued", requeue ? "true" : "false"}});
         if (absl::Status s = SaveLeftJobLocked(rec, requeue, pending); !s.ok()) {
           LogEvent("store_error", {{"job", rec.id}, {"error", std::string(s.message())}});
-          continue;  // try again on the next tick
+          continue;  // try again on the next tick (and count the expiry then, once)
         }
+        if (metrics_) metrics_->lease_expirations->Inc();
         leases_.erase(l.id);
       } else {
         GenItem& g = gen_items_[l.item_id];
@@ -1354,7 +1371,10 @@ std::optional<WorkItem> Scheduler::GrantSharedTrainingLocked(const Worker& worke
   }
   JobRecord rec = **std::move(leased);
   queue_.erase(KeyOf(rec));
-  if (rec.attempts == 1 && metrics_) {
+  // The wait before the job's first lease only: a returned lease gives its attempt back, so
+  // attempts == 1 again would count one job twice (with the first run's time in the wait).
+  // (Stores keep microseconds: "started by this grant" allows for the rounding.)
+  if (rec.start_time > grant.now - absl::Milliseconds(1) && metrics_) {
     metrics_->training_queue_wait->Observe(absl::ToDoubleSeconds(now - rec.create_time));
   }
   SharedJobChangedLocked(rec, out);

@@ -43,10 +43,13 @@ std::unique_ptr<ServerMetrics> ServerMetrics::Create(metrics::Registry& r) {
   m->generate_requests_total = &r.AddCounter("perfusion_generate_requests_total",
                                              "Generation requests that ended, by outcome.",
                                              {"outcome"});
-  const std::vector<double> gen_buckets = {0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128};
+  // Up to --max_generation_seconds' default (600 s) and beyond: a p99 must not stop at the last
+  // bucket just when generations are slowest.
+  const std::vector<double> gen_buckets = {0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024};
   m->generate_queue_seconds =
       &r.AddHistogram("perfusion_generate_queue_duration_seconds",
-                      "Time a generation request waited for a worker, in seconds.", {},
+                      "Time a generation request waited for a worker (or, never leased, until it ended; "
+                      "client cancels left out), in seconds.", {},
                       gen_buckets)
            .WithLabels({});
   m->generate_compute_seconds =
@@ -55,7 +58,8 @@ std::unique_ptr<ServerMetrics> ServerMetrics::Create(metrics::Registry& r) {
            .WithLabels({});
   m->generate_seconds =
       &r.AddHistogram("perfusion_generate_duration_seconds",
-                      "Submission to result of a generation request, in seconds.", {},
+                      "Submission to the end of a generation request, any outcome but a client's "
+                      "cancel, in seconds.", {},
                       gen_buckets)
            .WithLabels({});
   m->generate_concepts = &r.AddHistogram("perfusion_generate_concepts_per_request",

@@ -12,6 +12,7 @@
 #include "absl/strings/str_replace.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
+#include "server/grpc_code_name.h"
 #include "server/log.h"
 
 namespace perfusion::worker {
@@ -41,6 +42,7 @@ absl::Status FromGrpc(const grpc::Status& s) {
   return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
 }
 
+// The code's name in log lines ("UNAVAILABLE"); metrics use GrpcCodeName, as the server's do.
 std::string CodeName(grpc::StatusCode code) {
   return absl::StatusCodeToString(static_cast<absl::StatusCode>(code));
 }
@@ -254,7 +256,7 @@ void Agent::PrepareContext(grpc::ClientContext* ctx, absl::Duration timeout) con
 
 void Agent::CountError(const char* method, const grpc::Status& s) {
   if (metrics_ != nullptr) {
-    metrics_->server_errors->WithLabels({method, CodeName(s.error_code())}).Inc();
+    metrics_->server_errors->WithLabels({method, server::GrpcCodeName(s.error_code())}).Inc();
   }
 }
 
