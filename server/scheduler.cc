@@ -342,11 +342,14 @@ absl::StatusOr<JobView> Scheduler::SubmitTraining(const std::string& tenant,
       return absl::ResourceExhaustedError(absl::StrCat(
           "training queue full (", queue_.size(), " jobs queued); retry later"));
     }
+    // Each active job stores one concept when it succeeds, and a completed training is never thrown
+    // away for the quota: so the jobs in flight count against it already, or a tenant at its
+    // limit could still queue tenant_max_jobs more concepts.
     ASSIGN_OR_RETURN(int64_t concepts, store_->CountConcepts(tenant));
-    if (concepts >= options_.tenant_max_concepts) {
-      return absl::ResourceExhaustedError(
-          absl::StrCat("tenant quota: ", concepts, " concepts stored (limit ",
-                       options_.tenant_max_concepts, "); delete some first"));
+    if (concepts + active >= options_.tenant_max_concepts) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "tenant quota: ", concepts, " concepts stored", active > 0 ? absl::StrCat(" and ", active, " in training") : "",
+          " (limit ", options_.tenant_max_concepts, "); delete some first"));
     }
     JobRecord j;
     j.id = NewId("job_");

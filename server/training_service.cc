@@ -97,11 +97,15 @@ class UploadReactor final : public grpc::ServerReadReactor<v1::UploadTrainingJob
       request_ = FromProto(std::move(*job));
       count_ = msg_.header().image_count();
       RETURN_IF_ERROR(ValidateImageCount(count_, c_->limits, "header.image_count"));
-      RETURN_IF_ERROR(ValidateTrainingRequest(request_, c_->limits, c_->vocab,
-                                              /*check_image_count=*/false));
-      RETURN_IF_ERROR(ValidateCaptions(request_.options.captions, count_, request_.concept_name,
-                                       request_.superclass));
-      return absl::OkStatus();
+      // Field paths of this stream's message: the job sits in header.job.
+      absl::Status s = ValidateTrainingRequest(request_, c_->limits, c_->vocab, /*check_image_count=*/false);
+      if (s.ok()) {
+        s = ValidateCaptions(request_.options.captions, count_, request_.concept_name, request_.superclass);
+      }
+      if (s.code() == absl::StatusCode::kInvalidArgument) {
+        return absl::InvalidArgumentError(absl::StrCat("header.job.", s.message()));
+      }
+      return s;
     }
     if (!msg_.has_chunk()) return absl::InvalidArgumentError("part: neither header nor chunk");
     if (!have_header_) return absl::InvalidArgumentError("header: must come first");

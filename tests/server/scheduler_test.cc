@@ -247,6 +247,31 @@ TEST_F(SchedulerTest, TenantQuotaAndQueueBoundAreResourceExhausted) {
               StatusIs(absl::StatusCode::kResourceExhausted, HasSubstr("queue full")));
 }
 
+// Jobs in training count against the concept quota: each stores a concept when it succeeds, and
+// a finished training is never thrown away, so without this a tenant at its limit could still
+// queue tenant_max_jobs more concepts.
+TEST_F(SchedulerTest, JobsInTrainingCountAgainstTheConceptQuota) {
+  options_.tenant_max_concepts = 2;
+  Reset();
+  Submit("a");
+  const std::string b = Submit("b");
+  EXPECT_THAT(scheduler_->SubmitTraining("acme", Request("c")),
+              StatusIs(absl::StatusCode::kResourceExhausted,
+                       HasSubstr("tenant quota: 0 concepts stored and 2 in training (limit 2)")));
+  // Another tenant has its own quota.
+  Submit("c", 0, "globex");
+  // A job that ends without a concept frees its place.
+  ASSERT_THAT(scheduler_->CancelJob("acme", b), IsOk());
+  const std::string w = Worker();
+  auto item = Lease(w);
+  ASSERT_TRUE(item.has_value() && item->training.has_value());
+  ASSERT_THAT(scheduler_->CompleteTraining(item->lease_id, testing::MakeConceptBlob("tiny", "a", "toy"), 0.05f, 50),
+              IsOk());
+  Submit("d");  // 1 stored + 1 in training = 2
+  EXPECT_THAT(scheduler_->SubmitTraining("acme", Request("e")),
+              StatusIs(absl::StatusCode::kResourceExhausted, HasSubstr("1 concepts stored and 1 in training")));
+}
+
 TEST_F(SchedulerTest, WatchDeliversEventsUntilTheFinalOne) {
   std::string id = Submit("teddy");
   std::vector<JobState> states;

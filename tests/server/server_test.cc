@@ -802,6 +802,18 @@ TEST_F(ServerTest, UploadTrainingJobStreamsImagesInChunks) {
   bad->WritesDone();
   EXPECT_THAT(bad->Finish(), StatusIs(kInvalid, HasSubstr("chunk.image_index: 2 out of order")));
 
+  // A header's job is checked as CreateTrainingJob's request, its fields named where they sit in
+  // this stream's message.
+  {
+    auto ctx4 = Ctx();
+    auto header_bad = training_->UploadTrainingJob(ctx4.get(), &job);
+    v1::UploadTrainingJobRequest h = msg;
+    h.mutable_header()->mutable_job()->mutable_options()->set_steps(0);
+    header_bad->Write(h);
+    header_bad->WritesDone();
+    EXPECT_THAT(header_bad->Finish(), StatusIs(kInvalid, HasSubstr("header.job.options.steps: 0")));
+  }
+
   // A negative index before the first image once passed the order check as "the current image"
   // and appended to an image that did not exist: one message crashed the server.
   for (int index : {-1, -7}) {
