@@ -86,17 +86,7 @@ absl::StatusOr<std::unique_ptr<PerfusionServer>> PerfusionServer::Start(ServerOp
   {
     Store* store = s->store_.get();
     ServerMetrics* m = s->metrics_.get();
-    s->registry_.AddCollectHook([store, m] {
-      if (auto counts = store->CountJobsByState(); counts.ok()) {
-        for (const auto& [state, n] : *counts) {
-          m->training_jobs->WithLabels({JobStateName(state)}).Set(static_cast<double>(n));
-        }
-      }
-      if (auto totals = store->ConceptTotals(); totals.ok()) {
-        m->concepts_stored->Set(static_cast<double>(totals->concepts));
-        m->concept_bytes_stored->Set(static_cast<double>(totals->concept_bytes));
-      }
-    });
+    s->registry_.AddCollectHook([store, m] { CollectStoreGauges(*store, *m); });
   }
 
   // Services.

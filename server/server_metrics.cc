@@ -1,5 +1,7 @@
 #include "server/server_metrics.h"
 
+#include <limits>
+
 namespace perfusion::server {
 
 std::unique_ptr<ServerMetrics> ServerMetrics::Create(metrics::Registry& r) {
@@ -76,7 +78,34 @@ std::unique_ptr<ServerMetrics> ServerMetrics::Create(metrics::Registry& r) {
   m->concept_bytes_stored =
       &r.AddGauge("perfusion_concept_bytes_stored", "Bytes of concept blobs in the store.")
            .WithLabels({});
+  m->store_scrape_errors =
+      &r.AddCounter("perfusion_store_scrape_errors_total",
+                    "Store queries for the scrape-time gauges that failed (those gauges read NaN "
+                    "until the store answers).")
+           .WithLabels({});
   return m;
+}
+
+void CollectStoreGauges(Store& store, ServerMetrics& m) {
+  const double unknown = std::numeric_limits<double>::quiet_NaN();
+  if (auto counts = store.CountJobsByState(); counts.ok()) {
+    for (const auto& [state, n] : *counts) {
+      m.training_jobs->WithLabels({JobStateName(state)}).Set(static_cast<double>(n));
+    }
+  } else {
+    m.store_scrape_errors->Inc();
+    for (int st = static_cast<int>(JobState::kQueued); st <= static_cast<int>(JobState::kCancelled); ++st) {
+      m.training_jobs->WithLabels({JobStateName(static_cast<JobState>(st))}).Set(unknown);
+    }
+  }
+  if (auto totals = store.ConceptTotals(); totals.ok()) {
+    m.concepts_stored->Set(static_cast<double>(totals->concepts));
+    m.concept_bytes_stored->Set(static_cast<double>(totals->concept_bytes));
+  } else {
+    m.store_scrape_errors->Inc();
+    m.concepts_stored->Set(unknown);
+    m.concept_bytes_stored->Set(unknown);
+  }
 }
 
 }  // namespace perfusion::server

@@ -13,13 +13,15 @@
 //   perfusion_generate_queue_depth, perfusion_generate_requests_total{outcome},
 //   perfusion_generate_queue_duration_seconds, perfusion_generate_compute_duration_seconds,
 //   perfusion_generate_duration_seconds, perfusion_generate_concepts_per_request,
-//   perfusion_workers_connected, perfusion_concepts_stored, perfusion_concept_bytes_stored.
+//   perfusion_workers_connected, perfusion_concepts_stored, perfusion_concept_bytes_stored,
+//   perfusion_store_scrape_errors_total.
 #ifndef PERFUSION_SERVER_SERVER_METRICS_H_
 #define PERFUSION_SERVER_SERVER_METRICS_H_
 
 #include <memory>
 
 #include "server/metrics.h"
+#include "server/store.h"
 
 namespace perfusion::server {
 
@@ -45,10 +47,20 @@ struct ServerMetrics {
   metrics::Gauge* workers_connected = nullptr;
   metrics::Gauge* concepts_stored = nullptr;
   metrics::Gauge* concept_bytes_stored = nullptr;
+  // Store queries behind the scrape-time gauges (training_jobs, concepts) that failed; those
+  // gauges read NaN until the store answers again.
+  metrics::Counter* store_scrape_errors = nullptr;
 
   // Registers every family in `registry` (which must outlive the result).
   static std::unique_ptr<ServerMetrics> Create(metrics::Registry& registry);
 };
+
+// The scrape-time gauges counted in the store: perfusion_training_jobs{state},
+// perfusion_concepts_stored and perfusion_concept_bytes_stored. A store that does not answer (a
+// PostgreSQL failover) turns them to NaN rather than leaving the last values (the postgres
+// overlay scales workers on perfusion_training_jobs: a frozen number would keep it scaling on old
+// data), and counts perfusion_store_scrape_errors_total.
+void CollectStoreGauges(Store& store, ServerMetrics& m);
 
 }  // namespace perfusion::server
 

@@ -24,6 +24,9 @@ class HookedStore : public Store {
   // Run after ListActiveJobs / GetJobByLease have read (and before the caller writes).
   std::function<void()> after_list_active_jobs;
   std::function<void()> after_get_job_by_lease;
+  // Runs before CountJobsByState / ConceptTotals; an error it returns is the call's result.
+  std::function<absl::Status()> before_count_jobs;
+  std::function<absl::Status()> before_concept_totals;
 
   absl::StatusOr<std::vector<std::string>> GetJobImages(const std::string& id) override {
     if (auto hook = Take(before_get_job_images)) {
@@ -57,7 +60,12 @@ class HookedStore : public Store {
                                            const std::string& page_token) override {
     return base_->ListJobs(tenant, state, page_size, page_token);
   }
-  absl::StatusOr<std::map<JobState, int64_t>> CountJobsByState() override { return base_->CountJobsByState(); }
+  absl::StatusOr<std::map<JobState, int64_t>> CountJobsByState() override {
+    if (auto hook = Take(before_count_jobs)) {
+      if (absl::Status s = hook(); !s.ok()) return s;
+    }
+    return base_->CountJobsByState();
+  }
   absl::StatusOr<ConceptRecord> InsertConceptWithinQuota(const ConceptRecord& c, const std::string& blob,
                                                          int64_t max_concepts) override {
     return base_->InsertConceptWithinQuota(c, blob, max_concepts);
@@ -95,7 +103,12 @@ class HookedStore : public Store {
     return base_->GetBlobByDigest(digest);
   }
   absl::StatusOr<int64_t> CountConcepts(const std::string& tenant) override { return base_->CountConcepts(tenant); }
-  absl::StatusOr<Totals> ConceptTotals() override { return base_->ConceptTotals(); }
+  absl::StatusOr<Totals> ConceptTotals() override {
+    if (auto hook = Take(before_concept_totals)) {
+      if (absl::Status s = hook(); !s.ok()) return s;
+    }
+    return base_->ConceptTotals();
+  }
   absl::StatusOr<std::optional<JobRecord>> LeaseNextJob(const LeaseGrant& grant) override {
     return base_->LeaseNextJob(grant);
   }

@@ -15,6 +15,9 @@
 
 #include "server/metrics.h"
 #include "server/metrics_http.h"
+#include "server/server_metrics.h"
+#include "server/sqlite_store.h"
+#include "tests/server/hooked_store.h"
 #include "tests/server/server_test_util.h"
 #include "tests/server/status_matchers.h"
 
@@ -26,6 +29,34 @@ using testing::ConnectLocal;
 using testing::HttpGet;
 using testing::IsOk;
 using testing::ReadAll;
+
+// A store that does not answer turns the scrape-time gauges to NaN (not their last values, which an
+// autoscaler would go on trusting) and is counted; the next scrape that reaches it restores them.
+TEST(MetricsTest, StoreGaugesReadNaNWhileTheStoreFails) {
+  auto sqlite = SqliteStore::Open(":memory:");
+  ASSERT_THAT(sqlite, IsOk());
+  testing::HookedStore store(sqlite->get());
+  metrics::Registry r;
+  auto m = ServerMetrics::Create(r);
+  CollectStoreGauges(store, *m);
+  std::string text = r.Render();
+  EXPECT_THAT(text, HasSubstr("perfusion_training_jobs{state=\"QUEUED\"} 0\n"));
+  EXPECT_THAT(text, HasSubstr("perfusion_concepts_stored 0\n"));
+  EXPECT_THAT(text, HasSubstr("perfusion_store_scrape_errors_total 0\n"));
+  store.before_count_jobs = [] { return absl::UnavailableError("connection lost"); };
+  store.before_concept_totals = [] { return absl::UnavailableError("connection lost"); };
+  CollectStoreGauges(store, *m);
+  text = r.Render();
+  EXPECT_THAT(text, HasSubstr("perfusion_training_jobs{state=\"QUEUED\"} NaN\n"));
+  EXPECT_THAT(text, HasSubstr("perfusion_training_jobs{state=\"CANCELLED\"} NaN\n"));
+  EXPECT_THAT(text, HasSubstr("perfusion_concepts_stored NaN\n"));
+  EXPECT_THAT(text, HasSubstr("perfusion_concept_bytes_stored NaN\n"));
+  EXPECT_THAT(text, HasSubstr("perfusion_store_scrape_errors_total 2\n"));
+  CollectStoreGauges(store, *m);  // the hooks ran once: the store answers again
+  text = r.Render();
+  EXPECT_THAT(text, HasSubstr("perfusion_training_jobs{state=\"QUEUED\"} 0\n"));
+  EXPECT_THAT(text, HasSubstr("perfusion_concepts_stored 0\n"));
+}
 
 TEST(MetricsTest, CounterRendersHelpTypeAndLabelledSamples) {
   metrics::Registry r;
