@@ -162,6 +162,13 @@ absl::Status PgError(PGconn* c, const PGresult* r, absl::string_view what) {
   std::string code = state ? state : "";
   if (code == "23505") return absl::AlreadyExistsError(text);
   if (code == "40001" || code == "40P01") return absl::AbortedError(text);
+  if (code == "25006") {
+    // A read-only server: a failover demoted the primary this connection reached. The socket is
+    // fine, so nothing else would ever reconnect it; reset it now (its transaction is lost
+    // anyway) so the next use finds the new primary (target_session_attrs=read-write).
+    PQreset(c);
+    return absl::UnavailableError(text);
+  }
   if (absl::StartsWith(code, "08") || absl::StartsWith(code, "57P") ||
       PQstatus(c) != CONNECTION_OK) {
     return absl::UnavailableError(text);
@@ -246,7 +253,10 @@ class PostgresStore::Conn {
     return server::Exec(c_, sql, p, binary_result);
   }
   absl::Status Begin() {
-    RETURN_IF_ERROR(Exec("BEGIN").status());
+    // Explicitly: the quota counts and version numbers rely on each statement seeing what
+    // committed before it (after the advisory lock), which a server whose
+    // default_transaction_isolation is REPEATABLE READ or SERIALIZABLE would not give.
+    RETURN_IF_ERROR(Exec("BEGIN ISOLATION LEVEL READ COMMITTED").status());
     in_txn_ = true;
     return absl::OkStatus();
   }
@@ -269,9 +279,15 @@ absl::StatusOr<std::unique_ptr<PostgresStore>> PostgresStore::Open(const std::st
   const int n = std::max(1, options.connections);
   const std::string timeout = std::to_string(std::max(1, options.connect_timeout_seconds));
   for (int i = 0; i < n; ++i) {
-    // expand_dbname=1: `conninfo` may be a URI or key=value string; our keys add to it.
-    const char* keys[] = {"dbname", "connect_timeout", "application_name", nullptr};
-    const char* vals[] = {conninfo.c_str(), timeout.c_str(), "perfusion-server", nullptr};
+    // expand_dbname=1: `conninfo` may be a URI or key=value string. Keys after "dbname" override
+    // it; keys before it are defaults it may override. The defaults bound how long a dead peer
+    // (a failover without a TCP reset) can hold a call, and keep a connection off a demoted
+    // primary: TCP keepalives, tcp_user_timeout, a statement timeout, and read-write servers.
+    const char* keys[] = {"keepalives", "keepalives_idle", "keepalives_interval", "keepalives_count",
+                          "tcp_user_timeout", "options", "target_session_attrs", "dbname", "connect_timeout",
+                          "application_name", nullptr};
+    const char* vals[] = {"1", "30", "10", "3", "60000", "-c statement_timeout=120000", "read-write",
+                          conninfo.c_str(), timeout.c_str(), "perfusion-server", nullptr};
     PGconn* c = PQconnectdbParams(keys, vals, /*expand_dbname=*/1);
     if (!c || PQstatus(c) != CONNECTION_OK) {
       std::string msg = c ? PQerrorMessage(c) : "out of memory";
@@ -296,8 +312,13 @@ absl::StatusOr<PostgresStore::Conn> PostgresStore::Borrow() {
   PGconn* c = nullptr;
   {
     absl::MutexLock lock(&mu_);
-    mu_.Await(absl::Condition(
-        +[](std::vector<PGconn*>* idle) { return !idle->empty(); }, &idle_));
+    // Bounded: the scheduler calls the store under its own lock, so a pool held by hung calls
+    // must not freeze the replica; the caller gets UNAVAILABLE and retries.
+    if (!mu_.AwaitWithTimeout(absl::Condition(+[](std::vector<PGconn*>* idle) { return !idle->empty(); }, &idle_),
+                              absl::Seconds(30))) {
+      return absl::UnavailableError(
+          absl::StrCat("postgres: all ", all_.size(), " connections stayed busy for 30 s"));
+    }
     c = idle_.back();
     idle_.pop_back();
   }

@@ -137,7 +137,10 @@ class Stmt {
     int rc = sqlite3_step(stmt_);
     if (rc == SQLITE_ROW) return true;
     if (rc == SQLITE_DONE) return false;
-    if (rc == SQLITE_CONSTRAINT) {
+    // Only a unique key taken is ALREADY_EXISTS (a request id, a name and version); a NOT NULL or
+    // CHECK failure is a bug here, not the caller's duplicate.
+    const int extended = sqlite3_extended_errcode(db_);
+    if (extended == SQLITE_CONSTRAINT_UNIQUE || extended == SQLITE_CONSTRAINT_PRIMARYKEY) {
       return absl::AlreadyExistsError(absl::StrCat("sqlite: ", sqlite3_errmsg(db_)));
     }
     return absl::InternalError(absl::StrCat("sqlite step: ", sqlite3_errmsg(db_)));
@@ -212,7 +215,10 @@ absl::StatusOr<std::unique_ptr<SqliteStore>> SqliteStore::Open(const std::string
   absl::MutexLock lock(&store->mu_);
   sqlite3_busy_timeout(db, 5000);
   if (path != ":memory:") RETURN_IF_ERROR(store->Exec("PRAGMA journal_mode=WAL"));
-  RETURN_IF_ERROR(store->Exec("PRAGMA synchronous=NORMAL"));
+  // FULL: in WAL mode NORMAL keeps a commit through a process crash but not through a power loss
+  // or an OS crash, and the API promises that an acknowledged job (or a completed training, whose
+  // worker then drops its result) is stored before the RPC returns.
+  RETURN_IF_ERROR(store->Exec("PRAGMA synchronous=FULL"));
   RETURN_IF_ERROR(store->Exec("PRAGMA foreign_keys=ON"));
   RETURN_IF_ERROR(store->Migrate());
   return store;

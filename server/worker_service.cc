@@ -1,6 +1,7 @@
 // perfusion.v1.WorkerService (internal: worker tokens only).
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 
 #include "absl/strings/str_cat.h"
 #include "server/convert.h"
@@ -20,6 +21,13 @@ grpc::ServerUnaryReactor* FinishUnary(grpc::CallbackServerContext* ctx, F&& body
 
 absl::Status RequireLease(const std::string& lease_id) {
   return lease_id.empty() ? absl::InvalidArgumentError("lease_id: empty") : absl::OkStatus();
+}
+
+// A loss is shown to clients and stored; SQLite cannot store NaN (it becomes NULL) and a diverged
+// run's concept is unusable anyway, so a worker that reports one is refused, naming the field.
+absl::Status RequireFinite(absl::string_view field, float v) {
+  return std::isfinite(v) ? absl::OkStatus()
+                          : absl::InvalidArgumentError(absl::StrCat(field, ": must be a finite number, got ", v));
 }
 
 // LeaseWork: answered when the scheduler hands out work or the long poll times out.
@@ -140,6 +148,7 @@ grpc::ServerUnaryReactor* WorkerServiceImpl::Heartbeat(grpc::CallbackServerConte
   return FinishUnary(ctx, [&]() -> absl::Status {
     RETURN_IF_ERROR(c_->auth->Worker(AuthorizationOf(ctx)));
     RETURN_IF_ERROR(RequireLease(req->lease_id()));
+    RETURN_IF_ERROR(RequireFinite("loss", req->loss()));
     ASSIGN_OR_RETURN(HeartbeatReply r, c_->scheduler->Heartbeat(req->lease_id(), req->step(),
                                                                 req->total_steps(), req->loss()));
     resp->set_cancel_requested(r.cancel_requested);
@@ -166,6 +175,7 @@ grpc::ServerUnaryReactor* WorkerServiceImpl::CompleteTraining(
   return FinishUnary(ctx, [&]() -> absl::Status {
     RETURN_IF_ERROR(c_->auth->Worker(AuthorizationOf(ctx)));
     RETURN_IF_ERROR(RequireLease(req->lease_id()));
+    RETURN_IF_ERROR(RequireFinite("final_loss", req->final_loss()));
     ASSIGN_OR_RETURN(ConceptRecord c,
                      c_->scheduler->CompleteTraining(req->lease_id(), req->concept_blob(),
                                                      req->final_loss(), req->steps()));

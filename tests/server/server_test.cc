@@ -11,7 +11,9 @@
 #include <google/protobuf/descriptor.pb.h>
 #include <google/protobuf/message.h>
 
+#include <cmath>
 #include <future>
+#include <limits>
 #include <thread>
 
 #include <gmock/gmock.h>
@@ -1005,6 +1007,27 @@ TEST_F(ServerTest, UnknownMethodsShareOneMetricsLabel) {
 
 // An enum value the server does not know is refused, naming the field: the worker would read it
 // as local key-locking, over the model's default.
+// A non-finite loss is refused, naming the field: SQLite cannot store NaN (its NOT NULL column once
+// turned it into a misleading ALREADY_EXISTS that no heartbeat or completion got past), and a
+// diverged run's concept is unusable anyway.
+TEST_F(ServerTest, NonFiniteLossesAreInvalidArgument) {
+  ASSERT_THAT(Create(Job("teddy")), IsOk());
+  v1::LeaseWorkResponse lease = Lease(RegisterWorker());
+  ASSERT_TRUE(lease.has_training());
+  EXPECT_THAT(Heartbeat(lease.lease_id(), 10, 40, std::nanf("")),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("loss: must be a finite number")));
+  v1::CompleteTrainingRequest r;
+  r.set_lease_id(lease.lease_id());
+  r.set_concept_blob(testing::MakeConceptBlob("tiny", "teddy", "toy"));
+  r.set_final_loss(std::numeric_limits<float>::infinity());
+  v1::CompleteTrainingResponse resp;
+  EXPECT_THAT(FromGrpcStatus(worker_->CompleteTraining(Ctx("worker-token").get(), r, &resp)),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("final_loss")));
+  // The lease is still held: a finite report goes through.
+  EXPECT_THAT(Heartbeat(lease.lease_id(), 11, 40, 0.5f), IsOk());
+  EXPECT_THAT(CompleteTraining(lease.lease_id(), testing::MakeConceptBlob("tiny", "teddy", "toy")), IsOk());
+}
+
 TEST_F(ServerTest, UnknownKeyLockModesAreInvalidArgument) {
   ASSERT_THAT(Import(testing::MakeConceptBlob("tiny", "teddy", "toy")), IsOk());
   RegisterWorker(/*training=*/false, /*generation=*/true);

@@ -23,6 +23,7 @@
 #ifdef PERFUSION_HAVE_POSTGRES
 #include "server/postgres_store.h"
 #include "tests/server/pg_test_util.h"
+#include <libpq-fe.h>
 #endif
 
 namespace perfusion::server {
@@ -608,6 +609,36 @@ TEST_P(StoreConformanceTest, ConcurrentInsertsWithinAQuotaNeverPassIt) {
               StatusIs(absl::StatusCode::kResourceExhausted, ::testing::HasSubstr("tenant quota: 5 concepts stored (limit 5)")));
   EXPECT_THAT(store_->InsertConceptWithinQuota(NewConcept("cpt_y", "globex", "bear"), "blob", 5), IsOk());
 }
+
+#ifdef PERFUSION_HAVE_POSTGRES
+// The quota and the version numbers rely on READ COMMITTED (each statement sees what committed
+// before it, after the advisory lock). A database whose default isolation is REPEATABLE READ, as
+// some managed PostgreSQL setups choose, let racing imports pass the quota (8 of 5 stored) before
+// the store asked for READ COMMITTED itself.
+TEST_P(StoreConformanceTest, QuotaHoldsWhenTheDatabaseDefaultsToRepeatableRead) {
+  if (GetParam() != "postgres") GTEST_SKIP() << "a PostgreSQL setting";
+  PGconn* admin = PQconnectdb(url_.c_str());
+  ASSERT_EQ(PQstatus(admin), CONNECTION_OK) << PQerrorMessage(admin);
+  PGresult* r = PQexec(admin,
+                       "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET default_transaction_isolation = %L', "
+                       "current_database(), 'repeatable read'); END $$");
+  const bool altered = PQresultStatus(r) == PGRES_COMMAND_OK;
+  PQclear(r);
+  PQfinish(admin);
+  ASSERT_TRUE(altered);
+  others_.clear();
+  store_ = *OpenStore(url_);  // sessions opened from now on default to REPEATABLE READ
+  // Distinct names: nothing else (a version number taken twice) stops an import past the quota.
+  const int errors = RunOnInstances(4, 10, [](Store* store, int s, int n) {
+    return store
+        ->InsertConceptWithinQuota(NewConcept(absl::StrCat("cpt_", s, "_", n), "acme", absl::StrCat("c", s, "_", n)),
+                                   "blob", 5)
+        .status();
+  });
+  EXPECT_EQ(errors, 40 - 5);
+  EXPECT_EQ(*store_->CountConcepts("acme"), 5);
+}
+#endif
 
 TEST_P(StoreConformanceTest, ConcurrentConceptInsertsGetDistinctVersions) {
   constexpr int kInstances = 4;

@@ -263,6 +263,11 @@ Concept TrainConcept(StableDiffusion& model, const std::vector<at::Tensor>& imag
 
     p.step = step;
     p.loss = loss.item<double>();
+    // A diverged run only wastes the rest of its steps: its concept would hold non-finite values,
+    // which no store accepts.
+    TORCH_CHECK_VALUE(std::isfinite(p.loss), "training diverged: the loss is ", p.loss, " at step ", step, " of ",
+                      o.steps, "; lower the learning rates (lr_values ", o.lr_values, ", lr_embedding ",
+                      o.lr_embedding, ")");
     p.loss_ema = step == 1 ? p.loss : 0.95 * p.loss_ema + 0.05 * p.loss;
     p.elapsed_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     p.eta_s = p.elapsed_s / step * (o.steps - step);
