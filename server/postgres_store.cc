@@ -663,6 +663,20 @@ absl::StatusOr<ConceptRecord> PostgresStore::InsertConceptWithinQuota(const Conc
                            p)
                         .status());
   }
+  {
+    // The same blob under the same name, stored meanwhile (a retried import): that one.
+    Params q;
+    ASSIGN_OR_RETURN(Result same,
+                     c.Exec(absl::StrCat("SELECT ", kConceptColumns, " FROM concepts WHERE tenant = ",
+                                         q.Add(concept.tenant), " AND name = ", q.Add(concept.name),
+                                         " AND digest = ", q.Add(concept.digest), " ORDER BY version DESC LIMIT 1"),
+                            q));
+    if (PQntuples(same.get()) > 0) {
+      ASSIGN_OR_RETURN(ConceptRecord existing, ReadConcept(Row{same.get(), 0}));
+      RETURN_IF_ERROR(c.Commit());
+      return existing;
+    }
+  }
   Params p;
   ASSIGN_OR_RETURN(Result r, c.Exec(absl::StrCat("SELECT COUNT(*) FROM concepts WHERE tenant = ",
                                                  p.Add(concept.tenant)),

@@ -254,6 +254,13 @@ absl::Status SqliteStore::Migrate() {
   for (int v = current; v < kSchemaVersion; ++v) {
     Txn txn(db_);
     RETURN_IF_ERROR(txn.began());
+    // Read again under the write lock: another process opening the same file at the same moment
+    // may have applied this step since the read above ("table jobs already exists").
+    Stmt applied(db_, "SELECT COUNT(*) FROM schema_migrations WHERE version = ?");
+    RETURN_IF_ERROR(applied.prepared());
+    applied.Bind(1, int64_t{v + 1});
+    ASSIGN_OR_RETURN(bool row, applied.Step());
+    if (row && applied.Int(0) > 0) continue;  // the Txn rolls back its empty transaction
     RETURN_IF_ERROR(Exec(kMigrations[v]));
     Stmt s(db_, "INSERT INTO schema_migrations (version, applied_us) VALUES (?, ?)");
     RETURN_IF_ERROR(s.prepared());
@@ -466,6 +473,15 @@ absl::StatusOr<ConceptRecord> SqliteStore::InsertConceptWithinQuota(const Concep
   absl::MutexLock lock(&mu_);
   Txn txn(db_);  // BEGIN IMMEDIATE: another process's insert waits for this one
   RETURN_IF_ERROR(txn.began());
+  {
+    Stmt same(db_, absl::StrCat("SELECT ", kConceptColumns,
+                                " FROM concepts WHERE tenant = ? AND name = ? AND digest = ? "
+                                "ORDER BY version DESC LIMIT 1"));
+    RETURN_IF_ERROR(same.prepared());
+    same.Bind(1, concept.tenant).Bind(2, concept.name).Bind(3, concept.digest);
+    ASSIGN_OR_RETURN(bool found, same.Step());
+    if (found) return ReadConcept(same);
+  }
   Stmt n(db_, "SELECT COUNT(*) FROM concepts WHERE tenant = ?");
   RETURN_IF_ERROR(n.prepared());
   n.Bind(1, concept.tenant);

@@ -56,7 +56,10 @@ class Store {
   // Inserts a concept as the next version of (tenant, name) (concept.version and seq are
   // assigned) with its blob, unless the tenant already has `max_concepts` concepts: then
   // RESOURCE_EXHAUSTED. The count and the insert are one step, so concurrent imports (from any
-  // replica) cannot pass the quota together, as a count followed by an insert let them.
+  // replica) cannot pass the quota together, as a count followed by an insert let them. When the
+  // tenant already has a concept of this name with this digest, returns that one and inserts
+  // nothing, in the same step: an import retried while the first call still runs stores one
+  // version, not two.
   virtual absl::StatusOr<ConceptRecord> InsertConceptWithinQuota(const ConceptRecord& concept,
                                                                  const std::string& blob,
                                                                  int64_t max_concepts) = 0;

@@ -3,6 +3,8 @@
 #include <gtest/gtest.h>
 #include <sqlite3.h>
 
+#include <thread>
+
 #include "server/sqlite_store.h"
 #include "tests/server/server_test_util.h"
 #include "tests/server/status_matchers.h"
@@ -27,6 +29,36 @@ JobRecord NewJob(const std::string& id, const std::string& tenant,
   j.image_count = 2;
   j.create_time = j.update_time = absl::FromUnixSeconds(1700000000);
   return j;
+}
+
+// Two processes opening a new file at once both read "version 0" and each ran the first
+// migration; the second failed at start ("table jobs already exists"). Each step now checks again
+// under the write lock. A third connection holds that lock while both start, so both read first.
+TEST(SqliteStoreOpenTest, TwoFirstOpensOfOneFileBothSucceed) {
+  const std::string dir = testing::MakeTempDir();
+  const std::string path = dir + "/race.db";
+  sqlite3* holder = nullptr;
+  ASSERT_EQ(sqlite3_open(path.c_str(), &holder), SQLITE_OK);
+  ASSERT_EQ(sqlite3_exec(holder, "PRAGMA journal_mode=WAL", nullptr, nullptr, nullptr), SQLITE_OK);
+  ASSERT_EQ(sqlite3_exec(holder, "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, "
+                                 "applied_us INTEGER NOT NULL)",
+                         nullptr, nullptr, nullptr),
+            SQLITE_OK);
+  ASSERT_EQ(sqlite3_exec(holder, "BEGIN IMMEDIATE", nullptr, nullptr, nullptr), SQLITE_OK);
+  absl::StatusOr<std::unique_ptr<SqliteStore>> a, b;
+  std::thread ta([&] { a = SqliteStore::Open(path); });
+  std::thread tb([&] { b = SqliteStore::Open(path); });
+  absl::SleepFor(absl::Milliseconds(300));  // both have read the version and wait for the lock
+  ASSERT_EQ(sqlite3_exec(holder, "COMMIT", nullptr, nullptr, nullptr), SQLITE_OK);
+  ta.join();
+  tb.join();
+  sqlite3_close(holder);
+  EXPECT_THAT(a, IsOk());
+  EXPECT_THAT(b, IsOk());
+  if (a.ok() && b.ok()) {
+    ASSERT_THAT((*a)->InsertJob(NewJob("job_1", "acme"), {"x"}), IsOk());
+    EXPECT_THAT((*b)->GetJob("job_1"), IsOk());
+  }
 }
 
 class SqliteStoreTest : public ::testing::Test {

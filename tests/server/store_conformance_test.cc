@@ -640,6 +640,27 @@ TEST_P(StoreConformanceTest, QuotaHoldsWhenTheDatabaseDefaultsToRepeatableRead) 
 }
 #endif
 
+// The same blob under the same name, imported by racing calls (a client retrying while its first
+// call still runs), is stored once: every call gets that one concept.
+TEST_P(StoreConformanceTest, RacingImportsOfOneBlobStoreOneVersion) {
+  absl::Mutex mu;
+  std::set<std::string> ids;
+  const int errors = RunOnInstances(4, 3, [&](Store* store, int s, int n) -> absl::Status {
+    auto c = store->InsertConceptWithinQuota(NewConcept(absl::StrCat("cpt_", s, "_", n), "acme", "teddy", "same-digest"),
+                                             "blob", 100);
+    if (!c.ok()) return c.status();
+    absl::MutexLock l(&mu);
+    ids.insert(c->id);
+    return absl::OkStatus();
+  });
+  EXPECT_EQ(errors, 0);
+  EXPECT_EQ(ids.size(), 1u);
+  EXPECT_EQ(*store_->CountConcepts("acme"), 1);
+  // Another name, or another digest, is another concept.
+  EXPECT_EQ(store_->InsertConcept(NewConcept("cpt_b", "acme", "bear", "same-digest"), "blob")->version, 1);
+  EXPECT_EQ(store_->InsertConcept(NewConcept("cpt_c", "acme", "teddy", "other-digest"), "blob")->version, 2);
+}
+
 TEST_P(StoreConformanceTest, ConcurrentConceptInsertsGetDistinctVersions) {
   constexpr int kInstances = 4;
   constexpr int kPerInstance = 5;
