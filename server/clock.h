@@ -17,10 +17,12 @@ class Clock {
   virtual absl::Time Now() const = 0;
 };
 
-// The wall clock (absl::Now()).
+// The wall clock (absl::Now()), in whole microseconds: the stores keep microseconds, so a time
+// read back equals the one written (a nanosecond update_time written and read back as another
+// value made the shared-store poll see a change that was not one, and send watchers a duplicate).
 class RealClock final : public Clock {
  public:
-  absl::Time Now() const override { return absl::Now(); }
+  absl::Time Now() const override { return absl::FromUnixMicros(absl::ToUnixMicros(absl::Now())); }
   // A process-wide instance.
   static RealClock* Get() {
     static RealClock clock;

@@ -142,6 +142,14 @@ class Params {
     return l;
   }
   const int* formats() const { return binary_.data(); }
+  // A text value is passed to libpq as a C string, so a NUL inside would silently cut it
+  // ("lease_abc\0zzz" would match lease_abc). The first such value's index, or -1.
+  int TextWithNul() const {
+    for (size_t i = 0; i < values_.size(); ++i) {
+      if (!null_[i] && binary_[i] == 0 && values_[i].find('\0') != std::string::npos) return static_cast<int>(i);
+    }
+    return -1;
+  }
 
  private:
   std::vector<std::string> values_;
@@ -179,6 +187,9 @@ absl::Status PgError(PGconn* c, const PGresult* r, absl::string_view what) {
 // Runs one statement. `binary_result`: all result columns in binary (used for BYTEA-only reads).
 absl::StatusOr<Result> Exec(PGconn* c, const std::string& sql, const Params& p = Params(),
                             bool binary_result = false) {
+  if (const int i = p.TextWithNul(); i >= 0) {
+    return absl::InvalidArgumentError(absl::StrCat("postgres: text parameter $", i + 1, " holds a NUL byte"));
+  }
   auto ptrs = p.ptrs();
   auto lens = p.lengths();
   Result r(PQexecParams(c, sql.c_str(), p.size(), nullptr, ptrs.data(), lens.data(), p.formats(),

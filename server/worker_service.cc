@@ -207,7 +207,11 @@ grpc::ServerUnaryReactor* WorkerServiceImpl::FailWork(grpc::CallbackServerContex
       return absl::InvalidArgumentError(
           absl::StrCat("code: ", req->code(), " is not a non-OK google.rpc.Code"));
     }
-    return c_->scheduler->FailWork(req->lease_id(), StatusFromCode(req->code(), req->message()),
+    // The message is stored and shown to clients: a NUL byte (which PostgreSQL's text cannot hold)
+    // becomes a space rather than failing the report.
+    std::string message = req->message();
+    std::replace(message.begin(), message.end(), '\0', ' ');
+    return c_->scheduler->FailWork(req->lease_id(), StatusFromCode(req->code(), message),
                                    req->retryable());
   });
 }

@@ -640,6 +640,15 @@ TEST_P(StoreConformanceTest, QuotaHoldsWhenTheDatabaseDefaultsToRepeatableRead) 
 }
 #endif
 
+// An id with a NUL byte inside never names the row its prefix names (PostgreSQL's text
+// parameters are C strings: "job_1\0x" once matched job_1).
+TEST_P(StoreConformanceTest, IdsWithANulByteMatchNothing) {
+  ASSERT_THAT(store_->InsertJob(NewJob("job_1", "acme"), {"x"}), IsOk());
+  EXPECT_FALSE(store_->GetJob(std::string("job_1\0x", 7)).ok());
+  EXPECT_FALSE(store_->GetJobByLease(std::string("\0", 1)).ok());
+  EXPECT_THAT(store_->GetJob("job_1"), IsOk());
+}
+
 // The same blob under the same name, imported by racing calls (a client retrying while its first
 // call still runs), is stored once: every call gets that one concept.
 TEST_P(StoreConformanceTest, RacingImportsOfOneBlobStoreOneVersion) {
