@@ -25,6 +25,9 @@ std::unique_ptr<ServerMetrics> ServerMetrics::Create(metrics::Registry& r) {
                                  "Training jobs in the store, by state.", {"state"});
   m->training_jobs_total = &r.AddCounter("perfusion_training_jobs_total",
                                          "Training jobs that ended, by outcome.", {"outcome"});
+  // Every outcome exists from the start at 0: a series born at 1 by the first failure after a
+  // restart is invisible to increase(), and the ratio alerts need both series.
+  for (const char* o : {"succeeded", "failed", "cancelled"}) m->training_jobs_total->WithLabels({o});
   m->training_duration =
       &r.AddHistogram("perfusion_training_job_duration_seconds",
                       "Training time of succeeded jobs (first lease to completion), in seconds.",
@@ -45,6 +48,7 @@ std::unique_ptr<ServerMetrics> ServerMetrics::Create(metrics::Registry& r) {
   m->generate_requests_total = &r.AddCounter("perfusion_generate_requests_total",
                                              "Generation requests that ended, by outcome.",
                                              {"outcome"});
+  for (const char* o : {"ok", "failed", "cancelled", "deadline"}) m->generate_requests_total->WithLabels({o});
   // Up to --max_generation_seconds' default (600 s) and beyond: a p99 must not stop at the last
   // bucket just when generations are slowest.
   const std::vector<double> gen_buckets = {0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024};

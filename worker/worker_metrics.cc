@@ -24,9 +24,11 @@ WorkerMetrics::WorkerMetrics(m::Registry* r, const BlobCache* cache) {
                        "Duration of one training step.", {},
                        m::ExponentialBuckets(0.005, 2, 16))
            .WithLabels({});
+  // Up to 16384 s: SD 1.5 at --max_train_steps (5000) and about a second a step must not land
+  // in +Inf.
   training_seconds = &r->AddHistogram("perfusion_worker_training_seconds",
                                       "Engine time of one training job.", {},
-                                      m::ExponentialBuckets(0.5, 2, 14))
+                                      m::ExponentialBuckets(0.5, 2, 16))
                           .WithLabels({});
   generation_seconds =
       &r->AddHistogram("perfusion_worker_generation_seconds",
@@ -41,6 +43,12 @@ WorkerMetrics::WorkerMetrics(m::Registry* r, const BlobCache* cache) {
   work_items = &r->AddCounter("perfusion_worker_work_items_total",
                               "Work items ended by this worker, by kind and outcome.",
                               {"kind", "outcome"});
+  // Every kind and outcome from the start at 0 (see the server's outcome counters).
+  for (const char* kind : {"training", "generation"}) {
+    for (const char* outcome : {"completed", "failed", "cancelled", "lost", "returned"}) {
+      work_items->WithLabels({kind, outcome});
+    }
+  }
   busy = &r->AddGauge("perfusion_worker_busy", "1 while the worker runs work, else 0.")
               .WithLabels({});
   registered = &r->AddGauge("perfusion_worker_registered",
