@@ -86,7 +86,21 @@ absl::StatusOr<std::unique_ptr<PerfusionServer>> PerfusionServer::Start(ServerOp
   {
     Store* store = s->store_.get();
     ServerMetrics* m = s->metrics_.get();
-    s->registry_.AddCollectHook([store, m] { CollectStoreGauges(*store, *m); });
+    // At most once per 5 s: each collection scans the jobs table (it keeps finished jobs) and,
+    // on SQLite, holds the store's one lock that leases and heartbeats need; several scrapers
+    // (Prometheus replicas, KEDA) would otherwise each pay it.
+    struct Throttle {
+      absl::Mutex mu;
+      absl::Time last = absl::InfinitePast();
+    };
+    auto throttle = std::make_shared<Throttle>();
+    s->registry_.AddCollectHook([store, m, throttle] {
+      absl::MutexLock lock(&throttle->mu);
+      const absl::Time now = absl::Now();
+      if (now - throttle->last < absl::Seconds(5)) return;
+      throttle->last = now;
+      CollectStoreGauges(*store, *m);
+    });
   }
 
   // Services.
