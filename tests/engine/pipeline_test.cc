@@ -10,6 +10,7 @@
 #include <gtest/gtest.h>
 
 #include "perfusion/concept.h"
+#include "perfusion/concept_token.h"
 #include "perfusion/image_io.h"
 #include "perfusion/scheduler.h"
 #include "perfusion/shapes_world.h"
@@ -202,6 +203,13 @@ TEST_F(PipelineTest, TrainingWithCaptionsUsesThemAndChecksTheirCount) {
 // model), its blob holds float data, and generation with it stays close to the float32 model's.
 TEST_F(PipelineTest, TrainsAndGeneratesOnAReducedPrecisionModel) {
   auto bf16 = LoadTiny(at::kBFloat16, at::kCPU);
+  // The trained embedding is a float32 master copy (in half precision AdamW's eps rounds to 0).
+  {
+    ConceptToken token(bf16->text_encoder->token_embedding_weight(), *bf16->tokenizer->SingleTokenId("star"));
+    EXPECT_EQ(token->embedding().scalar_type(), at::kFloat);
+    const auto batch = token->forward(at::full({1, 3}, *bf16->tokenizer->SingleTokenId("star"), at::kLong));
+    EXPECT_EQ(batch.concept_embeds.scalar_type(), at::kBFloat16);
+  }
   const Concept c = BriefConcept(*bf16);
   EXPECT_EQ(c.v_targets.scalar_type(), at::kFloat);
   EXPECT_TRUE(c.v_targets.isfinite().all().item<bool>());
@@ -249,6 +257,30 @@ TEST_F(PipelineTest, TheConceptChangesImagesWhereItsTokenIsUsed) {
   at::Tensor a = pipe.Generate({with})[0].images[0];
   at::Tensor b = pipe.Generate({plain})[0].images[0];
   EXPECT_GT((a - b).abs().mean().item<double>(), 1e-3);
+}
+
+// GenerationRequest::edit_unconditional (spec 5.5): the unconditional half also goes through the
+// prompt's concept edits. It changes the image only when the prompt names a concept, and it is the
+// same as editing an empty prompt with that concept's edit (gates on its own tokens).
+TEST_F(PipelineTest, EditingTheUnconditionalHalfChangesOnlyPromptsWithConcepts) {
+  Pipeline pipe(model_);
+  GenerationRequest plain = Request("a photo of a <checker>");
+  plain.concepts["checker"] = {concept_, {}, false};
+  GenerationRequest edited = plain;
+  edited.edit_unconditional = true;
+  const at::Tensor a = pipe.Generate({plain})[0].images[0], b = pipe.Generate({edited})[0].images[0];
+  EXPECT_FALSE(at::equal(a, b));
+  const std::vector<CrossAttnKV> uncond = pipe.PromptKV("", plain.concepts, MultiConceptMode::kApproximate, {"checker"});
+  const std::vector<CrossAttnKV> base = pipe.PromptKV("", {});
+  ASSERT_EQ(uncond.size(), base.size());
+  EXPECT_FALSE(at::equal(uncond[0].v, base[0].v)) << "the erase term acts on every token";
+  GenerationRequest no_concept = Request("a red circle on a blue background");
+  no_concept.concepts["checker"] = {concept_, {}, false};
+  no_concept.edit_unconditional = true;
+  GenerationRequest base_request = Request("a red circle on a blue background");
+  EXPECT_TRUE(at::equal(pipe.Generate({no_concept})[0].images[0], pipe.Generate({base_request})[0].images[0]));
+  GenerationRequest unknown = plain;
+  EXPECT_THROW(pipe.PromptKV("", unknown.concepts, MultiConceptMode::kApproximate, {"nope"}), c10::ValueError);
 }
 
 TEST_F(PipelineTest, GatesShowWhereEachEditActs) {

@@ -17,7 +17,9 @@ ConceptTokenImpl::ConceptTokenImpl(const at::Tensor& token_embedding, int64_t su
   at::Tensor v = init.defined() ? init.detach().reshape({-1}) : table_[superclass_id].detach();
   TORCH_CHECK_VALUE(v.numel() == table_.size(1), "ConceptToken: init has ", v.numel(), " values, the embedding width is ",
                     table_.size(1));
-  embedding_ = register_parameter("embedding", v.to(table_.options()).clone());
+  // The trained vector is float32 whatever the model's dtype: in fp16, AdamW's eps (1e-8) and most
+  // squared gradients round to 0, and its first step divides by zero. forward() casts it.
+  embedding_ = register_parameter("embedding", v.to(table_.device(), at::kFloat).clone());
 }
 
 ConceptPromptBatch ConceptTokenImpl::forward(const at::Tensor& ids) const {
@@ -37,7 +39,8 @@ ConceptPromptBatch ConceptTokenImpl::forward(const at::Tensor& ids) const {
   ConceptPromptBatch out;
   out.concept_ids = at::where(is_concept, at::full_like(x, vocab_size_), x);
   out.superclass_embeds = at::embedding(table_, x);                                       // [B, N, d]
-  out.concept_embeds = at::where(is_concept.unsqueeze(-1), embedding_.expand_as(out.superclass_embeds),
+  out.concept_embeds = at::where(is_concept.unsqueeze(-1),
+                                 embedding_.to(table_.scalar_type()).expand_as(out.superclass_embeds),
                                  out.superclass_embeds);                                   // grad only to embedding_
   out.concept_index = is_concept.to(at::kByte).argmax(1);                                  // first occurrence
   return out;

@@ -139,9 +139,17 @@ PromptTokens Pipeline::Tokenize(const std::string& prompt, const std::map<std::s
 
 Pipeline::EditedPrompt Pipeline::PrepareEdits(const std::string& prompt,
                                                const std::map<std::string, ConceptRef>& concepts,
-                                               MultiConceptMode mode) const {
+                                               MultiConceptMode mode, const std::vector<std::string>& also) const {
   EditedPrompt e;
   e.tokens = Tokenize(prompt, concepts);
+  // Concepts edited without a token of their own come after the prompt's (token ids V + k refer to
+  // the first ones only).
+  for (const std::string& name : also) {
+    TORCH_CHECK_VALUE(concepts.count(name), "concept <", name, "> is not loaded");
+    if (std::find(e.tokens.concepts.begin(), e.tokens.concepts.end(), name) == e.tokens.concepts.end()) {
+      e.tokens.concepts.push_back(name);
+    }
+  }
   const PromptTokens& t = e.tokens;
   const auto dev = model_->device;
   auto ids_tensor = [&](const std::vector<int64_t>& ids) {
@@ -214,9 +222,9 @@ PromptGates Pipeline::Gates(const std::string& prompt, const std::map<std::strin
 }
 
 std::vector<CrossAttnKV> Pipeline::PromptKV(const std::string& prompt, const std::map<std::string, ConceptRef>& concepts,
-                                            MultiConceptMode mode) const {
+                                            MultiConceptMode mode, const std::vector<std::string>& also) const {
   c10::InferenceMode guard;
-  const EditedPrompt e = PrepareEdits(prompt, concepts, mode);
+  const EditedPrompt e = PrepareEdits(prompt, concepts, mode, also);
   if (e.concepts.empty()) return model_->unet->precompute_kv(e.X);
   const auto dev = model_->device;
   const std::vector<const Concept*>& cs = e.concepts;
@@ -367,7 +375,14 @@ std::vector<GenerationResult> Pipeline::GenerateGroup(const std::vector<const Ge
     }
     counts.push_back(r->num_images);
     cond_kv.push_back(PromptKV(r->prompt, r->concepts, r->multi_concept_mode));
-    uncond_kv.push_back(PromptKV(r->negative_prompt, r->concepts, r->multi_concept_mode));
+    std::vector<std::string> uncond_also;
+    if (r->edit_unconditional) {
+      uncond_also = Tokenize(r->prompt, r->concepts).concepts;
+      for (const PromptRegion& region : r->regions) {
+        for (const std::string& name : Tokenize(region.prompt, r->concepts).concepts) uncond_also.push_back(name);
+      }
+    }
+    uncond_kv.push_back(PromptKV(r->negative_prompt, r->concepts, r->multi_concept_mode, uncond_also));
     if (r->guidance_scale > 1.0) any_cfg = true;
   }
   // Each rank's blend, precomputed: its rows among the region passes (contiguous), the images they

@@ -49,7 +49,9 @@ using ProgressFn = std::function<bool(int64_t step, int64_t total)>;
 
 struct ConceptRef {
   std::shared_ptr<const Concept> concept;
-  GateParams gate;               // beta / temperature at inference (the concept's default_gate if unset)
+  // beta / temperature at inference. A temperature <= 0 means "the concept's default_gate"; note
+  // that GateParams{} is the paper's (0.7, 0.15), not unset.
+  GateParams gate;
   bool global_key_lock = false;  // spec §2
 };
 
@@ -73,6 +75,12 @@ struct GenerationRequest {
   MultiConceptMode multi_concept_mode = MultiConceptMode::kApproximate;
   // At most kMaxRegions; where boxes overlap the later region wins. The negative prompt has none.
   std::vector<PromptRegion> regions;
+  // Spec §5.5 (the reference's behaviour): the unconditional (negative-prompt) half of guidance
+  // also goes through the edits of the concepts the prompt uses, with gates computed on its own
+  // tokens (near zero, but the erase term is not gated). false: that half is the base model's
+  // unless the negative prompt itself names a concept. A prompt without concepts is the base
+  // model's either way.
+  bool edit_unconditional = false;
 };
 
 // Classifier-free guidance of one UNet batch's two halves: uncond + scale * (cond - uncond), then
@@ -112,8 +120,11 @@ class Pipeline {
   PromptTokens Tokenize(const std::string& prompt, const std::map<std::string, ConceptRef>& concepts) const;
 
   // Cross-attention K/V of every attn2 layer for one prompt ([1, 77, O] each), edits applied.
+  // `also`: concepts (by name in `concepts`) whose edits apply to this prompt's tokens although it
+  // does not name them (the unconditional half under GenerationRequest::edit_unconditional).
   std::vector<CrossAttnKV> PromptKV(const std::string& prompt, const std::map<std::string, ConceptRef>& concepts,
-                                    MultiConceptMode mode = MultiConceptMode::kApproximate) const;
+                                    MultiConceptMode mode = MultiConceptMode::kApproximate,
+                                    const std::vector<std::string>& also = {}) const;
 
   // The gates PromptKV applies, per token and concept: to see where a concept's edit acts (the
   // tokens after the prompt included) when concepts leak into each other or into padding.
@@ -149,7 +160,7 @@ class Pipeline {
     ConceptGates g, gk;
   };
   EditedPrompt PrepareEdits(const std::string& prompt, const std::map<std::string, ConceptRef>& concepts,
-                            MultiConceptMode mode) const;
+                            MultiConceptMode mode, const std::vector<std::string>& also = {}) const;
   std::vector<GenerationResult> GenerateGroup(const std::vector<const GenerationRequest*>& group,
                                               const ProgressFn& progress) const;
   std::shared_ptr<StableDiffusion> model_;

@@ -64,14 +64,17 @@ ConceptGates ComputeConceptGates(const at::Tensor& X, const at::Tensor& i_star, 
   if (mode == MultiConceptMode::kApproximate || K == 1) {
     g.erase = g.alpha;
   } else {
-    // kappa(e) = (I*^T C^-1 I*)^-1 I*^T C^-1 e, so that P e = sum_c kappa_c(e) i*_c.
-    const at::Tensor gram = at::matmul(I.to(at::kDouble), A.to(at::kDouble).t());  // [K, K]
+    // kappa(e) = (I*^T C^-1 I*)^-1 I*^T C^-1 e, so that P e = sum_c kappa_c(e) i*_c. All in
+    // float64: two concepts of one superclass have nearly parallel i*, their kappas are large with
+    // opposite signs, and in float32 the erase term would cancel to noise.
+    const at::Tensor I64 = I.to(at::kDouble);
+    const at::Tensor A64 = at::matmul(I64, c_inv.to(X.device(), at::kDouble));  // [K, D]
+    const at::Tensor gram = at::matmul(I64, A64.t());                             // [K, K]
     auto [L, info] = at::linalg_cholesky_ex(gram);
     TORCH_CHECK_VALUE(info.item<int64_t>() == 0,
                       "rank1_edit: the exact multi-concept form needs linearly independent i* vectors; the ", K,
                       " concepts' Gram matrix is singular (the same concept twice?)");
-    const at::Tensor gram_inv = at::cholesky_inverse(L).to(type);
-    g.erase = at::matmul(sim, gram_inv);
+    g.erase = at::matmul(at::matmul(X.to(at::kDouble), A64.t()), at::cholesky_inverse(L)).to(type);
   }
   return g;
 }
@@ -81,8 +84,7 @@ at::Tensor ApplyRank1Edit(const at::Tensor& X, const at::Tensor& weight, const a
   TORCH_CHECK_VALUE(weight.defined() && weight.dim() == 2, "rank1_edit: weight must be [O, D], got ",
                     weight.defined() ? weight.sizes() : c10::IntArrayRef{});
   CheckEncodings(X, weight.size(1), "X");
-  at::Tensor y = at::matmul(X, weight.to(X.dtype()).t());  // [B, N, O]
-  if (!gates.erase.defined()) return y;
+  if (!gates.erase.defined()) return at::matmul(X, weight.to(X.dtype()).t());  // [B, N, O]
   const int64_t K = i_star.size(0);
   TORCH_CHECK_VALUE(i_star.dim() == 2 && i_star.size(1) == weight.size(1), "rank1_edit: i_star ", i_star.sizes(),
                     " does not fit weight ", weight.sizes());
@@ -97,8 +99,10 @@ at::Tensor ApplyRank1Edit(const at::Tensor& X, const at::Tensor& weight, const a
   const at::Tensor w_istar = at::matmul(i_star.to(X.device(), type), w.t());  // [K, O]
   const at::Tensor correction =
       at::matmul(gates.gate.to(type), o_star.to(X.device(), type)) - at::matmul(gates.erase.to(type), w_istar);
-  if (X.scalar_type() == type) return y + correction;
-  return y + correction.to(X.dtype());
+  if (X.scalar_type() == type) return at::matmul(X, w.t()) + correction;  // [B, N, O]
+  // Half-precision input: at the concept token X W^T and the erase term nearly cancel, so both
+  // are summed in float32 (the edit runs once per prompt at inference) and rounded once.
+  return (at::matmul(X.to(type), w.t()) + correction).to(X.dtype());
 }
 
 at::Tensor ApplyRome(const at::Tensor& X, const at::Tensor& weight, const at::Tensor& i_star_row,
@@ -164,7 +168,8 @@ at::Tensor Rank1EditImpl::training_forward(const at::Tensor& X, const at::Tensor
                     "Rank1Edit: concept_index out of range [0, ", X.size(1), ")");
   TORCH_CHECK_INDEX(concept >= 0 && concept < num_concepts(), "Rank1Edit: concept ", concept, " out of range");
   const double frac = options_.frac_gradient();
-  const at::Tensor x = frac == 1.0 ? X : X * frac + X.detach() * (1.0 - frac);
+  // Forward value exactly X (X - X.detach() is exactly 0); gradient scaled by frac (spec §9.3 #16).
+  const at::Tensor x = frac == 1.0 ? X : X.detach() + (X - X.detach()) * frac;
   const at::Tensor batch = at::arange(X.size(0), idx.options());
   const at::Tensor x_bar = x.index({batch, idx}).to(at::kFloat).mean(0);                      // [D]
   const at::Tensor x_sup_bar = X_sup.detach().index({batch, idx}).to(at::kFloat).mean(0);      // [D]

@@ -19,7 +19,7 @@
 //
 // Device/dtype: inputs may be fp32/fp16/bf16 (or fp64) on any device. The gate math (alpha, the
 // projection coefficients, sigmoid) runs in float32 even for fp16/bf16 inputs (float64 for float64
-// inputs; the Gram matrix is always solved in float64), then the correction is cast to the input's
+// inputs; the exact multi-concept form runs wholly in float64), then the correction is cast to the input's
 // dtype. A module holds C^-1 in float32.
 //
 // Thread safety: the free functions are pure. A Rank1Edit module's inference forward only reads its
