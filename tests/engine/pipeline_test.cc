@@ -239,6 +239,23 @@ TEST_F(PipelineTest, TrainsAndGeneratesOnCuda) {
   EXPECT_LT((a - b).abs().mean().item<double>(), 0.02) << "cuda drifted from the cpu";
 }
 
+// A GPU worker's --dtype fp16: the float32 master embedding and dynamic loss scaling keep training
+// finite (without them AdamW's first fp16 step divided by zero), and generation stays close to
+// float32. Runs where CUDA is (CPU LibTorch has no fp16 matmul).
+TEST_F(PipelineTest, TrainsAndGeneratesOnAnFp16CudaModel) {
+  if (!at::hasCUDA()) GTEST_SKIP() << "CUDA not available";
+  auto half = LoadTiny(at::kHalf, at::Device(at::kCUDA, 0));
+  const Concept c = BriefConcept(*half);
+  EXPECT_TRUE(c.v_targets.isfinite().all().item<bool>());
+  EXPECT_TRUE(c.embedding.isfinite().all().item<bool>());
+  EXPECT_TRUE(c.info.count("fp16_skipped_steps"));
+  Pipeline gpu(half), cpu(model_);
+  GenerationRequest r = Request("a photo of a <checker> on a blue background");
+  r.concepts["checker"] = {concept_, {}, false};
+  const at::Tensor a = gpu.Generate({r})[0].images[0], b = cpu.Generate({r})[0].images[0];
+  EXPECT_LT((a - b).abs().mean().item<double>(), 0.05) << "fp16 on cuda drifted from float32 on the cpu";
+}
+
 TEST_F(PipelineTest, PromptWithoutTheConceptGivesTheBaseModelImage) {
   Pipeline pipe(model_);
   GenerationRequest with = Request("a red circle on a blue background");

@@ -217,6 +217,17 @@ Concept TrainConcept(StableDiffusion& model, const std::vector<at::Tensor>& imag
                       std::make_unique<torch::optim::AdamWOptions>(torch::optim::AdamWOptions(o.lr_values).weight_decay(o.weight_decay)));
   torch::optim::AdamW optimizer(std::move(groups));
 
+  // fp16 models (a GPU worker's --dtype fp16): the masked mean-squared loss's gradients, about 1e-5
+  // and below, are subnormal or zero in half precision on their way back through the UNet and the
+  // text encoder. Dynamic loss scaling, as torch.cuda.amp.GradScaler: the loss is multiplied by
+  // `scale` before backward and the (float32) gradients divided by it; a step whose gradients
+  // overflowed is skipped and the scale halved; 200 good steps double it. bf16 and fp32: scale 1.
+  const bool scaled = dtype == at::kHalf;
+  double scale = scaled ? 65536.0 : 1.0;
+  int64_t good_steps = 0, skipped_steps = 0;
+  std::vector<at::Tensor> all_params = value_params;
+  all_params.push_back(token->embedding());
+
   DDPMScheduler ddpm(model.scheduler);
   at::Generator gen = MakeGenerator(o.seed);
   const int64_t B = o.batch_size;
@@ -258,8 +269,27 @@ Concept TrainConcept(StableDiffusion& model, const std::vector<at::Tensor>& imag
     const at::Tensor pred = model.unet->forward(noisy.to(dtype), t, kv).to(at::kFloat);
     const at::Tensor loss = ((pred - target).pow(2) * mask).mean() / mask.mean();
     optimizer.zero_grad();
-    loss.backward();
-    optimizer.step();
+    if (!scaled) {
+      loss.backward();
+      optimizer.step();
+    } else {
+      (loss * scale).backward();
+      bool finite = true;
+      for (auto& param : all_params) {
+        if (!param.grad().defined()) continue;
+        param.mutable_grad().div_(scale);
+        finite = finite && param.grad().isfinite().all().item<bool>();
+      }
+      if (finite) {
+        optimizer.step();
+        if (++good_steps % 200 == 0) scale *= 2;
+      } else {
+        ++skipped_steps;
+        scale /= 2;
+        TORCH_CHECK_VALUE(scale >= 1.0, "training diverged: the gradients are not finite at any loss scale (step ",
+                          step, " of ", o.steps, ")");
+      }
+    }
 
     p.step = step;
     p.loss = loss.item<double>();
@@ -303,6 +333,7 @@ Concept TrainConcept(StableDiffusion& model, const std::vector<at::Tensor>& imag
   c.info["train_seconds"] = std::to_string(p.elapsed_s);
   c.info["masked_loss"] = o.masked_loss ? "true" : "false";
   if (!o.captions.empty()) c.info["captions"] = "per image";
+  if (scaled) c.info["fp16_skipped_steps"] = std::to_string(skipped_steps);
   return c;
 }
 
