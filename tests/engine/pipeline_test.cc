@@ -276,17 +276,23 @@ TEST_F(PipelineTest, TheConceptChangesImagesWhereItsTokenIsUsed) {
   EXPECT_GT((a - b).abs().mean().item<double>(), 1e-3);
 }
 
-// GenerationRequest::edit_unconditional (spec 5.5): the unconditional half also goes through the
-// prompt's concept edits. It changes the image only when the prompt names a concept, and it is the
-// same as editing an empty prompt with that concept's edit (gates on its own tokens).
-TEST_F(PipelineTest, EditingTheUnconditionalHalfChangesOnlyPromptsWithConcepts) {
+// GenerationRequest::edit_unconditional (spec 5.5, on by default): the unconditional half also goes
+// through the edits of the prompt's locally key-locked concepts. It changes the image only when the
+// prompt names such a concept; globally locked concepts leave that half alone (measured worse).
+TEST_F(PipelineTest, EditingTheUnconditionalHalfChangesOnlyPromptsWithLocalConcepts) {
   Pipeline pipe(model_);
-  GenerationRequest plain = Request("a photo of a <checker>");
-  plain.concepts["checker"] = {concept_, {}, false};
-  GenerationRequest edited = plain;
-  edited.edit_unconditional = true;
+  GenerationRequest edited = Request("a photo of a <checker>");
+  edited.concepts["checker"] = {concept_, {}, false};
+  EXPECT_TRUE(edited.edit_unconditional) << "the default";
+  GenerationRequest plain = edited;
+  plain.edit_unconditional = false;
   const at::Tensor a = pipe.Generate({plain})[0].images[0], b = pipe.Generate({edited})[0].images[0];
   EXPECT_FALSE(at::equal(a, b));
+  GenerationRequest global = edited;
+  global.concepts["checker"].global_key_lock = true;
+  GenerationRequest global_plain = global;
+  global_plain.edit_unconditional = false;
+  EXPECT_TRUE(at::equal(pipe.Generate({global})[0].images[0], pipe.Generate({global_plain})[0].images[0]));
   const std::vector<CrossAttnKV> uncond = pipe.PromptKV("", plain.concepts, MultiConceptMode::kApproximate, {"checker"});
   const std::vector<CrossAttnKV> base = pipe.PromptKV("", {});
   ASSERT_EQ(uncond.size(), base.size());

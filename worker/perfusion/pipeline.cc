@@ -377,9 +377,12 @@ std::vector<GenerationResult> Pipeline::GenerateGroup(const std::vector<const Ge
     cond_kv.push_back(PromptKV(r->prompt, r->concepts, r->multi_concept_mode));
     std::vector<std::string> uncond_also;
     if (r->edit_unconditional) {
-      uncond_also = Tokenize(r->prompt, r->concepts).concepts;
+      std::vector<std::string> used = Tokenize(r->prompt, r->concepts).concepts;
       for (const PromptRegion& region : r->regions) {
-        for (const std::string& name : Tokenize(region.prompt, r->concepts).concepts) uncond_also.push_back(name);
+        for (const std::string& name : Tokenize(region.prompt, r->concepts).concepts) used.push_back(name);
+      }
+      for (const std::string& name : used) {
+        if (!r->concepts.at(name).global_key_lock) uncond_also.push_back(name);
       }
     }
     uncond_kv.push_back(PromptKV(r->negative_prompt, r->concepts, r->multi_concept_mode, uncond_also));

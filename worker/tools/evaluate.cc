@@ -82,7 +82,7 @@ struct Args {
   int64_t gen_steps = 30;
   double guidance = 7.5;
   double guidance_rescale = 0.0;
-  bool edit_uncond = false;  // GenerationRequest::edit_unconditional for the Pipeline's methods
+  bool edit_uncond = true;  // GenerationRequest::edit_unconditional for the Pipeline's methods
   std::string sampler = "ddim";
   uint64_t seed = 1;
   std::vector<uint64_t> more_seeds;  // --seeds beyond the first: repeat training and scoring
@@ -131,8 +131,9 @@ void Usage() {
       "                        (DreamBooth without prior preservation; --finetune-lr X, default 5e-5).\n"
       "                        It shows what this UNet can draw once any weight may change\n"
       "  --no-sweep            skip the beta/tau sweep\n"
-      "  --edit-uncond         Perfusion and the sweep also edit the unconditional half of guidance\n"
-      "                        with the prompt's concepts (spec 5.5, the reference's behaviour)\n"
+      "  --no-edit-uncond      Perfusion and the sweep leave the unconditional half of guidance to the\n"
+      "                        base model (the default edits it with the prompt's locally key-locked\n"
+      "                        concepts, GenerationRequest::edit_unconditional, spec 5.5)\n"
       "  --threads N           LibTorch threads (default: all cores)\n"
       "  --device D            cpu (default), cuda or cuda:N: where the model and the classifier run. Noise\n"
       "                        and batches are drawn on the CPU, so a seed means the same draws anywhere\n");
@@ -1086,7 +1087,7 @@ void Evaluation::WriteReport(const std::string& command, const std::vector<SeedT
      << ", " << Fmt(Elapsed() / 60, 1) << " min on " << at::get_num_threads() << " thread(s).\n\n"
      << "Each concept: " << a_.images << " training renders, " << a_.steps << " steps of batch " << a_.batch
      << " per method" << (a_.captions ? ", trained with each render's full caption" : "")
-     << (a_.edit_uncond ? ", the unconditional half edited too" : "") << "; " << a_.per_prompt << " images per held-out prompt, " << a_.gen_steps << " " << a_.sampler
+     << (a_.edit_uncond ? "" : ", the unconditional half of guidance left unedited") << "; " << a_.per_prompt << " images per held-out prompt, " << a_.gen_steps << " " << a_.sampler
      << " steps, guidance " << a_.guidance << ". Fidelity: the classifier's presence head says the concept's "
      << "object is in the image. Alignment: every attribute the prompt asks for (background colour, position, size) "
      << "is what the classifier reads. Similarity: cosine of the classifier's features to the mean features of the "
@@ -1441,7 +1442,7 @@ int main(int argc, char** argv) {
       else if (k == "--finetune") a.finetune = true;
       else if (k == "--finetune-lr") a.finetune_lr = ParseDouble(v());
       else if (k == "--no-sweep") a.sweep = false;
-      else if (k == "--edit-uncond") a.edit_uncond = true;
+      else if (k == "--no-edit-uncond") a.edit_uncond = false;
       else if (k == "--threads") a.threads = ParseInt(v());
       else if (k == "--device") a.device = ParseToolDevice(v());
       else return false;
