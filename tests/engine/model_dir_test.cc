@@ -5,6 +5,8 @@
 #include <c10/core/InferenceMode.h>
 #include <c10/util/Exception.h>
 #include <gtest/gtest.h>
+
+#include <filesystem>
 #include <sys/stat.h>
 
 #include <cstdio>
@@ -49,6 +51,7 @@ class ModelDirTest : public testing::SeededTest {
     opts_.tokenizer_dir = testing::SharedDir() + "/data/clip";
     if (!testing::FileExists(opts_.tokenizer_dir + "/vocab.json")) GTEST_SKIP() << "no CLIP vocabulary";
   }
+  void TearDown() override { std::filesystem::remove_all(dir_); }
   std::string Error() {
     try {
       LoadModelDir(dir_, opts_);
@@ -90,7 +93,22 @@ TEST_F(ModelDirTest, DerivedModelIdChangesWithTheWeights) {
   }
   SaveModelDir(model_, dir_);
   std::remove((dir_ + "/perfusion/model_id").c_str());
-  EXPECT_NE(LoadModelDir(dir_, opts_)->model_id, id1);
+  const std::string id2 = LoadModelDir(dir_, opts_)->model_id;
+  EXPECT_NE(id2, id1);
+  // A change to the cross-attention K/V alone (what Custom Diffusion trains), in the middle of the
+  // file: the first and last 64 KiB do not see it, the id still must.
+  std::string middle_kv;
+  for (const auto& item : model_.unet->named_parameters()) {
+    if (item.key().find("attn2.to_v") != std::string::npos) middle_kv = item.key();
+  }
+  ASSERT_FALSE(middle_kv.empty());
+  {
+    c10::InferenceMode guard;
+    model_.unet->named_parameters()[middle_kv].mul_(1.01);
+  }
+  SaveModelDir(model_, dir_);
+  std::remove((dir_ + "/perfusion/model_id").c_str());
+  EXPECT_NE(LoadModelDir(dir_, opts_)->model_id, id2) << middle_kv;
 }
 
 // Every scheduler field survives the written scheduler_config.json: a zero-terminal-SNR v-prediction

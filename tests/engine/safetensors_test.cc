@@ -120,5 +120,21 @@ TEST_F(SafetensorsCorruptionTest, HugeHeaderLength) {
   ExpectRejected("header length");
 }
 
+// A shape whose byte size overflows 64 bits (2 x (2^60 + 1) F64 = 16 bytes after the wrap-around) was
+// accepted over 16 bytes of data; so was any dimension after a 0. Both are refused now.
+std::string RawFile(const std::string& header, size_t data_bytes) {
+  std::string len(8, '\0');
+  for (int i = 0; i < 8; ++i) len[i] = static_cast<char>((header.size() >> (8 * i)) & 0xff);
+  return len + header + std::string(data_bytes, '\0');
+}
+TEST_F(SafetensorsCorruptionTest, ByteSizeOverflowIsRejected) {
+  WriteRaw(RawFile(R"({"C":{"dtype":"F64","shape":[2,1152921504606846977],"data_offsets":[0,16]}})", 16));
+  ExpectRejected("shape overflows");
+}
+TEST_F(SafetensorsCorruptionTest, HugeDimensionAfterAZeroIsRejected) {
+  WriteRaw(RawFile(R"({"C":{"dtype":"F32","shape":[0,18446744073709551615],"data_offsets":[0,0]}})", 0));
+  ExpectRejected("shape overflows");
+}
+
 }  // namespace
 }  // namespace perfusion

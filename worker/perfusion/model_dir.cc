@@ -40,7 +40,12 @@ std::string Basename(std::string path) {
   return pos == std::string::npos ? path : path.substr(pos + 1);
 }
 
-// CRC-32C over configs, safetensors headers and the first/last 64 KiB of each weight file.
+// CRC-32C over the configs and, for each weight file: its whole safetensors header (names, shapes,
+// offsets), its first and last 64 KiB, and every byte of the tensors Perfusion depends on directly
+// (the cross-attention K/V projections it edits, and the token embedding table). A fine-tune that
+// changes only those (Custom Diffusion trains exactly attn2 K/V; a merged attention LoRA) gets its
+// own id, so a concept trained on the base is not silently accepted on it. A fine-tune of other
+// weights alone may still share the base's id: such a folder should write perfusion/model_id.
 std::string DerivedModelId(const std::string& dir, const std::vector<std::string>& files) {
   uint32_t crc = 0;
   for (const auto& f : files) {
@@ -48,7 +53,6 @@ std::string DerivedModelId(const std::string& dir, const std::vector<std::string
     if (!in) continue;
     in.seekg(0, std::ios::end);
     const std::streamoff size = in.tellg();
-    const std::streamoff chunk = 64 << 10;
     std::string buf;
     auto read_at = [&](std::streamoff off, std::streamoff n) {
       buf.resize(static_cast<size_t>(n));
@@ -56,11 +60,27 @@ std::string DerivedModelId(const std::string& dir, const std::vector<std::string
       in.read(buf.data(), n);
       crc = Crc32c(buf.data(), static_cast<size_t>(in.gcount()), crc);
     };
+    const std::streamoff chunk = 64 << 10;
     if (size <= 2 * chunk) {
       read_at(0, size);
-    } else {
-      read_at(0, chunk);
-      read_at(size - chunk, chunk);
+      continue;
+    }
+    read_at(0, chunk);
+    read_at(size - chunk, chunk);
+    if (f.size() < 12 || f.compare(f.size() - 12, 12, ".safetensors") != 0) continue;
+    const auto reader = SafetensorsReader::Open(f);  // validates the header
+    uint64_t header_len = 0;
+    in.seekg(0);
+    in.read(reinterpret_cast<char*>(&header_len), 8);  // little-endian, as every supported host
+    read_at(0, static_cast<std::streamoff>(8 + header_len));
+    const std::streamoff data_start = static_cast<std::streamoff>(8 + header_len);
+    for (const std::string& name : reader->names()) {
+      if (name.find("attn2.to_k") == std::string::npos && name.find("attn2.to_v") == std::string::npos &&
+          name.find("token_embedding") == std::string::npos) {
+        continue;
+      }
+      const SafetensorInfo& info = reader->info(name);
+      read_at(data_start + static_cast<std::streamoff>(info.begin), static_cast<std::streamoff>(info.end - info.begin));
     }
   }
   char hex[16];

@@ -20,7 +20,7 @@
 // SD 1.x model; the shipped tiny model does not duplicate it).
 //
 // Model id: the content of perfusion/model_id if present, else "<folder name>-<crc32c>" over the
-// configs, the safetensors headers and the first and last 64 KiB of each weight file: cheap, stable,
+// configs, the safetensors headers, the first and last 64 KiB of each weight file and its attn2 K/V and token-embedding tensors: cheap, stable,
 // and different for a fine-tune with the same shapes.
 //
 // Thread safety: a loaded model is read-only during inference and may be shared by threads.

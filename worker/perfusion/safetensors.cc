@@ -116,9 +116,13 @@ std::shared_ptr<const SafetensorsReader> SafetensorsReader::Open(const std::stri
       TORCH_CHECK(d.is_number_unsigned() || (d.is_number_integer() && d.get<int64_t>() >= 0),
                   "safetensors: ", path, ": tensor '", name, "': bad dimension ", d.dump());
       const uint64_t dim = d.get<uint64_t>();
-      TORCH_CHECK(dim == 0 || numel <= (uint64_t{1} << 62) / dim, "safetensors: ", path, ": tensor '",
-                  name, "': shape overflows");
-      numel *= dim;
+      // Each dimension on its own too: after a 0, the product stays 0 whatever follows, and a
+      // dimension of 2^63 would become negative as an int64.
+      uint64_t next = 0;
+      TORCH_CHECK(dim <= (uint64_t{1} << 62) && !__builtin_mul_overflow(numel, dim, &next) &&
+                      next <= (uint64_t{1} << 62),
+                  "safetensors: ", path, ": tensor '", name, "': shape overflows");
+      numel = next;
       info.shape.push_back(static_cast<int64_t>(dim));
     }
     const auto& off = v["data_offsets"];
@@ -129,7 +133,10 @@ std::shared_ptr<const SafetensorsReader> SafetensorsReader::Open(const std::stri
     TORCH_CHECK(info.begin <= info.end && info.end <= data_size, "safetensors: ", path, ": tensor '", name,
                 "': data_offsets [", info.begin, ", ", info.end, "] point past the end of the data (",
                 data_size, " bytes; file truncated?)");
-    TORCH_CHECK(info.end - info.begin == numel * static_cast<uint64_t>(dt->size), "safetensors: ", path,
+    uint64_t bytes = 0;  // numel * element size, which can exceed 64 bits for an 8-byte dtype
+    TORCH_CHECK(!__builtin_mul_overflow(numel, static_cast<uint64_t>(dt->size), &bytes), "safetensors: ", path,
+                ": tensor '", name, "': shape overflows");
+    TORCH_CHECK(info.end - info.begin == bytes, "safetensors: ", path,
                 ": tensor '", name, "': ", info.end - info.begin, " bytes of data for ", numel,
                 " elements of ", info.dtype);
     order.emplace_back(info.begin, name);
