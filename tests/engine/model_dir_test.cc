@@ -83,6 +83,16 @@ TEST_F(ModelDirTest, SaveThenLoadGivesBitExactOutputs) {
   EXPECT_FALSE(loaded->unet->parameters()[0].requires_grad()) << "loaded models are frozen";
 }
 
+// A loaded model saves to a folder that loads again (the text encoder's integer position_ids buffer
+// stays an integer through the load's dtype conversion).
+TEST_F(ModelDirTest, ALoadedModelSavesAndLoadsAgain) {
+  auto loaded = LoadModelDir(dir_, opts_);
+  const std::string again = dir_ + "-again";
+  SaveModelDir(*loaded, again);
+  EXPECT_NO_THROW(LoadModelDir(again, opts_));
+  std::filesystem::remove_all(again);
+}
+
 TEST_F(ModelDirTest, DerivedModelIdChangesWithTheWeights) {
   std::remove((dir_ + "/perfusion/model_id").c_str());
   const std::string id1 = LoadModelDir(dir_, opts_)->model_id;
@@ -191,6 +201,19 @@ TEST_F(ModelDirTest, WrongDtypeOrShapeIsNamed) {
   const std::string e = Error();
   EXPECT_NE(e.find("conv_out.bias"), std::string::npos) << e;
   EXPECT_NE(e.find("mis-shaped"), std::string::npos) << e;
+  // Both in the one error: the dtype is checked before anything is copied.
+  EXPECT_NE(e.find("1 of the wrong dtype [conv_in.weight (file I32"), std::string::npos) << e;
+}
+
+// An outdated SD 1.x scheduler config (steps_offset 0, clip_sample true, as many DreamBooth-era
+// folders ship) is corrected as diffusers' pipeline does, or its images would differ from diffusers'.
+TEST_F(ModelDirTest, OutdatedSchedulerSettingsAreCorrectedAsDiffusersDoes) {
+  model_.scheduler.steps_offset = 0;
+  model_.scheduler.clip_sample = true;
+  SaveModelDir(model_, dir_);
+  const auto loaded = LoadModelDir(dir_, opts_);
+  EXPECT_EQ(loaded->scheduler.steps_offset, 1);
+  EXPECT_FALSE(loaded->scheduler.clip_sample);
 }
 
 TEST_F(ModelDirTest, IntegerWeightIsRefused) {

@@ -5,6 +5,7 @@
 #include <sys/stat.h>
 #include <torch/csrc/autograd/grad_mode.h>
 
+#include <cstdio>
 #include <cstdlib>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -156,6 +157,19 @@ std::shared_ptr<StableDiffusion> LoadModelDir(const std::string& dir, const Mode
 
   model->tokenizer = ClipTokenizer::Load(tok_dir);
   model->scheduler = SchedulerConfig::FromJsonFile(sched_config);
+  // As diffusers' StableDiffusionPipeline does for outdated scheduler configs (many DreamBooth-era
+  // SD 1.x folders ship them): steps_offset must be 1 and clip_sample false, or the folder samples
+  // other timesteps (980...0) or clamps its latents, and its images differ from diffusers'.
+  if (model->scheduler.steps_offset != 1) {
+    std::fprintf(stderr, "model folder %s: scheduler steps_offset %lld is outdated; using 1, as diffusers does\n",
+                 dir.c_str(), static_cast<long long>(model->scheduler.steps_offset));
+    model->scheduler.steps_offset = 1;
+  }
+  if (model->scheduler.clip_sample) {
+    std::fprintf(stderr, "model folder %s: scheduler clip_sample true is outdated; using false, as diffusers does\n",
+                 dir.c_str());
+    model->scheduler.clip_sample = false;
+  }
   torch::NoGradGuard no_grad;
   model->text_encoder = CLIPTextModel(CLIPTextModelOptionsFromConfigFile(te_config));
   LoadStateDict(*model->text_encoder, te_weights, ClipTextLoadOptions());
@@ -179,6 +193,13 @@ std::shared_ptr<StableDiffusion> LoadModelDir(const std::string& dir, const Mode
                                static_cast<torch::nn::Module*>(model->unet.get())}) {
     m->to(options.device, options.dtype);
     Freeze(*m);
+  }
+  // Module::to(dtype) converts every buffer, the text encoder's integer position_ids too: it would
+  // be saved as floats, which LoadStateDict (rightly) refuses for an integer buffer.
+  for (auto& item : model->text_encoder->named_buffers()) {
+    if (item.key().size() >= 12 && item.key().compare(item.key().size() - 12, 12, "position_ids") == 0) {
+      item.value().set_data(item.value().to(at::kLong));
+    }
   }
   if (model->vae) {
     model->vae->to(options.device, options.dtype);
