@@ -36,8 +36,14 @@ fi
 WORK=$(mktemp -d)
 SERVER_PID="" WORKER_PID=""
 cleanup() {
+  local rc=$?
   [[ -n "$WORKER_PID" ]] && kill "$WORKER_PID" 2>/dev/null && wait "$WORKER_PID" 2>/dev/null || true
   [[ -n "$SERVER_PID" ]] && kill "$SERVER_PID" 2>/dev/null && wait "$SERVER_PID" 2>/dev/null || true
+  if [[ $rc -ne 0 ]]; then  # the logs explain the failure: show them before they go
+    for log in "$WORK/server.log" "$WORK/worker.log"; do
+      [[ -f "$log" ]] && { echo "demo: last lines of $log:" >&2; tail -30 "$log" >&2; }
+    done
+  fi
   rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -46,9 +52,11 @@ echo "demo-token demo" >"$WORK/tokens.txt"
 echo "worker-token" >"$WORK/workers.txt"
 echo "worker-token" >"$WORK/worker-token"
 BIN="$BUILD_DIR"
+# The server serves the model the worker runs (MODEL may name another folder).
+MODEL_ID=$("$BIN/worker/perfusion-worker" --print_base_model_id --model_dir "$MODEL" --tokenizer_dir "$VOCAB_DIR")
 "$BIN/server/perfusion-server" --listen "127.0.0.1:$PORT" --metrics_listen "127.0.0.1:$METRICS_PORT" \
   --data_dir "$WORK/data" --tokens_file "$WORK/tokens.txt" --worker_tokens_file "$WORK/workers.txt" \
-  --vocab "$VOCAB_DIR/vocab.json" 2>"$WORK/server.log" &
+  --vocab "$VOCAB_DIR/vocab.json" --base_model_id "$MODEL_ID" 2>"$WORK/server.log" &
 SERVER_PID=$!
 "$BIN/worker/perfusion-worker" --server "127.0.0.1:$PORT" --worker_token_file "$WORK/worker-token" \
   --model_dir "$MODEL" --tokenizer_dir "$VOCAB_DIR" --metrics_listen "127.0.0.1:$WORKER_METRICS_PORT" \
@@ -58,15 +66,23 @@ WORKER_PID=$!
 export PERFUSION_SERVER="127.0.0.1:$PORT" PERFUSION_TOKEN=demo-token
 CTL="$BIN/client/perfusionctl"
 echo "demo: waiting for the server and the worker..."
+ready=0
 for _ in $(seq 1 120); do
-  if "$CTL" -q health --service perfusion.v1.GenerationService >/dev/null 2>&1; then break; fi
+  # Our processes first: a leftover server on the port must not pass for ours.
   if ! kill -0 "$SERVER_PID" 2>/dev/null || ! kill -0 "$WORKER_PID" 2>/dev/null; then
-    echo "demo: a process exited; logs:" >&2
-    tail -20 "$WORK/server.log" "$WORK/worker.log" >&2
+    echo "demo: the server or the worker exited" >&2
     exit 1
+  fi
+  if "$CTL" -q --rpc-timeout 2s health --service perfusion.v1.GenerationService >/dev/null 2>&1; then
+    ready=1
+    break
   fi
   sleep 1
 done
+if [[ $ready -ne 1 ]]; then
+  echo "demo: no generation worker was serving after 120 s" >&2
+  exit 1
+fi
 "$CTL" health --service perfusion.v1.GenerationService
 
 # Two concepts the base model has never seen: a two-colour checkered star and a striped heart.
@@ -75,8 +91,9 @@ done
 rm -f "$WORK"/checker/captions.tsv "$WORK"/candy/captions.tsv
 
 echo "demo: training <checker> (superclass star) and <candy> (superclass heart), $STEPS steps each"
-"$CTL" train "$WORK/checker" --superclass star --name checker --steps "$STEPS" --seed 1
-"$CTL" train "$WORK/candy" --superclass heart --name candy --steps "$STEPS" --seed 2
+# Bounded: a worker that died mid-training would leave the job queued for no one.
+"$CTL" train "$WORK/checker" --superclass star --name checker --steps "$STEPS" --seed 1 --timeout 30m
+"$CTL" train "$WORK/candy" --superclass heart --name candy --steps "$STEPS" --seed 2 --timeout 30m
 "$CTL" concepts list
 
 mkdir -p "$OUT"

@@ -19,7 +19,8 @@
 #   OUT            where the results go (default out/gpu-quality): report.md, logs.tar.gz (logs, the
 #                  harness's pictures, the VAE check) and model.tar.gz in parts of at most 15 MB
 #                  (model.tar.gz.part-aa, -ab: `cat model.tar.gz.part-* | tar xz` gives model/)
-#   SCRATCH        the work folder (checkpoints, about 130 MB) and the model (default $OUT/scratch); a
+#   SCRATCH        the work folder (checkpoints, about 130 MB) and the model (default
+#                  ${TMPDIR:-/tmp}/perfusion-gpu-quality, outside OUT, whose files must stay small); a
 #                  rerun with the same SCRATCH continues the training where it ended
 #   TOKENIZER_DIR  CLIP vocab.json + merges.txt (default ../shared/data/clip)
 #   TORCH_PREFIX   LibTorch's CMake prefix (default: python3's torch.utils.cmake_prefix_path)
@@ -27,7 +28,9 @@
 #                  + lib/libz.a and include/gtest + lib/libgtest{,_main}.a, for machines without them
 #                  (default: none; --pack-extra makes one)
 #   TRAIN_MINUTES  base model budget from the tool's start, rendering and the VAE stage included (default 4;
-#                  0.5 with SMOKE=1); the UNet trains until it runs out, then the model is written
+#                  0.5 with SMOKE=1); the UNet trains until it runs out, then the model is written and
+#                  packed into OUT at once, so a later step that fails or runs out of time cannot lose it
+#   CLF_MINUTES    limit of the classifier step (default 4), EVAL_MINUTES of the harness (default 8)
 #   UNET_BATCH     UNet batch (default 256: a GPU step costs about the same at 64 and at 256)
 #   RECIPE         open (default): after the VAE, the UNet trains on v4o's world from its first step
 #                  (--pair-prob 0.3 two-object scenes, --open-textures 0.4: base objects wear the
@@ -69,7 +72,9 @@ UNET_BATCH=${UNET_BATCH:-256}
 DEVICE=${DEVICE:-cuda}
 SEEDS=${SEEDS:-1,2,3}
 BUILD_DIR=${BUILD_DIR:-$ROOT/build-gpu}
-SCRATCH=${SCRATCH:-$OUT/scratch}
+SCRATCH=${SCRATCH:-${TMPDIR:-/tmp}/perfusion-gpu-quality}
+CLF_MINUTES=${CLF_MINUTES:-4}
+EVAL_MINUTES=${EVAL_MINUTES:-8}
 mkdir -p "$OUT" "$SCRATCH"
 log() { echo "[gpu-quality $(date +%H:%M:%S)] $*"; }
 
@@ -265,17 +270,22 @@ log "base model: $TRAIN_MINUTES min on $DEVICE, ${RECIPE:-open} recipe"
   --decoder-steps 0 --model-id perfusion-tiny-gpu --max-minutes "$TRAIN_MINUTES" --finish "${BASE_SIZES[@]}" \
   "${STEPS[@]}" \
   2>&1 | tee "$OUT/train_base.log"
-log "classifier"
-"$BIN/perfusion-train-classifier" --device "$DEVICE" --model "$MODEL" --out "$MODEL/eval/classifier.safetensors" \
-  --vae-fraction 0.3 "${CLF_SIZES[@]}" 2>&1 | tee "$OUT/classifier.log"
-log "quick harness"
-"$BIN/perfusion-evaluate" --device "$DEVICE" --model "$MODEL" --out "$SCRATCH/eval" --tokenizer-dir "$TOKENIZER_DIR" \
-  --no-ablations --no-sweep "${EVAL_SIZES[@]}" 2>&1 | tee "$OUT/evaluate.log"
+# The model in OUT now (parts of at most 15 MB): the minutes that made it are the expensive part.
+pack_model() {
+  rm -f "$OUT"/model.tar.gz.part-*
+  tar -C "$SCRATCH" -czf - model | split -b 15m - "$OUT/model.tar.gz.part-"
+}
+pack_model
+log "classifier (at most $CLF_MINUTES min)"
+timeout "${CLF_MINUTES}m" "$BIN/perfusion-train-classifier" --device "$DEVICE" --model "$MODEL" \
+  --out "$MODEL/eval/classifier.safetensors" --vae-fraction 0.3 "${CLF_SIZES[@]}" 2>&1 | tee "$OUT/classifier.log"
+pack_model  # with its classifier
+log "quick harness (at most $EVAL_MINUTES min)"
+timeout "${EVAL_MINUTES}m" "$BIN/perfusion-evaluate" --device "$DEVICE" --model "$MODEL" --out "$SCRATCH/eval" \
+  --tokenizer-dir "$TOKENIZER_DIR" --no-ablations --no-sweep "${EVAL_SIZES[@]}" 2>&1 | tee "$OUT/evaluate.log"
 log "results"
 cp "$SCRATCH/eval/report.md" "$OUT/report.md"
 cp "$WORK/state.json" "$WORK/vae_check.png" "$SCRATCH/eval/"
 (cd "$OUT" && tar -czf logs.tar.gz ./*.log -C "$SCRATCH" eval)
-rm -f "$OUT"/model.tar.gz.part-*
-tar -C "$SCRATCH" -czf - model | split -b 15m - "$OUT/model.tar.gz.part-"
 rm -f "$OUT"/*.log  # inside logs.tar.gz now; a failed step leaves its log here instead
 log "done: $OUT/report.md, $OUT/logs.tar.gz, $(cd "$OUT" && echo model.tar.gz.part-*)"

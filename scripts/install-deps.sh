@@ -5,6 +5,11 @@
 #   scripts/install-deps.sh            # build + test dependencies
 #   scripts/install-deps.sh --runtime  # only what the server and worker binaries need at run time
 set -euo pipefail
+case "${1:-}" in
+  "" | --runtime) ;;
+  -h | --help) sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  *) echo "install-deps: unknown argument '$1' (--runtime, or none)" >&2; exit 2 ;;
+esac
 
 BUILD_PKGS=(
   build-essential cmake ninja-build ccache pkg-config git
@@ -48,6 +53,10 @@ if [[ ${#missing[@]} -eq 0 ]]; then
   exit 0
 fi
 echo "install-deps: installing ${missing[*]}"
+if [[ -n "$SUDO" ]] && ! command -v sudo >/dev/null 2>&1; then
+  echo "install-deps: not root and no sudo: run this as root to install them" >&2
+  exit 1
+fi
 export DEBIAN_FRONTEND=noninteractive
 # The postgresql and prometheus packages are here for their tools (the tests start their own
 # throwaway PostgreSQL; promtool checks the rules). Keep apt from starting their system services:

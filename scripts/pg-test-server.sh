@@ -45,9 +45,15 @@ case "$cmd" in
     if [[ ${#as_owner[@]} -gt 0 ]]; then chown postgres "$dir"; fi
     "${as_owner[@]}" "$bin/initdb" -D "$dir/data" -U perfusion -A trust -E UTF8 --no-sync \
       --no-instructions >"$dir/initdb.log" 2>&1 || { cat "$dir/initdb.log" >&2; exit 1; }
+    # On a failed start (a port taken, a 30 s timeout while it still comes up) stop whatever started:
+    # the caller registers its stop only on success.
     "${as_owner[@]}" "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 30 \
-      -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200" \
-      start >/dev/null || { cat "$dir/server.log" >&2; exit 1; }
+      -o "-p $port -k '$dir' -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200" \
+      start >/dev/null || {
+        cat "$dir/server.log" >&2
+        "${as_owner[@]}" "$bin/pg_ctl" -D "$dir/data" -m immediate -w -t 10 stop >/dev/null 2>&1 || true
+        exit 1
+      }
     echo "postgres://perfusion@127.0.0.1:$port/postgres"
     ;;
   stop)
