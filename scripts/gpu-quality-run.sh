@@ -20,7 +20,8 @@
 #                  harness's pictures, the VAE check) and model.tar.gz in parts of at most 15 MB
 #                  (model.tar.gz.part-aa, -ab: `cat model.tar.gz.part-* | tar xz` gives model/)
 #   SCRATCH        the work folder (checkpoints, about 130 MB) and the model (default
-#                  ${TMPDIR:-/tmp}/perfusion-gpu-quality, outside OUT, whose files must stay small); a
+#                  ${TMPDIR:-/tmp}/perfusion-gpu-quality-<hash of OUT>, outside OUT, whose files must
+#                  stay small); a
 #                  rerun with the same SCRATCH continues the training where it ended
 #   TOKENIZER_DIR  CLIP vocab.json + merges.txt (default ../shared/data/clip)
 #   TORCH_PREFIX   LibTorch's CMake prefix (default: python3's torch.utils.cmake_prefix_path)
@@ -72,7 +73,8 @@ UNET_BATCH=${UNET_BATCH:-256}
 DEVICE=${DEVICE:-cuda}
 SEEDS=${SEEDS:-1,2,3}
 BUILD_DIR=${BUILD_DIR:-$ROOT/build-gpu}
-SCRATCH=${SCRATCH:-${TMPDIR:-/tmp}/perfusion-gpu-quality}
+# One scratch folder per OUT by default: a run must not resume another run's checkpoints.
+SCRATCH=${SCRATCH:-${TMPDIR:-/tmp}/perfusion-gpu-quality-$(printf %s "$OUT" | sha1sum | cut -c1-8)}
 CLF_MINUTES=${CLF_MINUTES:-4}
 EVAL_MINUTES=${EVAL_MINUTES:-8}
 mkdir -p "$OUT" "$SCRATCH"

@@ -162,6 +162,13 @@ struct ResultDeleter {
 };
 using Result = std::unique_ptr<PGresult, ResultDeleter>;
 
+// Per-session settings, after every (re)connection: warnings only, and no statement runs longer
+// than 120 s (a hung query would hold the scheduler, which calls the store under its lock).
+void ConfigureSession(PGconn* c) {
+  PQclear(PQexec(c, "SET client_min_messages = warning"));
+  PQclear(PQexec(c, "SET statement_timeout = 120000"));
+}
+
 absl::Status PgError(PGconn* c, const PGresult* r, absl::string_view what) {
   const char* state = r ? PQresultErrorField(r, PG_DIAG_SQLSTATE) : nullptr;
   std::string msg = r ? PQresultErrorMessage(r) : "";
@@ -175,6 +182,7 @@ absl::Status PgError(PGconn* c, const PGresult* r, absl::string_view what) {
     // fine, so nothing else would ever reconnect it; reset it now (its transaction is lost
     // anyway) so the next use finds the new primary (target_session_attrs=read-write).
     PQreset(c);
+    if (PQstatus(c) == CONNECTION_OK) ConfigureSession(c);
     return absl::UnavailableError(text);
   }
   if (absl::StartsWith(code, "08") || absl::StartsWith(code, "57P") ||
@@ -293,11 +301,12 @@ absl::StatusOr<std::unique_ptr<PostgresStore>> PostgresStore::Open(const std::st
     // expand_dbname=1: `conninfo` may be a URI or key=value string. Keys after "dbname" override
     // it; keys before it are defaults it may override. The defaults bound how long a dead peer
     // (a failover without a TCP reset) can hold a call, and keep a connection off a demoted
-    // primary: TCP keepalives, tcp_user_timeout, a statement timeout, and read-write servers.
+    // primary: TCP keepalives, tcp_user_timeout and read-write servers. (The statement timeout is
+    // a SET after connecting, in ConfigureSession: PgBouncer refuses an `options` startup parameter.)
     const char* keys[] = {"keepalives", "keepalives_idle", "keepalives_interval", "keepalives_count",
-                          "tcp_user_timeout", "options", "target_session_attrs", "dbname", "connect_timeout",
+                          "tcp_user_timeout", "target_session_attrs", "dbname", "connect_timeout",
                           "application_name", nullptr};
-    const char* vals[] = {"1", "30", "10", "3", "60000", "-c statement_timeout=120000", "read-write",
+    const char* vals[] = {"1", "30", "10", "3", "60000", "read-write",
                           conninfo.c_str(), timeout.c_str(), "perfusion-server", nullptr};
     PGconn* c = PQconnectdbParams(keys, vals, /*expand_dbname=*/1);
     if (!c || PQstatus(c) != CONNECTION_OK) {
@@ -306,7 +315,7 @@ absl::StatusOr<std::unique_ptr<PostgresStore>> PostgresStore::Open(const std::st
       return absl::UnavailableError(absl::StrCat("postgres: cannot connect: ",
                                                  absl::StripTrailingAsciiWhitespace(msg)));
     }
-    PQclear(PQexec(c, "SET client_min_messages = warning"));
+    ConfigureSession(c);
     store->all_.push_back(c);
     absl::MutexLock lock(&store->mu_);
     store->idle_.push_back(c);
@@ -340,6 +349,7 @@ absl::StatusOr<PostgresStore::Conn> PostgresStore::Borrow() {
       return absl::UnavailableError(absl::StrCat(
           "postgres: connection lost: ", absl::StripTrailingAsciiWhitespace(PQerrorMessage(c))));
     }
+    ConfigureSession(c);  // a new session: its settings are gone
   }
   return conn;
 }
@@ -352,6 +362,8 @@ void PostgresStore::Return(PGconn* c) {
 absl::Status PostgresStore::Migrate() {
   ASSIGN_OR_RETURN(Conn c, Borrow());
   RETURN_IF_ERROR(c.Begin());
+  // A migration may take long on a big table, and replicas wait for it on the lock below.
+  RETURN_IF_ERROR(c.Exec("SET LOCAL statement_timeout = 0").status());
   // Replicas starting together: the first migrates, the others wait here and find it done.
   {
     Params p;

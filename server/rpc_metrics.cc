@@ -76,7 +76,8 @@ RpcMetricsInterceptorFactory::RpcMetricsInterceptorFactory(ServerMetrics* metric
   }
   // gRPC's own services, whose descriptors may not be in this binary's pool.
   for (const char* m : {"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch",
-                        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"}) {
+                        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+                        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"}) {
     known_.insert(m);
   }
 }

@@ -285,6 +285,7 @@ Concept TrainConcept(StableDiffusion& model, const std::vector<at::Tensor>& imag
         if (++good_steps % 200 == 0) scale *= 2;
       } else {
         ++skipped_steps;
+        good_steps = 0;  // as GradScaler: growth counts good steps since the last overflow
         scale /= 2;
         TORCH_CHECK_VALUE(scale >= 1.0, "training diverged: the gradients are not finite at any loss scale (step ",
                           step, " of ", o.steps, ")");
