@@ -222,9 +222,11 @@ PromptGates Pipeline::Gates(const std::string& prompt, const std::map<std::strin
 }
 
 std::vector<CrossAttnKV> Pipeline::PromptKV(const std::string& prompt, const std::map<std::string, ConceptRef>& concepts,
-                                            MultiConceptMode mode, const std::vector<std::string>& also) const {
+                                            MultiConceptMode mode, const std::vector<std::string>& also,
+                                            std::vector<std::string>* applied) const {
   c10::InferenceMode guard;
   const EditedPrompt e = PrepareEdits(prompt, concepts, mode, also);
+  if (applied) applied->insert(applied->end(), e.tokens.concepts.begin(), e.tokens.concepts.end());
   if (e.concepts.empty()) return model_->unet->precompute_kv(e.X);
   const auto dev = model_->device;
   const std::vector<const Concept*>& cs = e.concepts;
@@ -358,11 +360,13 @@ std::vector<GenerationResult> Pipeline::GenerateGroup(const std::vector<const Ge
   for (const GenerationRequest* r : group) {
     TORCH_CHECK_VALUE(r->num_images >= 1 && r->num_images <= 64, "num_images must be in [1, 64], got ", r->num_images);
     TORCH_CHECK_VALUE(r->regions.size() <= kMaxRegions, "at most ", kMaxRegions, " regions, got ", r->regions.size());
+    std::vector<std::string> used;  // the concepts the prompt and its regions apply
     for (size_t j = 0; j < r->regions.size(); ++j) {
       const PromptRegion& region = r->regions[j];
       TORCH_CHECK_VALUE(!region.prompt.empty(), "a region's prompt is empty");
       at::Tensor mask = RegionMask(region, h, w);
-      by_rank[j].push_back({PromptKV(region.prompt, r->concepts, r->multi_concept_mode), n_images, r->num_images, mask});
+      by_rank[j].push_back(
+          {PromptKV(region.prompt, r->concepts, r->multi_concept_mode, {}, &used), n_images, r->num_images, mask});
     }
     n_images += r->num_images;
     TORCH_CHECK_VALUE(r->guidance_scale >= 0, "guidance_scale must be >= 0");
@@ -374,13 +378,9 @@ std::vector<GenerationResult> Pipeline::GenerateGroup(const std::vector<const Ge
       noise.push_back(at::randn({1, C, h, w}, gen, at::TensorOptions().dtype(at::kFloat)));
     }
     counts.push_back(r->num_images);
-    cond_kv.push_back(PromptKV(r->prompt, r->concepts, r->multi_concept_mode));
+    cond_kv.push_back(PromptKV(r->prompt, r->concepts, r->multi_concept_mode, {}, &used));
     std::vector<std::string> uncond_also;
     if (r->edit_unconditional) {
-      std::vector<std::string> used = Tokenize(r->prompt, r->concepts).concepts;
-      for (const PromptRegion& region : r->regions) {
-        for (const std::string& name : Tokenize(region.prompt, r->concepts).concepts) used.push_back(name);
-      }
       for (const std::string& name : used) {
         if (!r->concepts.at(name).global_key_lock) uncond_also.push_back(name);
       }

@@ -124,9 +124,11 @@ class Pipeline {
   // Cross-attention K/V of every attn2 layer for one prompt ([1, 77, O] each), edits applied.
   // `also`: concepts (by name in `concepts`) whose edits apply to this prompt's tokens although it
   // does not name them (the unconditional half under GenerationRequest::edit_unconditional).
+  // `applied`, when given, gets the names of the concepts whose edits were applied appended.
   std::vector<CrossAttnKV> PromptKV(const std::string& prompt, const std::map<std::string, ConceptRef>& concepts,
                                     MultiConceptMode mode = MultiConceptMode::kApproximate,
-                                    const std::vector<std::string>& also = {}) const;
+                                    const std::vector<std::string>& also = {},
+                                    std::vector<std::string>* applied = nullptr) const;
 
   // The gates PromptKV applies, per token and concept: to see where a concept's edit acts (the
   // tokens after the prompt included) when concepts leak into each other or into padding.
