@@ -40,6 +40,12 @@ void CheckEncodings(const at::Tensor& X, int64_t D, const char* what) {
 
 }  // namespace
 
+void CheckGateRange(const GateParams& gate, const std::string& beta_name, const std::string& temperature_name) {
+  TORCH_CHECK_VALUE(gate.beta >= 0 && gate.beta <= 1, beta_name, " must be in [0, 1], got ", gate.beta);
+  TORCH_CHECK_VALUE(gate.temperature > 0 && gate.temperature <= 1, temperature_name, " must be in (0, 1], got ",
+                    gate.temperature);
+}
+
 ConceptGates ComputeConceptGates(const at::Tensor& X, const at::Tensor& i_star, const at::Tensor& c_inv,
                                  const std::vector<GateParams>& params, MultiConceptMode mode) {
   TORCH_CHECK_VALUE(i_star.defined() && i_star.dim() == 2 && i_star.size(0) >= 1,

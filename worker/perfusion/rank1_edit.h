@@ -32,6 +32,7 @@
 #include <torch/nn/pimpl.h>
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 namespace perfusion {
@@ -41,6 +42,12 @@ struct GateParams {
   double beta = 0.7;
   double temperature = 0.15;
 };
+
+// The range a user may set (the service's API, the tools, a trained concept's default gate): beta in
+// [0, 1], temperature in (0, 1]; a beta above 1 never opens the gate. The math itself takes any beta
+// and any positive temperature (tests saturate the gate with beta = ±1e3). c10::ValueError naming
+// `beta_name` or `temperature_name` otherwise.
+void CheckGateRange(const GateParams& gate, const std::string& beta_name, const std::string& temperature_name);
 
 enum class MultiConceptMode {
   kApproximate,  // sum of the per-concept edits (the reference's default); exact when the i* are

@@ -122,11 +122,6 @@ at::Tensor ForegroundMask(const at::Tensor& image, int64_t factor, double mask_m
 
 namespace {
 
-void CheckGate(const char* beta_name, double beta, const char* temperature_name, double temperature) {
-  TORCH_CHECK_VALUE(beta >= 0 && beta <= 1, beta_name, " must be in [0, 1], got ", beta);
-  TORCH_CHECK_VALUE(temperature > 0 && temperature <= 1, temperature_name, " must be in (0, 1], got ", temperature);
-}
-
 void CheckRate(const char* name, double v) {
   TORCH_CHECK_VALUE(std::isfinite(v) && v >= 0, name, " must be a finite number >= 0, got ", v);
 }
@@ -143,9 +138,9 @@ void CheckTrainOptions(const TrainOptions& o) {
   TORCH_CHECK_VALUE(o.mask_min >= 0 && o.mask_min <= 1, "mask_min must be in [0, 1], got ", o.mask_min);
   TORCH_CHECK_VALUE(std::isfinite(o.mask_distance) && o.mask_distance > 0, "mask_distance must be > 0, got ",
                     o.mask_distance);
-  CheckGate("default_gate.beta", o.default_gate.beta, "default_gate.temperature", o.default_gate.temperature);
-  CheckGate("edit.train_beta", o.edit.train_beta(), "edit.train_temperature", o.edit.train_temperature());
-  CheckGate("edit.eval_beta", o.edit.eval_beta(), "edit.eval_temperature", o.edit.eval_temperature());
+  CheckGateRange(o.default_gate, "default_gate.beta", "default_gate.temperature");
+  CheckGateRange({o.edit.train_beta(), o.edit.train_temperature()}, "edit.train_beta", "edit.train_temperature");
+  CheckGateRange({o.edit.eval_beta(), o.edit.eval_temperature()}, "edit.eval_beta", "edit.eval_temperature");
   TORCH_CHECK_VALUE(o.edit.input_decay() >= 0 && o.edit.input_decay() < 1, "edit.input_decay must be in [0, 1), got ",
                     o.edit.input_decay());
 }

@@ -189,13 +189,11 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "need a prompt (see --help)\n");
     return 2;
   }
-  // The gate's ranges, as the service's (api.md): a beta above 1 never opens the gate.
-  if (a.beta && !(*a.beta >= 0 && *a.beta <= 1)) {
-    std::fprintf(stderr, "--beta must be in [0, 1], got %g\n", *a.beta);
-    return 2;
-  }
-  if (a.tau && !(*a.tau > 0 && *a.tau <= 1)) {
-    std::fprintf(stderr, "--tau must be in (0, 1], got %g\n", *a.tau);
+  try {  // the gate's ranges, as the service's (api.md)
+    const GateParams defaults;
+    CheckGateRange({a.beta.value_or(defaults.beta), a.tau.value_or(defaults.temperature)}, "--beta", "--tau");
+  } catch (const c10::ValueError& e) {
+    std::fprintf(stderr, "%s\n", e.what_without_backtrace());
     return 2;
   }
   try {
