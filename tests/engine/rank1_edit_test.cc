@@ -162,6 +162,16 @@ TEST_F(Rank1EditTest, ExactFormRejectsDuplicateConcepts) {
   EXPECT_THROW(ComputeConceptGates(X, I, C_inv, {{0.7, 0.15}}, MultiConceptMode::kExact), c10::ValueError);
 }
 
+// Parallel to within rounding: Cholesky may still succeed, but the coefficients would be noise.
+TEST_F(Rank1EditTest, ExactFormRejectsConceptsParallelToWithinRounding) {
+  for (double eps : {1e-8, 1e-10}) {
+    const at::Tensor I = at::stack({i_star[0], i_star[0] + eps * i_star[1]});
+    EXPECT_THROW(ComputeConceptGates(X, I, C_inv, {{0.7, 0.15}}, MultiConceptMode::kExact), c10::ValueError)
+        << "eps " << eps;
+    EXPECT_NO_THROW(ComputeConceptGates(X, I, C_inv, {{0.7, 0.15}}, MultiConceptMode::kApproximate));
+  }
+}
+
 // Two concepts of one superclass have nearly parallel i*: their exact-form coefficients are large
 // with opposite signs. From float32 inputs the erase term still matches the float64 computation,
 // because the exact form runs in float64 (in float32 it cancelled to noise).

@@ -80,6 +80,17 @@ ConceptGates ComputeConceptGates(const at::Tensor& X, const at::Tensor& i_star, 
     TORCH_CHECK_VALUE(info.item<int64_t>() == 0,
                       "rank1_edit: the exact multi-concept form needs linearly independent i* vectors; the ", K,
                       " concepts' Gram matrix is singular (the same concept twice?)");
+    // Nearly singular is refused too: Cholesky can succeed on a Gram whose smallest pivot is
+    // rounding noise, and the coefficients are then ~1/pivot with no correct digit left. Scaled to
+    // unit diagonal, a pivot^2 of 1e-12 is two i* at 1 - 5e-13 cosine in the C^-1 metric; at that
+    // distance float64 still keeps about four digits of the erase term.
+    const at::Tensor d = L.diagonal();
+    const at::Tensor scale = gram.diagonal().sqrt();
+    const double min_pivot2 = (d / scale).square().min().item<double>();
+    TORCH_CHECK_VALUE(min_pivot2 >= 1e-12,
+                      "rank1_edit: the exact multi-concept form needs linearly independent i* vectors; two of the ",
+                      K, " concepts are parallel to within rounding (relative pivot ", min_pivot2,
+                      "; the same concept twice?). Use the approximate form for them.");
     g.erase = at::matmul(at::matmul(X.to(at::kDouble), A64.t()), at::cholesky_inverse(L)).to(type);
   }
   return g;
