@@ -50,24 +50,32 @@ RUN mkdir -p /opt/perfusion/etc \
         > /opt/perfusion/etc/worker.flags
 
 # ---------------------------------------------------------------------------------------------
-# runtime: what the binaries load at run time (scripts/install-deps.sh --runtime), no compiler,
-# no headers, and an unprivileged user. The server and worker images start from it.
+# runtime: an unprivileged user on debian:12-slim, no compiler, no headers. Each image adds only
+# the shared libraries its binaries load (scripts/install-deps.sh --runtime=KIND): Debian's
+# LibTorch pulls in OpenCV, Qt and codecs (about 1 GB), which only the CPU worker needs.
 FROM ${DEBIAN_SLIM_IMAGE} AS runtime
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
-COPY scripts/install-deps.sh /tmp/install-deps.sh
-RUN /tmp/install-deps.sh --runtime \
-    && rm -rf /var/lib/apt/lists/* /tmp/install-deps.sh \
-    && groupadd --system --gid 10001 perfusion \
+RUN groupadd --system --gid 10001 perfusion \
     && useradd --system --uid 10001 --gid 10001 --home-dir /var/lib/perfusion \
         --shell /usr/sbin/nologin perfusion \
     && install -d -o perfusion -g perfusion -m 0750 /var/lib/perfusion
 ENV LANG=C.UTF-8
+COPY scripts/install-deps.sh /opt/perfusion/install-deps.sh
+
+FROM runtime AS runtime-server
+RUN /opt/perfusion/install-deps.sh --runtime=server && rm -rf /var/lib/apt/lists/*
+
+FROM runtime AS runtime-worker
+RUN /opt/perfusion/install-deps.sh --runtime=worker && rm -rf /var/lib/apt/lists/*
+
+FROM runtime AS runtime-worker-cuda
+RUN /opt/perfusion/install-deps.sh --runtime=worker-cuda && rm -rf /var/lib/apt/lists/*
 
 # ---------------------------------------------------------------------------------------------
 # server: perfusion-server and perfusionctl (the HEALTHCHECK's gRPC health client).
 #   docker run -p 50051:50051 -v perfusion-data:/var/lib/perfusion \
 #     -v "$PWD/tokens:/etc/perfusion/tokens:ro" perfusion-server:0.1.0
-FROM runtime AS server
+FROM runtime-server AS server
 COPY --from=builder /src/build/server/perfusion-server /src/build/client/perfusionctl /usr/local/bin/
 COPY --from=builder /opt/perfusion/etc/server.flags /opt/perfusion/etc/server.flags
 COPY --from=builder /opt/perfusion/models/tiny/tokenizer/vocab.json /opt/perfusion/models/tiny/tokenizer/vocab.json
@@ -128,7 +136,7 @@ RUN mkdir -p /opt/perfusion/etc \
 # worker-cuda: the CUDA worker. LibTorch's lib/ carries the CUDA runtime, cuBLAS and cuDNN; the
 # NVIDIA container toolkit mounts the driver. Run with --gpus all (docker) or an nvidia.com/gpu
 # limit (deploy/overlays/gpu).
-FROM runtime AS worker-cuda
+FROM runtime-worker-cuda AS worker-cuda
 COPY --from=builder-cuda /opt/libtorch/lib /opt/libtorch/lib
 COPY --from=builder-cuda /src/build/worker/perfusion-worker /usr/local/bin/
 COPY --from=builder-cuda /opt/perfusion /opt/perfusion
@@ -148,7 +156,7 @@ CMD ["--server=perfusion-server:50051"]
 # worker (the default target): the CPU worker with the tiny model; the worker token comes from
 # PERFUSION_WORKER_TOKEN or --worker_token_file.
 #   docker run -e PERFUSION_WORKER_TOKEN=... perfusion-worker:0.1.0 --server=HOST:50051
-FROM runtime AS worker
+FROM runtime-worker AS worker
 COPY --from=builder /src/build/worker/perfusion-worker /usr/local/bin/
 COPY --from=builder /opt/perfusion/models /opt/perfusion/models
 COPY --from=builder /opt/perfusion/etc/worker.flags /opt/perfusion/etc/worker.flags

@@ -2,13 +2,17 @@
 # Installs every Debian 12 package perfusion-serve needs to build, test and run. Idempotent:
 # packages already present are left alone. Needs root (or sudo).
 #
-#   scripts/install-deps.sh            # build + test dependencies
-#   scripts/install-deps.sh --runtime  # only what the server and worker binaries need at run time
+#   scripts/install-deps.sh                        # build + test dependencies
+#   scripts/install-deps.sh --runtime              # what the server and the CPU worker load at run time
+#   scripts/install-deps.sh --runtime=server       # perfusion-server and perfusionctl only (no LibTorch)
+#   scripts/install-deps.sh --runtime=worker       # the CPU worker (Debian's LibTorch 1.13)
+#   scripts/install-deps.sh --runtime=worker-cuda  # the CUDA worker, whose LibTorch comes with it
 set -euo pipefail
-case "${1:-}" in
-  "" | --runtime) ;;
-  -h | --help) sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-  *) echo "install-deps: unknown argument '$1' (--runtime, or none)" >&2; exit 2 ;;
+mode="${1:-}"
+case "$mode" in
+  "" | --runtime | --runtime=server | --runtime=worker | --runtime=worker-cuda) ;;
+  -h | --help) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  *) echo "install-deps: unknown argument '$1' (--runtime[=server|worker|worker-cuda], or none)" >&2; exit 2 ;;
 esac
 
 BUILD_PKGS=(
@@ -22,26 +26,33 @@ BUILD_PKGS=(
   yamllint python3-yaml prometheus            # deploy/ tests: YAML lint, promtool (rules, alerts)
   openssl                                     # TLS test: a throwaway self-signed certificate
 )
-RUNTIME_PKGS=(
-  libtorch1.13 libopenblas0-openmp libgrpc++1.51 libprotobuf32 libsqlite3-0 libpq5 libpng16-16 libjpeg62-turbo ca-certificates
-)
+# Run time, per image: Debian's libtorch1.13 pulls in OpenCV, Qt and codecs (about 1 GB), so only
+# the CPU worker gets it. The CUDA worker loads the LibTorch it was built against from its own lib/.
+RUNTIME_SERVER_PKGS=(libgrpc++1.51 libprotobuf32 libsqlite3-0 libpq5 ca-certificates)
+RUNTIME_WORKER_CUDA_PKGS=(libgrpc++1.51 libprotobuf32 libpng16-16 libjpeg62-turbo ca-certificates)
+RUNTIME_WORKER_PKGS=("${RUNTIME_WORKER_CUDA_PKGS[@]}" libtorch1.13 libopenblas0-openmp)
 
 pkgs=("${BUILD_PKGS[@]}")
-if [[ "${1:-}" == "--runtime" ]]; then
-  pkgs=("${RUNTIME_PKGS[@]}")
-elif ! command -v npm >/dev/null 2>&1; then
+case "$mode" in
+  --runtime) pkgs=("${RUNTIME_SERVER_PKGS[@]}" "${RUNTIME_WORKER_PKGS[@]}") ;;
+  --runtime=server) pkgs=("${RUNTIME_SERVER_PKGS[@]}") ;;
+  --runtime=worker) pkgs=("${RUNTIME_WORKER_PKGS[@]}") ;;
+  --runtime=worker-cuda) pkgs=("${RUNTIME_WORKER_CUDA_PKGS[@]}") ;;
+esac
+if [[ -z "$mode" ]] && ! command -v npm >/dev/null 2>&1; then
   pkgs+=(nodejs npm)  # the independent gRPC reflection client the service tests use
 fi
 
 # kubectl for `kubectl kustomize` in the deploy/ tests; a machine that has one already (from
 # another package that owns /usr/bin/kubectl) keeps it.
-if [[ "${1:-}" != "--runtime" ]] && ! command -v kubectl >/dev/null 2>&1; then
+if [[ -z "$mode" ]] && ! command -v kubectl >/dev/null 2>&1; then
   pkgs+=(kubernetes-client)
 fi
 
 SUDO=""
 if [[ $(id -u) -ne 0 ]]; then SUDO="sudo"; fi
 
+mapfile -t pkgs < <(printf '%s\n' "${pkgs[@]}" | awk '!seen[$0]++')  # lists overlap
 missing=()
 for p in "${pkgs[@]}"; do
   if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then

@@ -2,9 +2,10 @@
 """deploy_dockerfile: static checks of the Dockerfile (no Docker engine is needed or used).
 
 - Packages come only from scripts/install-deps.sh, the script the README and CI run: every
-  builder runs it with no arguments, every image stage starts from a stage that ran
-  `install-deps.sh --runtime`, and no stage installs packages another way (the CUDA builder's
-  NVIDIA packages are the one listed exception). The configure line is CI's (scripts/test.sh).
+  builder runs it with no arguments, each image stage starts from the stage that ran
+  `install-deps.sh --runtime=KIND` for its own kind (server, worker, worker-cuda: only the CPU
+  worker gets Debian's LibTorch), and no stage installs packages another way (the CUDA
+  builder's NVIDIA packages are the one listed exception). The configure line is CI's (scripts/test.sh).
 - hadolint-style rules: tagged base images, exec-form CMD/ENTRYPOINT/HEALTHCHECK, a non-root
   USER in every image, pipefail SHELL before RUN, COPY not ADD for local files, no `cd` or
   `sudo` in RUN, apt lists removed, --no-install-recommends.
@@ -12,8 +13,8 @@
   HEALTHCHECK in each image; .dockerignore keeps what the build copies; the shared context
   has the tokenizer files the Dockerfile copies.
 - With the built binaries (--binary, repeatable): every shared library they load belongs to a
-  package that `install-deps.sh --runtime` installs (or its dependencies), and that list holds
-  no -dev package.
+  package that `install-deps.sh --runtime=KIND` installs for the image that carries them (or
+  its dependencies), and those lists hold no -dev package.
 - dockerfilelint (npm) when it can be installed: no findings except two known false positives
   of that old linter.
 
@@ -34,6 +35,11 @@ DOCKERFILE = os.environ.get("PERFUSION_DOCKERFILE", os.path.join(dl.REPO, "Docke
 INSTALL_DEPS = os.path.join(dl.REPO, "scripts", "install-deps.sh")
 TEST_SH = os.path.join(dl.REPO, "scripts", "test.sh")
 IMAGE_STAGES = {"server", "worker", "worker-cuda"}
+# Each image's runtime stage, the install-deps.sh list it installs, and the binaries it carries.
+RUNTIME_LISTS = {"server": ["RUNTIME_SERVER_PKGS"],
+                 "worker": ["RUNTIME_WORKER_CUDA_PKGS", "RUNTIME_WORKER_PKGS"],
+                 "worker-cuda": ["RUNTIME_WORKER_CUDA_PKGS"]}
+BINARY_IMAGE = {"perfusion-server": "server", "perfusionctl": "server", "perfusion-worker": "worker"}
 # The only packages installed outside install-deps.sh: NVIDIA's CUDA toolkit (Debian 12 has no
 # CUDA 12) and unzip for the LibTorch archive, in the CUDA builder.
 EXTRA_PACKAGES = {"builder-cuda": [r"cuda-toolkit-\$\{CUDA_VERSION\}", r"unzip"]}
@@ -83,7 +89,9 @@ def stages(instrs):
 
 
 def bash_array(text, name):
-    m = re.search(rf"^{name}=\((.*?)^\)", text, re.S | re.M)
+    """The words of a bash array assignment, on one line or several (comments dropped)."""
+    m = (re.search(rf"^{name}=\(([^\n]*?)\)[ \t]*(#[^\n]*)?$", text, re.M)
+         or re.search(rf"^{name}=\((.*?)^\)", text, re.S | re.M))
     if not m:
         return []
     body = "\n".join(l.split("#", 1)[0] for l in m.group(1).splitlines())
@@ -177,15 +185,24 @@ def check_static(f):
             f.check(any(re.search(r"(^|\s)scripts/install-deps\.sh(\s|$)", r)
                         and "--runtime" not in r for r in runs),
                     f"{where}: a builder must run scripts/install-deps.sh (the CI path)")
+        if name.startswith("runtime-"):
+            kind = name[len("runtime-"):]
+            f.check(kind in IMAGE_STAGES, f"{where}: a runtime stage for an unknown image {kind}")
+            f.check(any(re.search(rf"install-deps\.sh --runtime={re.escape(kind)}(\s|$)", r)
+                        for r in runs),
+                    f"{where}: must run install-deps.sh --runtime={kind}")
         if name == "runtime":
-            f.check(any("install-deps.sh --runtime" in r for r in runs),
-                    f"{where}: the runtime stage must run install-deps.sh --runtime")
+            f.check(not any("install-deps.sh" in r for r in runs),
+                    f"{where}: the shared runtime stage installs no packages; each image's own "
+                    "runtime-KIND stage does")
 
     # Images: from the runtime stage, non-root, a healthcheck, ports that deploy/ uses.
     expect_ports = {"server": {"50051", "9090"}, "worker": {"9091"}, "worker-cuda": {"9091"}}
     for name in IMAGE_STAGES & set(st):
         chain = ancestry(name)
         f.check("runtime" in chain, f"Dockerfile stage {name}: must build on the runtime stage")
+        f.check(f"runtime-{name}" in chain,
+                f"Dockerfile stage {name}: must build on runtime-{name}, the stage with its libraries")
         ins = [(i, r) for _, i, r in st[name]["instrs"]]
         users = [r for i, r in ins if i == "USER"]
         f.check(users and users[-1].split(":")[0] not in ("0", "root"),
@@ -244,27 +261,42 @@ def check_shared(f, shared):
 
 
 def check_runtime_libs(f, binaries):
-    """Each library the binaries load comes from the install-deps.sh --runtime closure."""
+    """Each library a binary loads comes from the install-deps.sh --runtime=KIND closure of the
+    image that carries it."""
     with open(INSTALL_DEPS) as s:
         text = s.read()
-    runtime = bash_array(text, "RUNTIME_PKGS")
-    f.check(bool(runtime), "scripts/install-deps.sh: no RUNTIME_PKGS list")
-    f.check(not [p for p in runtime if p.endswith("-dev")],
-            f"RUNTIME_PKGS holds development packages: {[p for p in runtime if p.endswith('-dev')]}")
+    lists = {}
+    for kind, names in RUNTIME_LISTS.items():
+        pkgs = []
+        for n in names:
+            arr = bash_array(text, n)
+            f.check(bool(arr), f"scripts/install-deps.sh: no {n} list")
+            pkgs += [p for p in arr if "$" not in p]  # "${OTHER[@]}" is listed by name
+        lists[kind] = pkgs
+        dev = [p for p in pkgs if p.endswith("-dev")]
+        f.check(not dev, f"install-deps.sh --runtime={kind} installs development packages: {dev}")
+    f.check(not {"libtorch1.13", "libopenblas0-openmp"} & set(lists["server"] + lists["worker-cuda"]),
+            "install-deps.sh: only the CPU worker's runtime gets Debian's LibTorch and OpenBLAS")
     bins = [b for b in binaries if os.path.exists(b)]
     if not bins:
         print("no built binaries given: the runtime library closure is not checked")
         return
-    code, out, err = dl.run(["apt-cache", "depends", "--recurse", "--no-recommends",
-                             "--no-suggests", "--no-conflicts", "--no-breaks", "--no-replaces",
-                             "--no-enhances", *runtime], timeout=120)
-    if code != 0 or not out.strip():
-        print(f"apt-cache depends failed ({err.strip()[:200]}): closure not checked")
-        return
-    closure = {l.strip() for l in out.splitlines() if l and not l.startswith(" ")}
-    closure |= {"libc6", "libgcc-s1", "libstdc++6", "libzstd1", "zlib1g", "liblzma5",
-                "libcrypt1", "libselinux1", "libpcre2-8-0"}  # in every debian:12-slim
+    closures = {}
+    for kind, pkgs in lists.items():
+        code, out, err = dl.run(["apt-cache", "depends", "--recurse", "--no-recommends",
+                                 "--no-suggests", "--no-conflicts", "--no-breaks", "--no-replaces",
+                                 "--no-enhances", *pkgs], timeout=120)
+        if code != 0 or not out.strip():
+            print(f"apt-cache depends failed ({err.strip()[:200]}): closure not checked")
+            return
+        closures[kind] = {l.strip() for l in out.splitlines() if l and not l.startswith(" ")}
+        closures[kind] |= {"libc6", "libgcc-s1", "libstdc++6", "libzstd1", "zlib1g", "liblzma5",
+                           "libcrypt1", "libselinux1", "libpcre2-8-0"}  # in every debian:12-slim
     for b in bins:
+        kind = BINARY_IMAGE.get(os.path.basename(b))
+        if not f.check(kind is not None, f"{b}: no image is known to carry this binary"):
+            continue
+        closure = closures[kind]
         code, out, err = dl.run(["ldd", b], timeout=60)
         if not f.check(code == 0, f"ldd {b} failed: {err}"):
             continue
@@ -285,9 +317,9 @@ def check_runtime_libs(f, binaries):
             elif pkg not in closure:
                 missing[lib] = pkg
         f.check(not missing, f"{os.path.basename(b)} loads libraries that "
-                             f"`install-deps.sh --runtime` does not install: {missing}")
-        print(f"{os.path.basename(b)}: {len(libs)} libraries, all from the runtime closure"
-              if not missing else f"{os.path.basename(b)}: {len(missing)} libraries outside")
+                             f"`install-deps.sh --runtime={kind}` does not install: {missing}")
+        print(f"{os.path.basename(b)}: {len(libs)} libraries, all from the {kind} image's runtime "
+              "closure" if not missing else f"{os.path.basename(b)}: {len(missing)} libraries outside")
 
 
 def check_dockerfilelint(f, npm_dir):
