@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <string>
 
+#include "perfusion/json_text.h"
 #include "tests/engine/test_util.h"
 
 namespace perfusion {
@@ -134,6 +135,24 @@ TEST_F(SafetensorsCorruptionTest, ByteSizeOverflowIsRejected) {
 TEST_F(SafetensorsCorruptionTest, HugeDimensionAfterAZeroIsRejected) {
   WriteRaw(RawFile(R"({"C":{"dtype":"F32","shape":[0,18446744073709551615],"data_offsets":[0,0]}})", 0));
   ExpectRejected("shape overflows");
+}
+
+// The error message quotes the bad dimension; quoting a value nested 200,000 deep with nlohmann's
+// recursive dump() overflowed the stack (SIGSEGV) instead of raising.
+TEST_F(SafetensorsCorruptionTest, DeeplyNestedDimensionIsAnErrorNotACrash) {
+  const int depth = 200000;
+  WriteRaw(RawFile(R"({"C":{"dtype":"F32","shape":[)" + std::string(depth, '[') + std::string(depth, ']') +
+                       R"(],"data_offsets":[0,0]}})",
+                   0));
+  ExpectRejected("bad dimension <array nested more than 8 deep>");
+}
+
+TEST(JsonForMessageTest, QuotesShallowValuesAndSummarisesDeepOnes) {
+  EXPECT_EQ(JsonForMessage(nlohmann::json::parse(R"([1, "a", {"b": null}])")), R"([1,"a",{"b":null}])");
+  EXPECT_EQ(JsonForMessage(nlohmann::json::parse(std::string(9, '[') + std::string(9, ']'))),
+            "<array nested more than 8 deep>");
+  EXPECT_EQ(JsonForMessage(nlohmann::json::parse(std::string(8, '[') + std::string(8, ']'))), "[[[[[[[[]]]]]]]]");
+  EXPECT_EQ(JsonForMessage(std::string(500, 'x')), "\"" + std::string(199, 'x') + "...");
 }
 
 }  // namespace

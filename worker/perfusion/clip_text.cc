@@ -4,6 +4,7 @@
 #include <c10/util/Exception.h>
 #include <nlohmann/json.hpp>
 
+#include "perfusion/json_text.h"
 #include "perfusion/nn_blocks.h"
 #include "perfusion/safetensors.h"
 
@@ -32,7 +33,7 @@ void ValidateOptions(const CLIPTextModelOptions& o) {
 int64_t JsonInt(const nlohmann::json& j, const char* key, int64_t fallback, const std::string& where) {
   auto it = j.find(key);
   if (it == j.end() || it->is_null()) return fallback;
-  TORCH_CHECK_VALUE(it->is_number_integer(), where, ": field \"", key, "\" must be an integer, got ", it->dump());
+  TORCH_CHECK_VALUE(it->is_number_integer(), where, ": field \"", key, "\" must be an integer, got ", JsonForMessage(*it));
   return it->get<int64_t>();
 }
 
@@ -47,11 +48,11 @@ CLIPTextModelOptions OptionsFromJson(const std::string& json_text, const std::st
   o.max_position_embeddings(JsonInt(j, "max_position_embeddings", o.max_position_embeddings(), where));
   o.vocab_size(JsonInt(j, "vocab_size", o.vocab_size(), where));
   if (auto it = j.find("hidden_act"); it != j.end() && !it->is_null()) {
-    TORCH_CHECK_VALUE(it->is_string(), where, ": field \"hidden_act\" must be a string, got ", it->dump());
+    TORCH_CHECK_VALUE(it->is_string(), where, ": field \"hidden_act\" must be a string, got ", JsonForMessage(*it));
     o.hidden_act(it->get<std::string>());
   }
   if (auto it = j.find("layer_norm_eps"); it != j.end() && !it->is_null()) {
-    TORCH_CHECK_VALUE(it->is_number(), where, ": field \"layer_norm_eps\" must be a number, got ", it->dump());
+    TORCH_CHECK_VALUE(it->is_number(), where, ": field \"layer_norm_eps\" must be a number, got ", JsonForMessage(*it));
     o.layer_norm_eps(it->get<double>());
   }
   try {

@@ -14,6 +14,7 @@
 
 #include "perfusion/concept.h"
 #include "perfusion/covariance.h"
+#include "perfusion/json_text.h"
 #include "perfusion/module_io.h"
 #include "perfusion/name_conversion.h"
 #include "perfusion/rank1_edit.h"
@@ -223,7 +224,7 @@ std::shared_ptr<StableDiffusion> LoadModelDir(const std::string& dir, const Mode
       TORCH_CHECK_VALUE(key == "key_lock", "model folder ", dir, ": perfusion/inference.json: unknown key \"", key,
                         "\" (known: key_lock)");
       TORCH_CHECK_VALUE(value.is_string() && (value == "global" || value == "local"), "model folder ", dir,
-                        ": perfusion/inference.json: key_lock must be \"global\" or \"local\", got ", value.dump());
+                        ": perfusion/inference.json: key_lock must be \"global\" or \"local\", got ", JsonForMessage(value));
       model->default_global_key_lock = value == "global";
     }
   }

@@ -14,6 +14,8 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
+#include "perfusion/json_text.h"
+
 namespace perfusion {
 namespace {
 
@@ -114,7 +116,7 @@ std::shared_ptr<const SafetensorsReader> SafetensorsReader::Open(const std::stri
     uint64_t numel = 1;
     for (const auto& d : v["shape"]) {
       TORCH_CHECK(d.is_number_unsigned() || (d.is_number_integer() && d.get<int64_t>() >= 0),
-                  "safetensors: ", path, ": tensor '", name, "': bad dimension ", d.dump());
+                  "safetensors: ", path, ": tensor '", name, "': bad dimension ", JsonForMessage(d));
       const uint64_t dim = d.get<uint64_t>();
       // Each dimension on its own too: after a 0, the product stays 0 whatever follows, and a
       // dimension of 2^63 would become negative as an int64.

@@ -15,6 +15,7 @@
 #include <sstream>
 #include <utility>
 
+#include "perfusion/json_text.h"
 #include "perfusion/safetensors.h"
 
 namespace perfusion {
@@ -46,28 +47,28 @@ const json* Find(const json& j, const char* key) {
 void Read(const json& j, const char* key, const std::string& src, int64_t* out) {
   const json* v = Find(j, key);
   if (v == nullptr) return;
-  TORCH_CHECK_VALUE(v->is_number_integer(), src, ": key \"", key, "\" must be an integer, got ", v->dump());
+  TORCH_CHECK_VALUE(v->is_number_integer(), src, ": key \"", key, "\" must be an integer, got ", JsonForMessage(*v));
   *out = v->get<int64_t>();
 }
 
 void Read(const json& j, const char* key, const std::string& src, double* out) {
   const json* v = Find(j, key);
   if (v == nullptr) return;
-  TORCH_CHECK_VALUE(v->is_number(), src, ": key \"", key, "\" must be a number, got ", v->dump());
+  TORCH_CHECK_VALUE(v->is_number(), src, ": key \"", key, "\" must be a number, got ", JsonForMessage(*v));
   *out = v->get<double>();
 }
 
 void Read(const json& j, const char* key, const std::string& src, bool* out) {
   const json* v = Find(j, key);
   if (v == nullptr) return;
-  TORCH_CHECK_VALUE(v->is_boolean(), src, ": key \"", key, "\" must be true or false, got ", v->dump());
+  TORCH_CHECK_VALUE(v->is_boolean(), src, ": key \"", key, "\" must be true or false, got ", JsonForMessage(*v));
   *out = v->get<bool>();
 }
 
 void Read(const json& j, const char* key, const std::string& src, std::string* out) {
   const json* v = Find(j, key);
   if (v == nullptr) return;
-  TORCH_CHECK_VALUE(v->is_string(), src, ": key \"", key, "\" must be a string, got ", v->dump());
+  TORCH_CHECK_VALUE(v->is_string(), src, ": key \"", key, "\" must be a string, got ", JsonForMessage(*v));
   *out = v->get<std::string>();
 }
 
@@ -79,7 +80,7 @@ void Read(const json& j, const char* key, const std::string& src, std::vector<do
   out->clear();
   for (size_t i = 0; i < v->size(); ++i) {
     const json& e = (*v)[i];
-    TORCH_CHECK_VALUE(e.is_number(), src, ": key \"", key, "\"[", i, "] must be a number, got ", e.dump());
+    TORCH_CHECK_VALUE(e.is_number(), src, ": key \"", key, "\"[", i, "] must be a number, got ", JsonForMessage(e));
     out->push_back(e.get<double>());
   }
 }

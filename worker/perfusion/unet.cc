@@ -11,6 +11,7 @@
 #include <sstream>
 #include <utility>
 
+#include "perfusion/json_text.h"
 #include "perfusion/safetensors.h"
 
 namespace perfusion {
@@ -31,28 +32,28 @@ int64_t ReadInt(const json& j, const char* key, int64_t fallback) {
   const json* v = Find(j, key);
   if (v == nullptr) return fallback;
   TORCH_CHECK_VALUE(v->is_number_integer() || (v->is_number_float() && v->get<double>() == std::floor(v->get<double>())),
-                    "UNet config: '", key, "' must be an integer, got ", v->dump());
+                    "UNet config: '", key, "' must be an integer, got ", JsonForMessage(*v));
   return v->is_number_integer() ? v->get<int64_t>() : static_cast<int64_t>(v->get<double>());
 }
 
 double ReadDouble(const json& j, const char* key, double fallback) {
   const json* v = Find(j, key);
   if (v == nullptr) return fallback;
-  TORCH_CHECK_VALUE(v->is_number(), "UNet config: '", key, "' must be a number, got ", v->dump());
+  TORCH_CHECK_VALUE(v->is_number(), "UNet config: '", key, "' must be a number, got ", JsonForMessage(*v));
   return v->get<double>();
 }
 
 bool ReadBool(const json& j, const char* key, bool fallback) {
   const json* v = Find(j, key);
   if (v == nullptr) return fallback;
-  TORCH_CHECK_VALUE(v->is_boolean(), "UNet config: '", key, "' must be true or false, got ", v->dump());
+  TORCH_CHECK_VALUE(v->is_boolean(), "UNet config: '", key, "' must be true or false, got ", JsonForMessage(*v));
   return v->get<bool>();
 }
 
 std::string ReadString(const json& j, const char* key, const std::string& fallback) {
   const json* v = Find(j, key);
   if (v == nullptr) return fallback;
-  TORCH_CHECK_VALUE(v->is_string(), "UNet config: '", key, "' must be a string, got ", v->dump());
+  TORCH_CHECK_VALUE(v->is_string(), "UNet config: '", key, "' must be a string, got ", JsonForMessage(*v));
   return v->get<std::string>();
 }
 
@@ -62,11 +63,11 @@ std::vector<int64_t> ReadIntOrList(const json& j, const char* key, const std::ve
   if (v == nullptr) return fallback;
   if (v->is_number_integer()) return {v->get<int64_t>()};
   TORCH_CHECK_VALUE(v->is_array() && !v->empty(), "UNet config: '", key,
-                    "' must be an integer or a non-empty list of integers, got ", v->dump());
+                    "' must be an integer or a non-empty list of integers, got ", JsonForMessage(*v));
   std::vector<int64_t> out;
   for (const json& e : *v) {
     TORCH_CHECK_VALUE(e.is_number_integer(), "UNet config: '", key,
-                      "' must be an integer or a list of integers (nested lists are not supported), got ", v->dump());
+                      "' must be an integer or a list of integers (nested lists are not supported), got ", JsonForMessage(*v));
     out.push_back(e.get<int64_t>());
   }
   return out;
@@ -75,10 +76,10 @@ std::vector<int64_t> ReadIntOrList(const json& j, const char* key, const std::ve
 std::vector<std::string> ReadStringList(const json& j, const char* key, const std::vector<std::string>& fallback) {
   const json* v = Find(j, key);
   if (v == nullptr) return fallback;
-  TORCH_CHECK_VALUE(v->is_array(), "UNet config: '", key, "' must be a list of strings, got ", v->dump());
+  TORCH_CHECK_VALUE(v->is_array(), "UNet config: '", key, "' must be a list of strings, got ", JsonForMessage(*v));
   std::vector<std::string> out;
   for (const json& e : *v) {
-    TORCH_CHECK_VALUE(e.is_string(), "UNet config: '", key, "' must be a list of strings, got ", v->dump());
+    TORCH_CHECK_VALUE(e.is_string(), "UNet config: '", key, "' must be a list of strings, got ", JsonForMessage(*v));
     out.push_back(e.get<std::string>());
   }
   return out;
@@ -87,14 +88,14 @@ std::vector<std::string> ReadStringList(const json& j, const char* key, const st
 // Keys of features this engine does not implement: they must be absent/null, or equal `allowed`.
 void RequireUnset(const json& j, const char* key) {
   const json* v = Find(j, key);
-  TORCH_CHECK_VALUE(v == nullptr, "UNet config: '", key, "' = ", v ? v->dump() : "", " is not supported (only null)");
+  TORCH_CHECK_VALUE(v == nullptr, "UNet config: '", key, "' = ", v ? JsonForMessage(*v) : "", " is not supported (only null)");
 }
 
 void RequireEqual(const json& j, const char* key, const json& allowed) {
   const json* v = Find(j, key);
   if (v == nullptr) return;
   const bool same = (v->is_number() && allowed.is_number()) ? v->get<double>() == allowed.get<double>() : *v == allowed;
-  TORCH_CHECK_VALUE(same, "UNet config: '", key, "' = ", v->dump(), " is not supported (only ", allowed.dump(), ")");
+  TORCH_CHECK_VALUE(same, "UNet config: '", key, "' = ", JsonForMessage(*v), " is not supported (only ", JsonForMessage(allowed), ")");
 }
 
 // `false` or a list of `false` (per block).
@@ -105,7 +106,7 @@ void RequireFalseOrFalseList(const json& j, const char* key) {
   if (v->is_array()) {
     ok = std::all_of(v->begin(), v->end(), [](const json& e) { return e.is_boolean() && !e.get<bool>(); });
   }
-  TORCH_CHECK_VALUE(ok, "UNet config: '", key, "' = ", v->dump(), " is not supported (only false)");
+  TORCH_CHECK_VALUE(ok, "UNet config: '", key, "' = ", JsonForMessage(*v), " is not supported (only false)");
 }
 
 json IntOrList(const std::vector<int64_t>& v) {
@@ -142,7 +143,7 @@ UNetConfig UNetConfig::FromJson(const json& j) {
   if (const json* s = Find(j, "sample_size")) {
     if (s->is_array()) {
       TORCH_CHECK_VALUE(s->size() == 2 && (*s)[0].is_number_integer() && (*s)[0] == (*s)[1],
-                        "UNet config: 'sample_size' = ", s->dump(), " is not supported (an integer or [n, n])");
+                        "UNet config: 'sample_size' = ", JsonForMessage(*s), " is not supported (an integer or [n, n])");
       c.sample_size = (*s)[0].get<int64_t>();
     } else {
       c.sample_size = ReadInt(j, "sample_size", c.sample_size);
@@ -159,7 +160,7 @@ UNetConfig UNetConfig::FromJson(const json& j) {
   if (const json* v = Find(j, "cross_attention_dim")) {
     const std::vector<int64_t> dims = ReadIntOrList(j, "cross_attention_dim", {});
     TORCH_CHECK_VALUE(std::all_of(dims.begin(), dims.end(), [&](int64_t d) { return d == dims[0]; }),
-                      "UNet config: 'cross_attention_dim' = ", v->dump(),
+                      "UNet config: 'cross_attention_dim' = ", JsonForMessage(*v),
                       " is not supported (one text width for every block)");
     c.cross_attention_dim = dims[0];
   }

@@ -4,6 +4,7 @@
 #include <c10/util/Exception.h>
 #include <nlohmann/json.hpp>
 
+#include "perfusion/json_text.h"
 #include "perfusion/safetensors.h"
 
 namespace perfusion {
@@ -35,14 +36,14 @@ const nlohmann::json* Find(const nlohmann::json& j, const char* key) {
 int64_t JsonInt(const nlohmann::json& j, const char* key, int64_t fallback, const std::string& where) {
   const auto* v = Find(j, key);
   if (!v) return fallback;
-  TORCH_CHECK_VALUE(v->is_number_integer(), where, ": field \"", key, "\" must be an integer, got ", v->dump());
+  TORCH_CHECK_VALUE(v->is_number_integer(), where, ": field \"", key, "\" must be an integer, got ", JsonForMessage(*v));
   return v->get<int64_t>();
 }
 
 bool JsonBool(const nlohmann::json& j, const char* key, bool fallback, const std::string& where) {
   const auto* v = Find(j, key);
   if (!v) return fallback;
-  TORCH_CHECK_VALUE(v->is_boolean(), where, ": field \"", key, "\" must be a boolean, got ", v->dump());
+  TORCH_CHECK_VALUE(v->is_boolean(), where, ": field \"", key, "\" must be a boolean, got ", JsonForMessage(*v));
   return v->get<bool>();
 }
 
@@ -52,10 +53,10 @@ void CheckBlockTypes(const nlohmann::json& j, const char* key, const char* expec
   const auto* v = Find(j, key);
   if (!v) return;
   TORCH_CHECK_VALUE(v->is_array() && v->size() == count, where, ": field \"", key, "\" must list ", count,
-                    " block types (one per block_out_channels entry), got ", v->dump());
+                    " block types (one per block_out_channels entry), got ", JsonForMessage(*v));
   for (size_t i = 0; i < v->size(); ++i) {
     TORCH_CHECK_VALUE((*v)[i].is_string() && (*v)[i].get<std::string>() == expected, where, ": ", key, "[", i,
-                      "] = ", (*v)[i].dump(), " is not supported (only \"", expected, "\")");
+                      "] = ", JsonForMessage((*v)[i]), " is not supported (only \"", expected, "\")");
   }
 }
 
@@ -66,10 +67,10 @@ AutoencoderKLOptions OptionsFromJson(const std::string& json_text, const std::st
   o.in_channels(JsonInt(j, "in_channels", o.in_channels(), where));
   o.out_channels(JsonInt(j, "out_channels", o.out_channels(), where));
   if (const auto* v = Find(j, "block_out_channels")) {
-    TORCH_CHECK_VALUE(v->is_array(), where, ": field \"block_out_channels\" must be a list, got ", v->dump());
+    TORCH_CHECK_VALUE(v->is_array(), where, ": field \"block_out_channels\" must be a list, got ", JsonForMessage(*v));
     std::vector<int64_t> boc;
     for (const auto& e : *v) {
-      TORCH_CHECK_VALUE(e.is_number_integer(), where, ": block_out_channels must hold integers, got ", v->dump());
+      TORCH_CHECK_VALUE(e.is_number_integer(), where, ": block_out_channels must hold integers, got ", JsonForMessage(*v));
       boc.push_back(e.get<int64_t>());
     }
     o.block_out_channels(boc);
@@ -86,14 +87,14 @@ AutoencoderKLOptions OptionsFromJson(const std::string& json_text, const std::st
     }
   }
   if (const auto* v = Find(j, "scaling_factor")) {
-    TORCH_CHECK_VALUE(v->is_number(), where, ": field \"scaling_factor\" must be a number, got ", v->dump());
+    TORCH_CHECK_VALUE(v->is_number(), where, ": field \"scaling_factor\" must be a number, got ", JsonForMessage(*v));
     o.scaling_factor(v->get<double>());
   }
   o.use_quant_conv(JsonBool(j, "use_quant_conv", o.use_quant_conv(), where));
   o.use_post_quant_conv(JsonBool(j, "use_post_quant_conv", o.use_post_quant_conv(), where));
   o.mid_block_add_attention(JsonBool(j, "mid_block_add_attention", o.mid_block_add_attention(), where));
   if (const auto* v = Find(j, "act_fn")) {
-    TORCH_CHECK_VALUE(v->is_string() && v->get<std::string>() == "silu", where, ": act_fn ", v->dump(),
+    TORCH_CHECK_VALUE(v->is_string() && v->get<std::string>() == "silu", where, ": act_fn ", JsonForMessage(*v),
                       " is not supported (only \"silu\")");
   }
   const size_t blocks = o.block_out_channels().size();
