@@ -132,6 +132,21 @@ TEST_F(ConceptTest, OutOfRangeValuesWidthsAndTokenIdsAreRejected) {
   EXPECT_NE(ErrorOf(EncodeConcept(negative)).find("superclass_token_id -7 is negative"), std::string::npos);
 }
 
+// What a user may not set, a blob may not carry: perfusion-generate uses the concept's own gate.
+TEST_F(ConceptTest, GatesOutOfRangeAndZeroDirectionsAreRejected) {
+  for (auto [beta, temperature] : {std::pair{5.0, 0.15}, std::pair{-0.1, 0.15}, std::pair{0.7, 0.0},
+                                   std::pair{0.7, 1e308}}) {
+    Concept bad = c;
+    bad.default_gate = {beta, temperature};
+    EXPECT_NE(ErrorOf(EncodeConcept(bad)).find("concept blob: default gate"), std::string::npos)
+        << beta << " " << temperature;
+  }
+  Concept zero = c;
+  zero.i_star = at::zeros_like(c.i_star);
+  EXPECT_NE(ErrorOf(EncodeConcept(zero)).find("i_star or i_sup is all zeros"), std::string::npos);
+  EXPECT_EQ(ErrorOf(EncodeConcept(c)), "");
+}
+
 TEST_F(ConceptTest, TrainedKeyTargetsRoundTripWhenPresent) {
   EXPECT_FALSE(DecodeConcept(EncodeConcept(c)).k_targets.defined());
   Concept trained_k = c;
