@@ -55,6 +55,13 @@ struct ClientOptions {
   // Longest wait between the channel's reconnection attempts after the server went away
   // (gRPC's own default grows to 120 s, far past a server restart). Zero: gRPC's default.
   absl::Duration max_reconnect_backoff = absl::Seconds(5);
+  // HTTP/2 keepalive pings this often, even between calls, and a connection whose ping goes
+  // unanswered for keepalive_timeout is dropped and redialled. Without them a connection that
+  // died silently (a node gone, packets dropped, no reset) holds every call until it times out,
+  // for as long as TCP keeps retrying (about 15 minutes). Zero: no pings (one-shot CLIs). The
+  // server accepts pings every 10 s or slower.
+  absl::Duration keepalive = absl::ZeroDuration();
+  absl::Duration keepalive_timeout = absl::Seconds(10);
 };
 
 // The gRPC status as an absl::Status (same code, same message).

@@ -68,6 +68,25 @@ bool Retryable(absl::StatusCode code) {
 
 std::string Secs(absl::Duration d) { return absl::StrFormat("%.3f", absl::ToDoubleSeconds(d)); }
 
+// A finished result the server answered with an error that is neither "the lease is gone"
+// (NOT_FOUND) nor "unreachable" (the lease then expires on its own): the server still holds the
+// lease and would wait it out, then run the work again. What FailWork reports instead: a server
+// fault (INTERNAL, UNKNOWN, ABORTED) keeps its code, so the work may be retried; a refusal of the
+// result itself (too large, invalid) cannot go better next time.
+std::optional<absl::Status> RefusedResult(const char* method, const grpc::Status& s) {
+  if (s.ok() || s.error_code() == grpc::StatusCode::NOT_FOUND || Transient(s.error_code())) return std::nullopt;
+  const std::string what = absl::StrCat("the server refused the result (", method, ": ",
+                                        CodeName(s.error_code()), ": ", s.error_message(), ")");
+  switch (s.error_code()) {
+    case grpc::StatusCode::INTERNAL:
+    case grpc::StatusCode::UNKNOWN:
+    case grpc::StatusCode::ABORTED:
+      return absl::Status(static_cast<absl::StatusCode>(s.error_code()), what);
+    default:
+      return absl::FailedPreconditionError(what);
+  }
+}
+
 }  // namespace
 
 // Heartbeats one lease from its own thread: at least every heartbeat_interval, and after
@@ -531,8 +550,9 @@ void Agent::RunTraining(std::unique_ptr<HeldItem> item) {
     grpc::Status s = CallWithRetry("CompleteTraining", until, [&](grpc::ClientContext* ctx) {
       return stub_->CompleteTraining(ctx, req, &resp);
     });
-    item->End();
-    if (s.ok()) {
+    if (auto refused = RefusedResult("CompleteTraining", s)) {
+      FailItem(item.get(), *refused);
+    } else if (item->End(); s.ok()) {
       CountItem("training", "completed");
       LogEvent("training_completed", {{"job", w.job_id()},
                                       {"concept", resp.concept().id()},
@@ -847,6 +867,10 @@ void Agent::CompleteGenerationItem(HeldItem* item, std::vector<v1::GeneratedImag
   grpc::Status s = CallWithRetry("CompleteGeneration", until, [&](grpc::ClientContext* ctx) {
     return stub_->CompleteGeneration(ctx, req, &resp);
   });
+  if (auto refused = RefusedResult("CompleteGeneration", s)) {
+    FailItem(item, *refused);
+    return;
+  }
   item->End();
   CountItem("generation", s.ok() ? "completed"
                                  : s.error_code() == grpc::StatusCode::NOT_FOUND ? "lost" : "failed");

@@ -224,6 +224,9 @@ int main(int argc, char** argv) {
   co.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
   // Reconnect quickly after a server restart: leases are short.
   co.max_reconnect_backoff = absl::Seconds(2);
+  // A silently dead connection is found in 30 s and redialled, well inside a lease (60 s).
+  co.keepalive = absl::Seconds(20);
+  co.keepalive_timeout = absl::Seconds(10);
   auto channel = perfusion::client::MakeChannel(co);
   if (!channel.ok()) {
     fprintf(stderr, "perfusion-worker: %s\n", std::string(channel.status().message()).c_str());

@@ -142,6 +142,37 @@ TEST_F(WorkerProtocolTest, QueuedGenerationsWithDifferentConceptsRunAsOneBatch) 
   EXPECT_EQ(cluster_.worker(w).Log().find("event=lease_lost"), std::string::npos) << cluster_.worker(w).Log();
 }
 
+// A result the server refuses (here: larger than its --max_message_bytes) is reported with
+// FailWork at once. Before, the worker dropped the lease silently: the server waited it out,
+// then ran the request again, to fail the same way, and answered "worker was lost".
+TEST_F(WorkerProtocolTest, AResultTheServerRefusesFailsTheRequestAtOnce) {
+  ServerFlags flags;
+  flags.extra = {"--max_message_bytes=24000", "--max_concept_bytes=4096"};
+  ASSERT_TRUE(cluster_.StartServer(flags));
+  const int w = cluster_.StartWorker("w1");
+  ASSERT_GE(w, 0);
+  auto client = cluster_.Client();
+  v1::GenerateRequest req;
+  req.set_prompt("a photo of a red circle");
+  req.set_num_images(2);
+  req.set_width(128);
+  req.set_height(128);  // two 128x128 PNGs: well over 24,000 bytes in one CompleteGeneration
+  req.set_steps(2);
+  req.set_seed(5);
+  auto r = client->GenerateUnary(req, absl::Minutes(5));
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kFailedPrecondition) << r.status();
+  EXPECT_TRUE(absl::StrContains(r.status().message(), "the server refused the result (CompleteGeneration: "
+                                                      "RESOURCE_EXHAUSTED"))
+      << r.status();
+  // The worker logs its FailWork after the server has answered it (and so the client).
+  EXPECT_TRUE(Cluster::WaitFor([&] { return Count(cluster_.worker(w).Log(), "event=work_failed") == 1; },
+                               absl::Seconds(10)))
+      << cluster_.worker(w).Log();
+  EXPECT_EQ(Count(cluster_.worker(w).Log(), "event=generation_batch_started"), 1)
+      << "run once, not again after a lease expiry\n" << cluster_.worker(w).Log();
+}
+
 TEST_F(WorkerProtocolTest, WorkerKeepsItsJobThroughAServerRestartAndRegistersAgain) {
   const std::string id = StartRunningJob(100);
   ASSERT_FALSE(id.empty());
