@@ -9,6 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "server/concept_blob.h"
+#include "server/log.h"
 #include "server/validation.h"
 
 namespace perfusion::server {
@@ -30,6 +31,17 @@ absl::Status ReadLines(const std::string& path,
   return absl::OkStatus();
 }
 
+// Tokens are bearer secrets: a short one can be guessed. Existing deployments keep working; the
+// log says which line to change.
+void WarnIfShort(absl::string_view token, const std::string& file, int line) {
+  constexpr size_t kMinTokenChars = 16;
+  if (token.size() >= kMinTokenChars) return;
+  LogEvent("auth_warning", {{"file", file},
+                            {"line", std::to_string(line)},
+                            {"warning", absl::StrCat("token of ", token.size(), " characters; use at least ",
+                                                     kMinTokenChars, " random ones (openssl rand -hex 24)")}});
+}
+
 }  // namespace
 
 absl::StatusOr<Authenticator> Authenticator::Load(const std::string& tokens_file,
@@ -45,6 +57,13 @@ absl::StatusOr<Authenticator> Authenticator::Load(const std::string& tokens_file
         return absl::InvalidArgumentError(absl::StrCat(
             tokens_file, ":", n, ": tenant \"", f[1], "\" must match [a-z0-9][a-z0-9_-]{0,62}"));
       }
+      // One token, one tenant: a second line giving it another tenant is a mistake that would
+      // otherwise silently hand that tenant's data to whoever holds the first.
+      if (auto it = a.tenants_.find(Sha256Hex(f[0])); it != a.tenants_.end() && it->second != f[1]) {
+        return absl::InvalidArgumentError(absl::StrCat(tokens_file, ":", n, ": this token is already tenant \"",
+                                                       it->second, "\"'s; a token names one tenant"));
+      }
+      WarnIfShort(f[0], tokens_file, n);
       a.AddTenantToken(f[0], f[1]);
       return absl::OkStatus();
     });
@@ -56,6 +75,12 @@ absl::StatusOr<Authenticator> Authenticator::Load(const std::string& tokens_file
         return absl::InvalidArgumentError(
             absl::StrCat(worker_tokens_file, ":", n, ": expected one token per line"));
       }
+      if (a.tenants_.count(Sha256Hex(f[0]))) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            worker_tokens_file, ":", n, ": this token is also a tenant token in ", tokens_file,
+            "; worker and tenant tokens must differ (a worker token may lease any tenant's work)"));
+      }
+      WarnIfShort(f[0], worker_tokens_file, n);
       a.AddWorkerToken(f[0]);
       return absl::OkStatus();
     });

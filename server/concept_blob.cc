@@ -2,8 +2,10 @@
 
 #include <openssl/sha.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 
@@ -80,6 +82,7 @@ absl::Status CheckTensors(const nlohmann::json& j, absl::string_view data) {
   const std::pair<const char*, int64_t> expected[] = {{"i_star", encoder_dim},   {"i_sup", encoder_dim},
                                                      {"embedding", embedding_dim}, {"v_targets", out_total},
                                                      {"k_targets", out_total}};
+  std::vector<std::pair<uint64_t, uint64_t>> ranges;  // of the data, one per tensor
   for (const auto& [name, length] : expected) {
     auto t = tensors->find(name);
     if (t == tensors->end()) {
@@ -105,14 +108,35 @@ absl::Status CheckTensors(const nlohmann::json& j, absl::string_view data) {
     if (begin > end || end > data.size() || end - begin != static_cast<uint64_t>(length) * size) {
       return Bad(prefix + "points outside the data or has the wrong size");
     }
+    ranges.emplace_back(begin, end);
     const auto* p = reinterpret_cast<const unsigned char*>(data.data()) + begin;
+    bool nonzero = false;
     for (int64_t k = 0; k < length; ++k) {
       const float v = ElementAt(p + k * size, dtype);
       if (!std::isfinite(v) || std::fabs(v) > kMaxConceptValue) {
         return Bad(absl::StrCat(prefix, "value ", k, " is ", v, "; values must be finite and within +-",
                                 kMaxConceptValue));
       }
+      nonzero = nonzero || v != 0;
     }
+    // A zero i* has no direction to gate on (every generation would fail: i*^T C^-1 i* = 0).
+    const std::string tensor = name;
+    if (!nonzero && (tensor == "i_star" || tensor == "i_sup")) return Bad(prefix + "all zeros");
+  }
+  // The engine writes the tensors back to back and nothing else: bytes no tensor uses would be
+  // stored (and counted against the tenant) for nothing, and overlapping tensors are not its format.
+  std::sort(ranges.begin(), ranges.end());
+  uint64_t at = 0;
+  for (const auto& [begin, end] : ranges) {
+    if (begin != at) {
+      return Bad(absl::StrCat("the tensors do not cover the data back to back (", begin < at ? "overlap" : "gap",
+                              " at byte ", std::min(begin, at), "; no padding or extra data allowed)"));
+    }
+    at = end;
+  }
+  if (at != data.size()) {
+    return Bad(absl::StrCat("the tensors do not cover the data back to back (gap at byte ", at,
+                            " of ", data.size(), "; no padding or extra data allowed)"));
   }
   return absl::OkStatus();
 }
@@ -160,6 +184,9 @@ absl::StatusOr<ConceptBlobHeader> ParseConceptBlob(absl::string_view blob) {
     *out = it->get<std::string>();
     return absl::OkStatus();
   };
+  if (auto f = j.find("format"); f == j.end() || !f->is_string() || f->get<std::string>() != "perfusion-concept") {
+    return Bad("header key \"format\" is not \"perfusion-concept\"");
+  }
   auto it = j.find("format_version");
   if (it == j.end() || !it->is_number_integer() || it->get<int64_t>() < 1 ||
       it->get<int64_t>() > 1000000) {
@@ -176,11 +203,22 @@ absl::StatusOr<ConceptBlobHeader> ParseConceptBlob(absl::string_view blob) {
                           std::pair{"dtype", &h.dtype}}) {
     if (auto s = str(key, out); !s.ok()) return s;
   }
+  // Stored with the concept and sent back in every Get/List: only the engine's storage types.
+  if (h.dtype != "F32" && h.dtype != "F16" && h.dtype != "BF16") {
+    return Bad(absl::StrCat("header key \"dtype\" is \"", h.dtype.substr(0, 32),
+                            h.dtype.size() > 32 ? "..." : "", "\" (expected F32, F16 or BF16)"));
+  }
   ASSIGN_OR_RETURN(h.superclass_token_id, IntIn(j, "superclass_token_id", 0, int64_t{1} << 31));
   auto gate = j.find("default_gate");
   if (gate == j.end() || !gate->is_object() || !gate->contains("beta") || !(*gate)["beta"].is_number() ||
       !gate->contains("temperature") || !(*gate)["temperature"].is_number()) {
     return Bad("header key \"default_gate\" is not {\"beta\": number, \"temperature\": number}");
+  }
+  // The ranges a user may set (the engine's CheckGateRange); the worker's tools use these values.
+  const double beta = (*gate)["beta"].get<double>(), temperature = (*gate)["temperature"].get<double>();
+  if (!(beta >= 0 && beta <= 1) || !(temperature > 0 && temperature <= 1)) {
+    return Bad(absl::StrCat("default_gate: beta must be in [0, 1] and temperature in (0, 1], got ", beta, " and ",
+                            temperature));
   }
   auto info = j.find("info");
   if (info == j.end() || !info->is_object()) return Bad("header key \"info\" missing or not an object");

@@ -23,7 +23,7 @@ struct ConceptRegistryOptions {
   std::string base_model_id = "tiny";
   int tenant_max_concepts = 1000;
   // Largest blob accepted by ImportConcept.
-  int64_t max_blob_bytes = 64 << 20;
+  int64_t max_blob_bytes = 4 << 20;
   // The base model's CLIP vocabulary (may be null): an imported blob's superclass must be one
   // token, and its superclass_token_id that token's id, as the worker requires.
   const Vocab* vocab = nullptr;

@@ -47,6 +47,10 @@ ABSL_FLAG(std::string, vocab, "",
 ABSL_FLAG(int, max_queue, 1000, "Queued training jobs, all tenants (RESOURCE_EXHAUSTED beyond)");
 ABSL_FLAG(int, tenant_max_jobs, 20, "Active (queued or running) training jobs per tenant");
 ABSL_FLAG(int, tenant_max_concepts, 1000, "Stored concepts per tenant");
+ABSL_FLAG(int, tenant_max_watches, 100, "Open WatchTrainingJob streams per tenant");
+ABSL_FLAG(int64_t, max_concept_bytes, 4 << 20,
+          "Largest concept blob ImportConcept accepts, bytes (an SD 1.5 concept is about 60 KB; "
+          "a tenant stores at most tenant_max_concepts times this)");
 ABSL_FLAG(int, max_generation_queue, 64, "Generation requests queued or running, all tenants");
 ABSL_FLAG(int, tenant_max_generations, 16, "Generation requests in flight per tenant");
 ABSL_FLAG(int, lease_seconds, 60,
@@ -75,6 +79,8 @@ ABSL_FLAG(int, default_image_side, 0,
 ABSL_FLAG(int, max_message_bytes, 64 << 20, "Largest gRPC message received or sent");
 ABSL_FLAG(int64_t, max_upload_bytes_in_flight, int64_t{1} << 30,
           "Bytes of streamed uploads buffered at once (RESOURCE_EXHAUSTED beyond)");
+ABSL_FLAG(int64_t, tenant_max_upload_bytes_in_flight, int64_t{256} << 20,
+          "Of those, what one tenant's streamed uploads may hold at once, bytes");
 ABSL_FLAG(int, drain_seconds, 30,
           "On SIGTERM/SIGINT: how long in-flight generations may take before the server stops");
 
@@ -113,11 +119,14 @@ int main(int argc, char** argv) {
   o.vocab = absl::GetFlag(FLAGS_vocab);
   o.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
   o.max_upload_bytes_in_flight = absl::GetFlag(FLAGS_max_upload_bytes_in_flight);
+  o.tenant_max_upload_bytes_in_flight = absl::GetFlag(FLAGS_tenant_max_upload_bytes_in_flight);
+  o.max_concept_bytes = absl::GetFlag(FLAGS_max_concept_bytes);
   o.drain_timeout = absl::Seconds(absl::GetFlag(FLAGS_drain_seconds));
   o.scheduler.base_model_id = absl::GetFlag(FLAGS_base_model_id);
   o.scheduler.max_queue = absl::GetFlag(FLAGS_max_queue);
   o.scheduler.tenant_max_jobs = absl::GetFlag(FLAGS_tenant_max_jobs);
   o.scheduler.tenant_max_concepts = absl::GetFlag(FLAGS_tenant_max_concepts);
+  o.scheduler.tenant_max_watches = absl::GetFlag(FLAGS_tenant_max_watches);
   o.scheduler.max_generation_queue = absl::GetFlag(FLAGS_max_generation_queue);
   o.scheduler.tenant_max_generations = absl::GetFlag(FLAGS_tenant_max_generations);
   o.scheduler.lease_duration = absl::Seconds(absl::GetFlag(FLAGS_lease_seconds));
@@ -162,6 +171,10 @@ int main(int argc, char** argv) {
   o.scheduler.shared_poll_interval = absl::Milliseconds(absl::GetFlag(FLAGS_shared_poll_ms));
   if (absl::GetFlag(FLAGS_shared_poll_ms) < 10) {
     fprintf(stderr, "perfusion-server: --shared_poll_ms must be >= 10\n");
+    return 2;
+  }
+  if (o.max_concept_bytes < 1024 || o.max_concept_bytes > o.max_message_bytes - (16 << 10)) {
+    fprintf(stderr, "perfusion-server: --max_concept_bytes must be in [1024, --max_message_bytes - 16 KiB]\n");
     return 2;
   }
   if (o.scheduler.lease_duration <= absl::ZeroDuration() || o.scheduler.max_attempts < 1 ||

@@ -475,8 +475,9 @@ absl::StatusOr<uint64_t> Scheduler::Watch(const std::string& tenant, const std::
       if (it->second.rec.tenant != tenant) {
         return absl::NotFoundError(absl::StrCat("job ", id, " not found"));
       }
+      RETURN_IF_ERROR(CheckWatchQuotaLocked(tenant));
       watch_id = next_id_++;
-      watchers_[watch_id] = Watcher{id, fn};
+      watchers_[watch_id] = Watcher{id, fn, tenant};
       it->second.watchers.insert(watch_id);
       JobView v = ViewLocked(it->second.rec);
       pending.push_back([fn, v] { fn(v); });
@@ -491,6 +492,16 @@ absl::StatusOr<uint64_t> Scheduler::Watch(const std::string& tenant, const std::
   }
   Run(pending);
   return watch_id;
+}
+
+absl::Status Scheduler::CheckWatchQuotaLocked(const std::string& tenant) const {
+  const auto open = std::count_if(watchers_.begin(), watchers_.end(),
+                                  [&](const auto& w) { return w.second.tenant == tenant; });
+  if (open >= options_.tenant_max_watches) {
+    return absl::ResourceExhaustedError(absl::StrCat("tenant has ", open, " open job watches (max ",
+                                                     options_.tenant_max_watches, "); close some first"));
+  }
+  return absl::OkStatus();
 }
 
 void Scheduler::Unwatch(uint64_t watch_id) {
@@ -1485,8 +1496,9 @@ absl::StatusOr<uint64_t> Scheduler::SharedWatch(const std::string& tenant, const
     if (draining_) return absl::UnavailableError("server is draining; retry later");
     v = ViewLocked(rec);
     if (!IsFinal(rec.state)) {
+      RETURN_IF_ERROR(CheckWatchQuotaLocked(tenant));
       watch_id = next_id_++;
-      watchers_[watch_id] = Watcher{id, fn};
+      watchers_[watch_id] = Watcher{id, fn, tenant};
       shared_watched_.emplace(id, v);  // an older entry stays: the poll compares against it
     }
   }

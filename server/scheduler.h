@@ -81,6 +81,9 @@ struct SchedulerOptions {
   int tenant_max_jobs = 20;
   // Stored concepts per tenant (checked when a job is submitted and on import).
   int tenant_max_concepts = 1000;
+  // Open WatchTrainingJob streams per tenant: each costs work on every job change of any
+  // tenant, so one tenant's thousands of watches would slow everyone's submissions.
+  int tenant_max_watches = 100;
   // Generation items (queued or running), all tenants / per tenant.
   int max_generation_queue = 64;
   int tenant_max_generations = 16;
@@ -277,7 +280,10 @@ class Scheduler {
   struct Watcher {
     std::string job_id;
     WatchCallback fn;
+    std::string tenant;
   };
+  // RESOURCE_EXHAUSTED when the tenant already has tenant_max_watches open watches.
+  absl::Status CheckWatchQuotaLocked(const std::string& tenant) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Queue key: (-priority, seq) orders high priority first, then submission order.
   using QueueKey = std::tuple<int, int64_t, std::string>;
   // Callbacks collected under the lock and run after it is released.

@@ -8,6 +8,7 @@
 #include <fstream>
 #include <sstream>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "grpc/health/v1/health.pb.h"
@@ -64,7 +65,15 @@ absl::StatusOr<std::unique_ptr<PerfusionServer>> PerfusionServer::Start(ServerOp
         "tokens_file: required (or allow_unauthenticated for development)");
   }
   ASSIGN_OR_RETURN(Authenticator auth, Authenticator::Load(o.tokens_file, o.worker_tokens_file));
-  if (o.tokens_file.empty()) auth.AllowAll("default");
+  if (o.tokens_file.empty()) {
+    auth.AllowAll("default");
+    LogEvent("auth_warning", {{"warning", "authentication is off (--allow_unauthenticated): every caller on " +
+                                              o.listen + " is tenant \"default\"; for development only"}});
+  } else if (o.tls_cert.empty() && !absl::StartsWith(o.listen, "127.0.0.1:") &&
+             !absl::StartsWith(o.listen, "localhost:") && !absl::StartsWith(o.listen, "[::1]:")) {
+    LogEvent("auth_warning", {{"warning", "tokens travel in plaintext to " + o.listen +
+                                              ": use --tls_cert/--tls_key, or a mesh or proxy that terminates TLS"}});
+  }
   s->auth_ = std::make_unique<Authenticator>(std::move(auth));
 
   if (!o.vocab.empty()) {
@@ -118,6 +127,7 @@ absl::StatusOr<std::unique_ptr<PerfusionServer>> PerfusionServer::Start(ServerOp
   }
   s->context_->vocab = s->vocab_.get();
   s->context_->max_upload_bytes_in_flight = o.max_upload_bytes_in_flight;
+  s->context_->tenant_max_upload_bytes_in_flight = o.tenant_max_upload_bytes_in_flight;
   s->training_service_ = std::make_unique<TrainingServiceImpl>(s->context_.get());
   s->concept_service_ = std::make_unique<ConceptServiceImpl>(s->context_.get());
   s->generation_service_ = std::make_unique<GenerationServiceImpl>(s->context_.get());
@@ -147,6 +157,14 @@ absl::StatusOr<std::unique_ptr<PerfusionServer>> PerfusionServer::Start(ServerOp
   builder.AddListeningPort(o.listen, creds, &s->port_);
   builder.SetMaxReceiveMessageSize(o.max_message_bytes);
   builder.SetMaxSendMessageSize(o.max_message_bytes);
+  // Workers ping every 20 s, also while a long poll sends nothing (gRPC's default refuses pings
+  // more often than every 5 minutes without data, and closes the connection after two). The
+  // server pings too, so a peer that vanished without a reset frees its calls within a minute
+  // and a half rather than TCP's quarter of an hour.
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS, 10000);
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS, 60000);
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 20000);
   builder.RegisterService(s->training_service_.get());
   builder.RegisterService(s->concept_service_.get());
   builder.RegisterService(s->generation_service_.get());

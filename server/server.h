@@ -64,12 +64,13 @@ struct ServerOptions {
   // Largest gRPC message accepted and sent.
   int max_message_bytes = 64 << 20;
   int64_t max_upload_bytes_in_flight = int64_t{1} << 30;
+  int64_t tenant_max_upload_bytes_in_flight = int64_t{256} << 20;
   absl::Duration drain_timeout = absl::Seconds(30);
   // How often leases and deadlines are checked.
   absl::Duration tick_interval = absl::Milliseconds(200);
   SchedulerOptions scheduler;
   ValidationLimits limits;
-  int64_t max_concept_bytes = 64 << 20;
+  int64_t max_concept_bytes = 4 << 20;
   // Injected clock (tests); null: the wall clock.
   const Clock* clock = nullptr;
 };

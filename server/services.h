@@ -8,9 +8,14 @@
 
 #include <grpcpp/grpcpp.h>
 
-#include <atomic>
+#include <map>
 #include <optional>
+#include <string>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
 #include "absl/strings/string_view.h"
+#include "absl/synchronization/mutex.h"
 
 #include "perfusion/v1/concept.grpc.pb.h"
 #include "perfusion/v1/generation.grpc.pb.h"
@@ -30,9 +35,19 @@ struct ServiceContext {
   const Authenticator* auth = nullptr;
   ValidationLimits limits;
   const Vocab* vocab = nullptr;  // null: superclass checked as one word only
-  // Bytes of streamed uploads buffered right now, and the cap (RESOURCE_EXHAUSTED beyond it).
-  std::atomic<int64_t> upload_bytes_in_flight{0};
+  // Bytes of streamed uploads buffered right now, and the caps (RESOURCE_EXHAUSTED beyond them):
+  // all tenants together, and each tenant, so that one tenant's stalled uploads cannot fill the
+  // buffer for everyone.
   int64_t max_upload_bytes_in_flight = int64_t{1} << 30;
+  int64_t tenant_max_upload_bytes_in_flight = int64_t{256} << 20;
+  // Reserves n more buffered bytes for `tenant`; nothing is reserved when a cap would be passed.
+  absl::Status ReserveUpload(const std::string& tenant, int64_t n);
+  void ReleaseUpload(const std::string& tenant, int64_t n);
+
+ private:
+  absl::Mutex upload_mu_;
+  int64_t upload_bytes_ ABSL_GUARDED_BY(upload_mu_) = 0;
+  std::map<std::string, int64_t> tenant_upload_bytes_ ABSL_GUARDED_BY(upload_mu_);
 };
 
 // The `authorization` metadata value, if present.

@@ -10,6 +10,33 @@
 #include "server/status_util.h"
 
 namespace perfusion::server {
+
+absl::Status ServiceContext::ReserveUpload(const std::string& tenant, int64_t n) {
+  absl::MutexLock lock(&upload_mu_);
+  int64_t& mine = tenant_upload_bytes_[tenant];
+  if (mine + n > tenant_max_upload_bytes_in_flight) {
+    if (mine == 0) tenant_upload_bytes_.erase(tenant);
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "upload: this tenant's uploads in progress hold ", mine, " bytes, and a tenant may hold ",
+        tenant_max_upload_bytes_in_flight, "; finish or cancel them, or retry later"));
+  }
+  if (upload_bytes_ + n > max_upload_bytes_in_flight) {
+    if (mine == 0) tenant_upload_bytes_.erase(tenant);
+    return absl::ResourceExhaustedError("upload: the server's upload buffer is full; retry later");
+  }
+  mine += n;
+  upload_bytes_ += n;
+  return absl::OkStatus();
+}
+
+void ServiceContext::ReleaseUpload(const std::string& tenant, int64_t n) {
+  if (n == 0) return;
+  absl::MutexLock lock(&upload_mu_);
+  upload_bytes_ -= n;
+  auto it = tenant_upload_bytes_.find(tenant);
+  if (it != tenant_upload_bytes_.end() && (it->second -= n) <= 0) tenant_upload_bytes_.erase(it);
+}
+
 namespace {
 
 template <typename F>
@@ -49,7 +76,7 @@ absl::StatusOr<int> PageSize(int requested) {
 }
 
 // UploadTrainingJob: a header, then image chunks; the stream's end submits the job. Buffered
-// bytes count against ServiceContext::max_upload_bytes_in_flight.
+// bytes count against ServiceContext's caps, the tenant's and the server's.
 class UploadReactor final : public grpc::ServerReadReactor<v1::UploadTrainingJobRequest> {
  public:
   UploadReactor(ServiceContext* c, grpc::CallbackServerContext* ctx, v1::TrainingJob* resp)
@@ -81,7 +108,7 @@ class UploadReactor final : public grpc::ServerReadReactor<v1::UploadTrainingJob
     StartRead(&msg_);
   }
   void OnDone() override {
-    c_->upload_bytes_in_flight.fetch_sub(reserved_);
+    c_->ReleaseUpload(tenant_, reserved_);
     delete this;
   }
 
@@ -127,11 +154,7 @@ class UploadReactor final : public grpc::ServerReadReactor<v1::UploadTrainingJob
     }
     const std::string& data = msg_.chunk().data();
     const int64_t n = static_cast<int64_t>(data.size());
-    if (c_->upload_bytes_in_flight.fetch_add(n) + n > c_->max_upload_bytes_in_flight) {
-      c_->upload_bytes_in_flight.fetch_sub(n);
-      return absl::ResourceExhaustedError(
-          "upload: the server's upload buffer is full; retry later");
-    }
+    RETURN_IF_ERROR(c_->ReserveUpload(tenant_, n));
     reserved_ += n;
     RETURN_IF_ERROR(CheckJobImageBytes(reserved_, c_->limits));  // fail at once, not at the end
     if (next) request_.images.emplace_back();

@@ -225,6 +225,24 @@ TEST_F(SchedulerTest, OtherTenantsJobIsNotFound) {
               StatusIs(absl::StatusCode::kNotFound));
 }
 
+// Each open watch costs work on every job change, whoever's: a tenant's watches are capped.
+TEST_F(SchedulerTest, WatchesPerTenantAreCappedAndFreedWhenClosed) {
+  options_.tenant_max_watches = 2;
+  Reset();
+  const std::string id = Submit("teddy");
+  auto noop = [](const absl::StatusOr<JobView>&) {};
+  auto a = scheduler_->Watch("acme", id, noop);
+  auto b = scheduler_->Watch("acme", id, noop);
+  ASSERT_THAT(a, IsOk());
+  ASSERT_THAT(b, IsOk());
+  EXPECT_THAT(scheduler_->Watch("acme", id, noop),
+              StatusIs(absl::StatusCode::kResourceExhausted, HasSubstr("tenant has 2 open job watches (max 2)")));
+  const std::string other = Submit("bear", 0, "globex");
+  EXPECT_THAT(scheduler_->Watch("globex", other, noop), IsOk());  // another tenant's own quota
+  scheduler_->Unwatch(*a);
+  EXPECT_THAT(scheduler_->Watch("acme", id, noop), IsOk());
+}
+
 TEST_F(SchedulerTest, DuplicateRequestIdReturnsTheSameJob) {
   auto a = scheduler_->SubmitTraining("acme", Request("teddy", 0, "req-1"));
   auto b = scheduler_->SubmitTraining("acme", Request("teddy", 0, "req-1"));

@@ -30,6 +30,7 @@
 #include "perfusion/v1/worker.grpc.pb.h"
 #include "server/log.h"
 #include "server/server.h"
+#include "server/services.h"
 #include "server/status_util.h"
 #include "tests/server/server_test_util.h"
 #include "tests/server/status_matchers.h"
@@ -528,6 +529,10 @@ TEST_F(ServerTest, ImportRejectsCorruptedAndForeignBlobs) {
   EXPECT_THAT(Import(""), StatusIs(kInvalid, HasSubstr("blob: empty")));
   EXPECT_THAT(Import(testing::MakeConceptBlob("sd15", "teddy", "toy")),
               StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("base model \"sd15\"")));
+  // --max_concept_bytes (4 MiB by default) bounds what a tenant stores per concept.
+  EXPECT_THAT(Import(testing::MakeConceptBlob("tiny", "big", "toy", (4 << 20) + 1024)),
+              StatusIs(kInvalid, HasSubstr("exceeds the limit of 4194304")));
+  EXPECT_THAT(Import(testing::MakeConceptBlob("tiny", "big", "toy", (4 << 20) - 4096)), IsOk());
   ExpectHealthy();
 }
 
@@ -766,6 +771,31 @@ TEST_F(ServerTest, ReturnedLeaseGoesBackWithoutAnAttempt) {
   v1::TrainingJob back = GetJob(job->id());
   EXPECT_EQ(back.state(), v1::QUEUED);
   EXPECT_EQ(back.attempts(), 0);
+}
+
+// One tenant's stalled uploads may hold at most its share of the upload buffer; the buffer as a
+// whole has its own cap; released bytes are free again.
+TEST(UploadBufferTest, EachTenantHasItsShareAndTheServerItsCap) {
+  ServiceContext c;
+  c.max_upload_bytes_in_flight = 100;
+  c.tenant_max_upload_bytes_in_flight = 60;
+  EXPECT_THAT(c.ReserveUpload("acme", 50), IsOk());
+  EXPECT_THAT(c.ReserveUpload("acme", 20),
+              StatusIs(absl::StatusCode::kResourceExhausted,
+                       HasSubstr("this tenant's uploads in progress hold 50 bytes, and a tenant may hold 60")));
+  EXPECT_THAT(c.ReserveUpload("globex", 40), IsOk());
+  EXPECT_THAT(c.ReserveUpload("globex", 20),
+              StatusIs(absl::StatusCode::kResourceExhausted, HasSubstr("the server's upload buffer is full")));
+  EXPECT_THAT(c.ReserveUpload("initech", 20),
+              StatusIs(absl::StatusCode::kResourceExhausted, HasSubstr("the server's upload buffer is full")));
+  EXPECT_THAT(c.ReserveUpload("initech", 10), IsOk());  // exactly at the cap
+  c.ReleaseUpload("acme", 50);
+  EXPECT_THAT(c.ReserveUpload("acme", 50), IsOk());  // 50 + 40 + 10: the cap again
+  EXPECT_THAT(c.ReserveUpload("globex", 1),
+              StatusIs(absl::StatusCode::kResourceExhausted, HasSubstr("the server's upload buffer is full")));
+  c.ReleaseUpload("globex", 40);
+  c.ReleaseUpload("initech", 10);
+  EXPECT_THAT(c.ReserveUpload("globex", 50), IsOk());
 }
 
 TEST_F(ServerTest, UploadTrainingJobStreamsImagesInChunks) {

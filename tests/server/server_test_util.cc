@@ -166,7 +166,7 @@ std::string MakeConceptBlob(const ConceptBlobSpec& spec) {
                       {"base_model_id", spec.base_model_id},
                       {"embedding_dim", kWidth},
                       {"encoder_dim", kWidth},
-                      {"dtype", "float16"},
+                      {"dtype", "F32"},
                       {"default_gate", {{"beta", 0.7}, {"temperature", 0.15}}},
                       {"layers", {{{"name", "test.attn2"}, {"out_dim", out_dim}}}},
                       {"info", {{"steps", "400"}}},

@@ -6,6 +6,7 @@
 
 #include "server/auth.h"
 #include "server/concept_blob.h"
+#include "server/log.h"
 #include "server/validation.h"
 #include "tests/server/server_test_util.h"
 #include "tests/server/status_matchers.h"
@@ -306,7 +307,7 @@ TEST(ConceptBlobTest, ParsesHeaderOfAValidBlob) {
   EXPECT_EQ(h->base_model_id, "tiny");
   EXPECT_EQ(h->name, "teddy");
   EXPECT_EQ(h->superclass, "toy");
-  EXPECT_EQ(h->dtype, "float16");
+  EXPECT_EQ(h->dtype, "F32");
   EXPECT_EQ(h->format_version, 1);
 }
 
@@ -349,6 +350,36 @@ TEST(ConceptBlobTest, RefusesBlobsTheWorkerCouldNotUse) {
               StatusIs(kInvalid, HasSubstr("tensor 'i_star': points outside the data")));
   EXPECT_THAT(Edited([](nlohmann::json& h) { h["tensors"]["embedding"]["dtype"] = "I64"; }),
               StatusIs(kInvalid, HasSubstr("dtype I64")));
+  EXPECT_THAT(Edited([](nlohmann::json& h) { h.erase("format"); }),
+              StatusIs(kInvalid, HasSubstr("header key \"format\" is not \"perfusion-concept\"")));
+  EXPECT_THAT(Edited([](nlohmann::json& h) { h["format"] = "safetensors"; }),
+              StatusIs(kInvalid, HasSubstr("\"format\"")));
+  for (auto [beta, temperature] : {std::pair{0.7, 0.0}, std::pair{0.7, -1.0}, std::pair{0.7, 1e308},
+                                   std::pair{5.0, 0.15}, std::pair{-0.1, 0.15}}) {
+    EXPECT_THAT(Edited([&](nlohmann::json& h) { h["default_gate"] = {{"beta", beta}, {"temperature", temperature}}; }),
+                StatusIs(kInvalid, HasSubstr("default_gate: beta must be in [0, 1] and temperature in (0, 1]")))
+        << beta << " " << temperature;
+  }
+  // Stored and listed with the concept: only the engine's storage types, never a megabyte string.
+  EXPECT_THAT(Edited([](nlohmann::json& h) { h["dtype"] = std::string(100000, 'x'); }),
+              StatusIs(kInvalid, HasSubstr("header key \"dtype\" is \"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx...\"")));
+  EXPECT_THAT(Edited([](nlohmann::json& h) { h["dtype"] = "float16"; }),
+              StatusIs(kInvalid, HasSubstr("(expected F32, F16 or BF16)")));
+  // Bytes no tensor uses, or tensors sharing bytes: not the engine's back-to-back layout.
+  EXPECT_THAT(Edited([](nlohmann::json& h) {
+                auto& o = h["tensors"]["v_targets"]["data_offsets"];
+                o[0] = o[0].get<uint64_t>() - 4;  // over the embedding's last value, and 4 bytes unused at the end
+                o[1] = o[1].get<uint64_t>() - 4;
+              }),
+              StatusIs(kInvalid, HasSubstr("do not cover the data back to back (overlap")));
+  EXPECT_THAT(Edited([](nlohmann::json& h) {
+                // v_targets one value shorter, the layer too: the data's last 4 bytes belong to nothing.
+                h["layers"][0]["out_dim"] = h["layers"][0]["out_dim"].get<int64_t>() - 1;
+                h["tensors"]["v_targets"]["shape"][0] = h["layers"][0]["out_dim"];
+                auto& o = h["tensors"]["v_targets"]["data_offsets"];
+                o[1] = o[1].get<uint64_t>() - 4;
+              }),
+              StatusIs(kInvalid, HasSubstr("do not cover the data back to back (gap at byte")));
   EXPECT_THAT(Edited([](nlohmann::json& h) { h["info"]["steps"] = 400; }),
               StatusIs(kInvalid, HasSubstr("info[steps] is not a string")));
   EXPECT_THAT(Edited([](nlohmann::json& h) { h["superclass_token_id"] = -7; }),
@@ -361,6 +392,11 @@ TEST(ConceptBlobTest, RefusesBlobsTheWorkerCouldNotUse) {
     EXPECT_THAT(ParseConceptBlob(testing::MakeConceptBlob(spec)),
                 StatusIs(kInvalid, HasSubstr("values must be finite and within +-65504")))
         << value;
+  }
+  {
+    testing::ConceptBlobSpec zero;
+    zero.value = 0.0f;  // every tensor, i_star first
+    EXPECT_THAT(ParseConceptBlob(testing::MakeConceptBlob(zero)), StatusIs(kInvalid, HasSubstr("tensor 'i_star': all zeros")));
   }
   testing::ConceptBlobSpec in_range;
   in_range.value = -65504.0f;
@@ -392,6 +428,20 @@ TEST(AuthTest, TokensMapToTenantsAndWorkersAreSeparate) {
   EXPECT_THAT(auth->Worker("Bearer secret-a"), StatusIs(absl::StatusCode::kPermissionDenied));
 }
 
+// Values come from workers (names, error messages) and clients: none may break a log line or send
+// a terminal escape sequence.
+TEST(LogTest, ValuesAreQuotedAndControlCharactersEscaped) {
+  EXPECT_EQ(LogValue("job_1a2b"), "job_1a2b");
+  EXPECT_EQ(LogValue("caf\xc3\xa9"), "caf\xc3\xa9");  // UTF-8 stays as it is
+  EXPECT_EQ(LogValue(""), "\"\"");
+  EXPECT_EQ(LogValue("a b"), "\"a b\"");
+  EXPECT_EQ(LogValue("k=v"), "\"k=v\"");
+  EXPECT_EQ(LogValue("say \"hi\" \\o/"), "\"say \\\"hi\\\" \\\\o/\"");
+  EXPECT_EQ(LogValue("two\nlines\r\tx"), "\"two\\nlines\\r\\tx\"");
+  EXPECT_EQ(LogValue("\x1b[31mred"), "\"\\x1b[31mred\"");
+  EXPECT_EQ(LogValue(std::string("nul\0del\x7f", 8)), "\"nul\\x00del\\x7f\"");
+}
+
 TEST(AuthTest, MalformedTokenFileNamesTheLine) {
   std::string dir = testing::MakeTempDir();
   auto tokens = testing::WriteFile(dir, "tokens", "ok acme\nlonely\n");
@@ -399,6 +449,19 @@ TEST(AuthTest, MalformedTokenFileNamesTheLine) {
               StatusIs(kInvalid, HasSubstr("tokens:2")));
   EXPECT_THAT(Authenticator::Load(dir + "/missing", ""),
               StatusIs(absl::StatusCode::kNotFound));
+}
+
+TEST(AuthTest, ATokenNamesOneTenantAndIsNeverAlsoAWorkerToken) {
+  std::string dir = testing::MakeTempDir();
+  auto tokens = testing::WriteFile(dir, "tokens", "secret-a acme\nsecret-a acme\nsecret-a globex\n");
+  EXPECT_THAT(Authenticator::Load(tokens, ""),
+              StatusIs(kInvalid, HasSubstr("tokens:3: this token is already tenant \"acme\"'s")));
+  tokens = testing::WriteFile(dir, "tokens", "secret-a acme\nsecret-b globex\n");
+  auto workers = testing::WriteFile(dir, "workers", "worker-secret\nsecret-b\n");
+  EXPECT_THAT(Authenticator::Load(tokens, workers),
+              StatusIs(kInvalid, HasSubstr("workers:2: this token is also a tenant token")));
+  workers = testing::WriteFile(dir, "workers", "worker-secret\n");
+  EXPECT_THAT(Authenticator::Load(tokens, workers), IsOk());  // a repeated line with the same tenant is fine
 }
 
 }  // namespace
