@@ -9,7 +9,12 @@
 #include <new>
 #include <stdexcept>
 
+#include "perfusion/concept.h"
+#include "perfusion/image_io.h"
+#include "perfusion/model_dir.h"
 #include "perfusion/pipeline.h"
+#include "perfusion/trainer.h"
+#include "tests/engine/test_util.h"
 
 namespace perfusion::worker {
 namespace {
@@ -51,6 +56,57 @@ TEST(RunGuardedTest, BadAllocIsResourceExhaustedAndSuccessIsOk) {
   int ran = 0;
   EXPECT_TRUE(RunGuarded([&] { ++ran; }).ok());
   EXPECT_EQ(ran, 1);
+}
+
+// The facade cuts each training image to the trainer's side as soon as it is decoded (a whole
+// large image held hundreds of MB for the run); the trainer then finds it done, so the concept
+// is the one TrainConcept makes from the whole images, bit for bit.
+TEST(EngineTrainTest, ImagesCutAtDecodeTrainTheSameConceptAsWholeOnes) {
+  const std::string model_dir = testing::EnvOr("PERFUSION_TINY_MODEL", testing::SourceDir() + "/models/tiny");
+  if (!testing::FileExists(model_dir + "/model_index.json")) GTEST_SKIP() << "no tiny model at " << model_dir;
+  const std::string tokenizer_dir = testing::SharedDir() + "/data/clip";
+  EngineOptions eo;
+  eo.model_dir = model_dir;
+  eo.tokenizer_dir = tokenizer_dir;
+  auto engine = Engine::Load(eo);
+  ASSERT_TRUE(engine.ok()) << engine.status();
+
+  TrainSpec spec;
+  spec.name = "blob";
+  spec.superclass = "star";
+  spec.steps = 2;
+  spec.seed = 7;
+  std::vector<at::Tensor> whole;
+  for (int i = 0; i < 3; ++i) {
+    Image im(80 + 16 * i, 48);  // wider than high, and larger than the model's 32 px
+    for (int y = 0; y < im.height; ++y) {
+      for (int x = 0; x < im.width; ++x) {
+        uint8_t* p = im.at(x, y);
+        p[0] = static_cast<uint8_t>(3 * x + 40 * i);
+        p[1] = static_cast<uint8_t>(5 * y);
+        p[2] = static_cast<uint8_t>((x * y) % 251);
+      }
+    }
+    spec.images.push_back(EncodePng(im));
+    whole.push_back(ImageToTensor(im));
+  }
+  auto result = (*engine)->Train(spec, nullptr);
+  ASSERT_TRUE(result.ok()) << result.status();
+
+  ModelDirOptions mo;
+  mo.tokenizer_dir = tokenizer_dir;
+  auto model = LoadModelDir(model_dir, mo);
+  TrainOptions o;
+  o.name = spec.name;
+  o.superclass = spec.superclass;
+  o.steps = spec.steps;
+  o.seed = spec.seed;
+  const Concept direct = TrainConcept(*model, whole, o);
+  const Concept facade = DecodeConcept(result->blob, model->model_id);
+  const Concept direct_stored = DecodeConcept(EncodeConcept(direct), model->model_id);
+  EXPECT_TRUE(at::equal(facade.i_star, direct_stored.i_star));
+  EXPECT_TRUE(at::equal(facade.v_targets, direct_stored.v_targets));
+  EXPECT_TRUE(at::equal(facade.embedding, direct_stored.embedding));
 }
 
 }  // namespace
