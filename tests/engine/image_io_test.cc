@@ -436,6 +436,21 @@ TEST(ImageIoJpegTest, RejectsTruncatedCorruptOversizedAndCmyk) {
     }
   }
 }
+
+// Warnings that lose no data, common in real files, do not refuse the image: two stray bytes
+// before EOI ("extraneous bytes before marker 0xd9"), a JFIF header of revision 2.01.
+TEST(ImageIoJpegTest, HarmlessWarningsDecode) {
+  const Image src = Gradient(64, 48);
+  const std::string good = EncodeJpeg(src);
+  ASSERT_EQ(good.substr(good.size() - 2), std::string("\xff\xd9", 2));
+  const std::string stray = good.substr(0, good.size() - 2) + std::string("\0\0\xff\xd9", 4);
+  EXPECT_LT(MeanAbsDiff(DecodeImage(stray), src), 2.0);
+  std::string jfif2 = good;
+  const size_t jfif = jfif2.find(std::string("JFIF\0", 5));
+  ASSERT_NE(jfif, std::string::npos);
+  jfif2[jfif + 5] = 2;  // major version
+  EXPECT_LT(MeanAbsDiff(DecodeImage(jfif2), src), 2.0);
+}
 #else
 TEST(ImageIoJpegTest, RejectsJpegWithClearMessageWithoutLibjpeg) {
   const std::string jpeg("\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00", 20);

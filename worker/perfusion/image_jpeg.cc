@@ -13,6 +13,7 @@
 #include <cstddef>
 
 #include <jpeglib.h>
+#include <jerror.h>
 #endif
 
 namespace perfusion {
@@ -103,10 +104,22 @@ void JpegErrorExit(j_common_ptr cinfo) {
   std::longjmp(s->jump, 1);
 }
 
-// Warnings (level -1) mean corrupt or missing data, which libjpeg would fill with grey: an error
-// for a training image. Trace messages (level >= 0) are ignored. Nothing is printed.
+// Warnings (level -1) mostly mean corrupt or missing data, which libjpeg would fill with grey: an
+// error for a training image. A few lose nothing and are common in cameras' and editors' files:
+// stray bytes between segments (often two before EOI), a JFIF header of a newer revision, an ICC
+// profile marker it cannot read (colours are then taken as sRGB), scanlines past the end. Those are ignored, as every viewer does.
+// Trace messages (level >= 0) are ignored. Nothing is printed.
 void JpegEmitMessage(j_common_ptr cinfo, int level) {
-  if (level < 0) JpegErrorExit(cinfo);
+  if (level >= 0) return;
+  switch (cinfo->err->msg_code) {
+    case JWRN_EXTRANEOUS_DATA:
+    case JWRN_JFIF_MAJOR:
+    case JWRN_TOO_MUCH_DATA:
+    case JWRN_BOGUS_ICC:
+      return;
+    default:
+      JpegErrorExit(cinfo);
+  }
 }
 
 void JpegOutputMessage(j_common_ptr) {}
