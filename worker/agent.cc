@@ -104,7 +104,9 @@ class Agent::LeaseKeeper {
 
   void Progress(int step, int total, float loss) {
     absl::MutexLock lock(&mu_);
-    step_ = step;
+    // Never backwards: a batch split after an error runs each item again from step 0, and the
+    // client's progress would drop from 80 % to 3 %. It waits at its high-water mark instead.
+    step_ = total == total_ ? std::max(step_, step) : step;
     total_ = total;
     loss_ = loss;
     dirty_ = true;
@@ -400,10 +402,6 @@ absl::Status Agent::Run() {
                              {"max_batch", std::to_string(options_.max_batch)}});
   absl::Duration backoff = options_.min_backoff;
   while (!stopping()) {
-    if (next_training_ != nullptr) {
-      RunTraining(std::move(next_training_));
-      continue;
-    }
     if (worker_id_.empty()) {
       absl::Status s = Register();
       if (!s.ok() && stopping()) break;
@@ -473,16 +471,16 @@ absl::Status Agent::Run() {
       if (!more || more->lease_id().empty()) break;
       std::unique_ptr<HeldItem> h = Hold(*std::move(more));
       if (h->training()) {
-        next_training_ = std::move(h);  // generation queue is empty: run it after the batch
+        // The generation queue is empty. Held until after the batch (minutes on a CPU), the job
+        // would show RUNNING at step 0 while idle workers find nothing, and an attempt would be
+        // spent if this worker died meanwhile: handed back, uncounted, for whoever is free first
+        // (this worker too, after the batch).
+        ReturnItem(h.get(), "worker busy with a generation batch");
         break;
       }
       batch.push_back(std::move(h));
     }
     RunGenerations(std::move(batch));
-  }
-  if (next_training_ != nullptr) {
-    ReturnItem(next_training_.get(), "worker shutting down");
-    next_training_.reset();
   }
   if (metrics_ != nullptr) metrics_->registered->Set(0);
   LogEvent("agent_stopped", {{"worker", worker_id_}});
@@ -597,9 +595,13 @@ absl::Status Agent::FetchConcepts(HeldItem* item) {
                                        return stub_->FetchConcept(ctx, req, &resp);
                                      });
       if (!s.ok()) {
-        return absl::Status(static_cast<absl::StatusCode>(s.error_code()),
-                            absl::StrCat("concept <", wc.reference(), "> (", wc.digest(),
-                                         "): FetchConcept: ", s.error_message()));
+        // A server that did not answer in time (wait_for_ready turns "unreachable" into
+        // DEADLINE_EXCEEDED) is not the request's deadline: UNAVAILABLE, so the work is retried
+        // rather than failed as "deadline".
+        const auto code = Transient(s.error_code()) ? absl::StatusCode::kUnavailable
+                                                    : static_cast<absl::StatusCode>(s.error_code());
+        return absl::Status(code, absl::StrCat("concept <", wc.reference(), "> (", wc.digest(), "): FetchConcept: ",
+                                               CodeName(s.error_code()), ": ", s.error_message()));
       }
       const std::string got = Sha256Hex(resp.blob());
       if (got != wc.digest()) {
@@ -715,7 +717,10 @@ void Agent::GenerateBatch(const std::vector<HeldItem*>& items) {
       for (HeldItem* it : items) {
         if (alive(it)) {
           GenerateBatch({it});
-        } else if (!it->keeper->lost()) {
+        } else if (it->keeper->lost()) {
+          it->End();
+          CountItem("generation", "lost");
+        } else {
           FailItem(it, it->keeper->cancel_requested()
                            ? absl::CancelledError("cancelled by the client")
                            : absl::DeadlineExceededError("the request's deadline passed"));
@@ -779,8 +784,14 @@ grpc::Status Agent::CallWithRetry(const char* method, absl::Time until,
   while (true) {
     // Re-read each round: a Stop() meanwhile brings the end forward to its grace period.
     const absl::Time end = RetryUntil(until);
+    const absl::Duration left = end - absl::Now();
+    // Stopping, every call ends within the grace period: once it is over, the remaining hand-backs
+    // are not attempted (their leases expire on the server), rather than getting a second each.
+    if (stopping() && left <= absl::ZeroDuration()) {
+      return grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, "the worker's stop grace period is over");
+    }
     grpc::ClientContext ctx;
-    PrepareContext(&ctx, std::clamp(end - absl::Now(), absl::Seconds(1), options_.rpc_timeout));
+    PrepareContext(&ctx, std::clamp(left, stopping() ? absl::Milliseconds(100) : absl::Seconds(1), options_.rpc_timeout));
     bool before_stop;
     {
       absl::MutexLock lock(&mu_);

@@ -147,8 +147,6 @@ class Agent {
   std::string worker_id_;
   absl::Duration lease_duration_ = absl::Seconds(60);
   absl::Duration heartbeat_interval_ = absl::Seconds(20);
-  // A training item leased while collecting a generation batch; runs next.
-  std::unique_ptr<HeldItem> next_training_;
 };
 
 }  // namespace perfusion::worker

@@ -12,6 +12,7 @@
 #include <sstream>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
@@ -104,7 +105,12 @@ int main(int argc, char** argv) {
   };
   usage.contains_helpshort_flags = usage.contains_help_flags;
   absl::SetFlagsUsageConfig(usage);
-  absl::ParseCommandLine(argc, argv);
+  const std::vector<char*> positional = absl::ParseCommandLine(argc, argv);
+  if (positional.size() > 1) {
+    fprintf(stderr, "perfusion-worker: unexpected argument '%s' (every setting is a --flag; see --help)\n",
+            positional[1]);
+    return 2;
+  }
 
   // Block the stop signals in every thread (gRPC's and LibTorch's included); one thread waits.
   sigset_t stop_set;
@@ -159,6 +165,12 @@ int main(int argc, char** argv) {
   if (max_batch < 1 || (!absl::GetFlag(FLAGS_training) && !absl::GetFlag(FLAGS_generation))) {
     fprintf(stderr, "perfusion-worker: --max_batch must be >= 1 and at least one of --training, "
                     "--generation true\n");
+    return 2;
+  }
+  if (absl::GetFlag(FLAGS_max_message_bytes) < (1 << 20) || absl::GetFlag(FLAGS_threads) < 0 ||
+      absl::GetFlag(FLAGS_concept_cache_bytes) < 0) {
+    fprintf(stderr, "perfusion-worker: --max_message_bytes must be >= 1 MiB, --threads >= 0 (0: the library's "
+                    "default) and --concept_cache_bytes >= 0 (0: no cache)\n");
     return 2;
   }
 

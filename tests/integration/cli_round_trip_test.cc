@@ -298,5 +298,22 @@ TEST(WorkerWithoutServerTest, AWorkerTokenNoHeaderCanCarryIsAUsageError) {
   EXPECT_NE(r.err.find("PERFUSION_WORKER_TOKEN"), std::string::npos) << r.err;
 }
 
+// Out-of-range flags and stray arguments are usage errors before anything loads (a negative cache
+// size silently disabled the cache; a stray word was ignored).
+TEST(WorkerWithoutServerTest, BadFlagsAndStrayArgumentsAreUsageErrors) {
+  const std::string tmp = fs::temp_directory_path().string();
+  for (const auto& [args, message] : std::vector<std::pair<std::vector<std::string>, std::string>>{
+           {{"bogus_positional"}, "unexpected argument 'bogus_positional'"},
+           {{"--max_message_bytes=-5"}, "--max_message_bytes must be >= 1 MiB"},
+           {{"--threads=-1"}, "--threads >= 0"},
+           {{"--concept_cache_bytes=-1"}, "--concept_cache_bytes >= 0"}}) {
+    std::vector<std::string> argv = {PERFUSION_WORKER_BIN, "--server", "127.0.0.1:1", "--model_dir", "/nonexistent"};
+    argv.insert(argv.end(), args.begin(), args.end());
+    CommandResult r = RunCommand(argv, tmp, absl::Seconds(60), {{"PERFUSION_WORKER_TOKEN", "worker-secret-0123456"}});
+    EXPECT_EQ(r.exit_code, 2) << args[0] << ": " << r.err;
+    EXPECT_NE(r.err.find(message), std::string::npos) << args[0] << ": " << r.err;
+  }
+}
+
 }  // namespace
 }  // namespace perfusion::testing
