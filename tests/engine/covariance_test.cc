@@ -3,6 +3,9 @@
 #include <ATen/Functions.h>
 #include <c10/util/Exception.h>
 #include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <string>
 
 #include "perfusion/rank1_edit.h"
 #include "tests/engine/test_util.h"
@@ -39,7 +42,8 @@ TEST_F(CovarianceTest, MaskSelectsTheCountedPositionsAndMergeAddsShards) {
 TEST_F(CovarianceTest, SaveLoadRoundTripAndStableInverse) {
   at::Tensor a = at::randn({16, 16});
   at::Tensor C = at::matmul(a, a.t()) + at::eye(16);
-  const std::string path = ::testing::TempDir() + "/cov.safetensors";
+  // Per process: two build trees may run their tests at once.
+  const std::string path = ::testing::TempDir() + "/cov_" + std::to_string(::getpid()) + ".safetensors";
   SaveCovariance(path, C, {{"count", "16"}});
   at::Tensor back = LoadCovariance(path);
   EXPECT_TRUE(at::equal(back, C.to(at::kFloat)));

@@ -58,18 +58,23 @@ TEST(RunGuardedTest, BadAllocIsResourceExhaustedAndSuccessIsOk) {
   EXPECT_EQ(ran, 1);
 }
 
+// The shipped tiny model (or $PERFUSION_TINY_MODEL) with the shared CLIP tokenizer.
+EngineOptions TinyEngineOptions() {
+  EngineOptions eo;
+  eo.model_dir = testing::EnvOr("PERFUSION_TINY_MODEL", testing::SourceDir() + "/models/tiny");
+  eo.tokenizer_dir = testing::SharedDir() + "/data/clip";
+  return eo;
+}
+
 // The facade cuts each training image to the trainer's side as soon as it is decoded (a whole
 // large image held hundreds of MB for the run); the trainer then finds it done, so the concept
 // is the one TrainConcept makes from the whole images, bit for bit.
 TEST(EngineTrainTest, ImagesCutAtDecodeTrainTheSameConceptAsWholeOnes) {
-  const std::string model_dir = testing::EnvOr("PERFUSION_TINY_MODEL", testing::SourceDir() + "/models/tiny");
-  if (!testing::FileExists(model_dir + "/model_index.json")) GTEST_SKIP() << "no tiny model at " << model_dir;
-  const std::string tokenizer_dir = testing::SharedDir() + "/data/clip";
-  EngineOptions eo;
-  eo.model_dir = model_dir;
-  eo.tokenizer_dir = tokenizer_dir;
+  const EngineOptions eo = TinyEngineOptions();
+  if (!testing::FileExists(eo.model_dir + "/model_index.json")) GTEST_SKIP() << "no tiny model at " << eo.model_dir;
   auto engine = Engine::Load(eo);
   ASSERT_TRUE(engine.ok()) << engine.status();
+  const std::string model_dir = eo.model_dir, tokenizer_dir = eo.tokenizer_dir;
 
   TrainSpec spec;
   spec.name = "blob";
@@ -107,6 +112,62 @@ TEST(EngineTrainTest, ImagesCutAtDecodeTrainTheSameConceptAsWholeOnes) {
   EXPECT_TRUE(at::equal(facade.i_star, direct_stored.i_star));
   EXPECT_TRUE(at::equal(facade.v_targets, direct_stored.v_targets));
   EXPECT_TRUE(at::equal(facade.embedding, direct_stored.embedding));
+}
+
+// What a worker's request turns into: a beta given alone keeps the concept's own temperature, an
+// unset key-locking mode is the model's default (global for the tiny model, from
+// perfusion/inference.json), and the images are the pipeline's for that request, byte for byte.
+TEST(EngineGenerateTest, RequestOptionsMapToThePipelinesRequest) {
+  const EngineOptions eo = TinyEngineOptions();
+  if (!testing::FileExists(eo.model_dir + "/model_index.json")) GTEST_SKIP() << "no tiny model at " << eo.model_dir;
+  auto engine = Engine::Load(eo);
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  const std::string& model_dir = eo.model_dir;
+  ModelDirOptions mo;
+  mo.tokenizer_dir = eo.tokenizer_dir;
+  auto model = LoadModelDir(model_dir, mo);
+  ASSERT_TRUE(model->default_global_key_lock) << "the tiny model's inference.json asks for global locking";
+
+  TrainOptions o;
+  o.name = "rex";
+  o.superclass = "star";
+  o.steps = 2;
+  o.seed = 5;
+  std::vector<at::Tensor> images;
+  for (int i = 0; i < 3; ++i) images.push_back(at::rand({3, 32, 32}) * 2 - 1);
+  Concept trained = TrainConcept(*model, images, o);
+  trained.default_gate = {0.7, 0.2};  // a concept default unlike the paper's, to see which is used
+  const std::string blob = EncodeConcept(trained);
+
+  GenerateSpec spec;
+  spec.prompt = "a photo of a <rex> on a blue background";
+  spec.steps = 3;
+  spec.seed = 11;
+  ConceptUse use;
+  use.reference = "rex";
+  use.blob = blob;
+  use.beta = 0.6;  // temperature unset: the concept's 0.2
+  spec.concepts.push_back(use);
+  auto got = (*engine)->Generate({spec}, nullptr);
+  ASSERT_TRUE(got.ok()) << got.status();
+  ASSERT_EQ(got->size(), 1u);
+  ASSERT_EQ((*got)[0].pngs.size(), 1u);
+
+  GenerationRequest q;
+  q.prompt = spec.prompt;
+  q.steps = spec.steps;
+  q.seed = spec.seed;
+  q.sampler = "ddim";
+  q.concepts["rex"] = {std::make_shared<Concept>(DecodeConcept(blob, model->model_id)), {0.6, 0.2}, true};
+  Pipeline pipe(model);
+  const std::string expected = EncodePng(TensorToImage(pipe.Generate({q})[0].images[0]));
+  EXPECT_EQ((*got)[0].pngs[0], expected);
+  // Any other reading differs: the paper's temperature, or local locking.
+  q.concepts["rex"].gate = {0.6, 0.15};
+  EXPECT_NE(EncodePng(TensorToImage(pipe.Generate({q})[0].images[0])), expected);
+  q.concepts["rex"].gate = {0.6, 0.2};
+  q.concepts["rex"].global_key_lock = false;
+  EXPECT_NE(EncodePng(TensorToImage(pipe.Generate({q})[0].images[0])), expected);
 }
 
 }  // namespace

@@ -89,8 +89,20 @@ TEST_F(ModelDirTest, ALoadedModelSavesAndLoadsAgain) {
   auto loaded = LoadModelDir(dir_, opts_);
   const std::string again = dir_ + "-again";
   SaveModelDir(*loaded, again);
-  EXPECT_NO_THROW(LoadModelDir(again, opts_));
+  auto reloaded = LoadModelDir(again, opts_);
   std::filesystem::remove_all(again);
+  // The same model: same id, covariance and weights, so the same outputs bit for bit.
+  EXPECT_EQ(reloaded->model_id, loaded->model_id);
+  EXPECT_TRUE(at::equal(reloaded->covariance, loaded->covariance));
+  c10::InferenceMode guard;
+  at::Tensor ids = at::randint(0, 49408, {1, 77}, at::kLong);
+  at::Tensor text = loaded->text_encoder->forward(ids);
+  EXPECT_TRUE(at::equal(reloaded->text_encoder->forward(ids), text));
+  at::Tensor x = at::randn({1, 4, 8, 8}), t = at::tensor(std::vector<int64_t>{500}, at::kLong);
+  EXPECT_TRUE(at::equal(reloaded->unet->forward(x, t, text), loaded->unet->forward(x, t, text)));
+  at::Tensor img = at::rand({1, 3, 16, 16}) * 2 - 1;
+  EXPECT_TRUE(at::equal(reloaded->vae->decode(reloaded->vae->encode(img).mode()),
+                        loaded->vae->decode(loaded->vae->encode(img).mode())));
 }
 
 TEST_F(ModelDirTest, DerivedModelIdChangesWithTheWeights) {

@@ -59,6 +59,15 @@ class PipelineTest : public ::testing::Test {
     t.seed = seed;
     return t;
   }
+  // A second concept, trained apart from the suite's: candy_heart images, its own superclass and seed.
+  static std::shared_ptr<Concept> CandyConcept(const std::string& name) {
+    TrainOptions t;
+    t.name = name;
+    t.superclass = FindConcept("candy_heart").superclass;
+    t.steps = 3;
+    t.seed = 4;
+    return std::make_shared<Concept>(TrainConcept(*model_, ConceptImages("candy_heart", 2), t));
+  }
   // A concept like the suite's, trained for a few steps on two images of `model`.
   static Concept BriefConcept(StableDiffusion& model) {
     return TrainConcept(model, ConceptImages("checker_star", 2), CheckerOptions("checker", /*steps=*/3, /*seed=*/3));
@@ -82,6 +91,7 @@ class PipelineTest : public ::testing::Test {
     auto together = pipe.Generate(reqs);
     for (size_t r = 0; r < reqs.size(); ++r) {
       auto alone = pipe.Generate({reqs[r]});
+      EXPECT_EQ(together[r].images.size(), static_cast<size_t>(reqs[r].num_images)) << "request " << r;
       EXPECT_EQ(alone[0].images.size(), together[r].images.size());
       for (size_t n = 0; n < std::min(alone[0].images.size(), together[r].images.size()); ++n) {
         EXPECT_TRUE(AllClose(together[r].images[n], alone[0].images[n], 1e-4, 1e-4, "request " + std::to_string(r)));
@@ -104,6 +114,27 @@ TEST_F(PipelineTest, ATrainedConceptExplainsItsImagesBetterThanTheSuperclass) {
   const double superclass = pipe.DenoisingLoss("a photo of a " + concept_->superclass, {}, images, 21, 6);
   EXPECT_LT(with_concept, superclass);
   EXPECT_EQ(pipe.DenoisingLoss("a photo of a <checker>", c, images, 21, 6), with_concept) << "deterministic";
+}
+
+// "A few training steps reduce the loss on a concept": the suite's concept (30 steps) against the
+// same concept before training (one step at learning rate 0: the superclass's values and
+// embedding), on the same images, timesteps and noise.
+TEST_F(PipelineTest, TrainingStepsReduceTheLossOnTheConcept) {
+  Pipeline pipe(model_);
+  auto images = ConceptImages("checker_star", 6);
+  TrainOptions untrained_options = CheckerOptions("checker", /*steps=*/1, /*seed=*/3);
+  untrained_options.lr_values = 0;
+  untrained_options.lr_embedding = 0;
+  auto untrained = std::make_shared<Concept>(TrainConcept(*model_, images, untrained_options));
+  const std::string prompt = "a photo of a <checker>";
+  const double before = pipe.DenoisingLoss(prompt, {{"checker", {untrained, {}, false}}}, images, /*seed=*/21, /*draws=*/6);
+  const double after = pipe.DenoisingLoss(prompt, {{"checker", {concept_, {}, false}}}, images, 21, 6);
+  EXPECT_LT(after, before) << "30 steps did not lower the concept's denoising loss";
+  // And the trained concept draws other images than the untrained one: training changed what it does.
+  GenerationRequest a = Request(prompt), b = Request(prompt);
+  a.concepts["checker"] = {concept_, {}, false};
+  b.concepts["checker"] = {untrained, {}, false};
+  EXPECT_GT((pipe.Generate({a})[0].images[0] - pipe.Generate({b})[0].images[0]).abs().mean().item<double>(), 1e-3);
 }
 
 TEST_F(PipelineTest, TrainingIsDeterministicForASeedAndCancellable) {
@@ -213,6 +244,18 @@ TEST_F(PipelineTest, TrainsAndGeneratesOnAReducedPrecisionModel) {
   const Concept c = BriefConcept(*bf16);
   EXPECT_EQ(c.v_targets.scalar_type(), at::kFloat);
   EXPECT_TRUE(c.v_targets.isfinite().all().item<bool>());
+  // It trained: its targets moved from their start as far as float32's did, and to the same place.
+  {
+    const Concept full_precision = BriefConcept(*model_);
+    TrainOptions frozen = CheckerOptions("checker", /*steps=*/1, /*seed=*/3);
+    frozen.lr_values = 0;
+    frozen.lr_embedding = 0;
+    const Concept start = TrainConcept(*model_, ConceptImages("checker_star", 2), frozen);
+    const double moved = (full_precision.v_targets - start.v_targets).norm().item<double>();
+    ASSERT_GT(moved, 1e-3) << "three float32 steps moved nothing";
+    EXPECT_LT((c.v_targets - full_precision.v_targets).norm().item<double>(), 0.25 * moved)
+        << "the bf16-trained targets went elsewhere (or stayed put)";
+  }
   Pipeline low(bf16), full(model_);
   GenerationRequest r = Request("a photo of a <checker> on a blue background");
   r.concepts["checker"] = {concept_, {}, false};
@@ -318,8 +361,18 @@ TEST_F(PipelineTest, GatesShowWhereEachEditActs) {
   // The learned embedding is where i* was measured, so the gate opens there, and only there.
   EXPECT_GT(g.value_gate[at][0].item<float>(), 0.5f);
   for (int64_t n = 0; n < 77; ++n) {
-    if (n != at) EXPECT_LT(g.value_gate[n][0].item<float>(), 0.5f) << "token " << n;
+    if (n != at) EXPECT_LT(g.value_gate[n][0].item<float>(), 0.1f) << "token " << n;
   }
+  // The request's beta and temperature reach the gate: sigmoid((alpha - beta) / tau) is monotone in
+  // both, so at the concept's token (alpha above beta) a softer temperature closes it and a lower
+  // beta opens it.
+  std::map<std::string, ConceptRef> softer = refs, lower = refs;
+  softer["checker"].gate = {0.7, 1.0};
+  lower["checker"].gate = {0.5, 0.15};
+  EXPECT_LT(pipe.Gates("a photo of a <checker>", softer).value_gate[at][0].item<float>(),
+            g.value_gate[at][0].item<float>() - 0.1f);
+  EXPECT_GT(pipe.Gates("a photo of a <checker>", lower).value_gate[at][0].item<float>(),
+            g.value_gate[at][0].item<float>());
   // Local key-locking: K and V see the same encodings. Global: K sees the superclass word there.
   EXPECT_TRUE(at::equal(g.key_gate, g.value_gate));
   refs["checker"].global_key_lock = true;
@@ -338,11 +391,62 @@ TEST_F(PipelineTest, SavedAndLoadedConceptGivesIdenticalImages) {
   EXPECT_TRUE(at::equal(pipe.Generate({a})[0].images[0], pipe.Generate({b})[0].images[0]));
 }
 
+// The service stores the default encoding (fp16 values and embedding): a stored concept loads to
+// the same images every time, saving it again gives the same bytes, and its images stay close to
+// the trained (float32) concept's.
+TEST_F(PipelineTest, AConceptInTheStoredEncodingGivesTheSameImagesOnEveryLoad) {
+  Pipeline pipe(model_);
+  const std::string blob = EncodeConcept(*concept_);
+  auto first = std::make_shared<Concept>(DecodeConcept(blob, model_->model_id));
+  auto second = std::make_shared<Concept>(DecodeConcept(blob, model_->model_id));
+  EXPECT_EQ(EncodeConcept(*first), blob) << "a stored concept saves to the same bytes";
+  GenerationRequest r = Request("a photo of a <checker> on a green background");
+  r.concepts["checker"] = {first, {}, false};
+  const at::Tensor a = pipe.Generate({r})[0].images[0];
+  r.concepts["checker"] = {second, {}, false};
+  EXPECT_TRUE(at::equal(a, pipe.Generate({r})[0].images[0]));
+  r.concepts["checker"] = {concept_, {}, false};
+  const at::Tensor trained = pipe.Generate({r})[0].images[0];
+  EXPECT_LT((a - trained).abs().mean().item<double>(), 0.02) << "fp16 storage moved the images";
+}
+
+// Two concepts trained apart (other images, superclass and seed): in one prompt each edit opens
+// on its own token only, and a concept the request carries but the prompt does not name changes
+// nothing.
+TEST_F(PipelineTest, TwoConceptsGateOnTheirOwnTokensOnly) {
+  Pipeline pipe(model_);
+  auto candy = CandyConcept("candy");
+  ASSERT_NE(candy->superclass, concept_->superclass);
+  std::map<std::string, ConceptRef> refs = {{"checker", {concept_, {0.7, 0.15}, false}},
+                                            {"candy", {candy, {0.7, 0.15}, false}}};
+  const PromptGates g = pipe.Gates("a <candy> to the left of a <checker>", refs);
+  ASSERT_EQ(g.tokens.positions.size(), 2u);
+  ASSERT_EQ(g.value_gate.sizes(), (std::vector<int64_t>{77, 2}));
+  // Columns follow the prompt's order of concepts: candy first, then checker, each used once.
+  ASSERT_EQ(g.tokens.concepts, (std::vector<std::string>{"candy", "checker"}));
+  for (int64_t c = 0; c < 2; ++c) {
+    for (int64_t n = 0; n < 77; ++n) {
+      const float v = g.value_gate[n][c].item<float>();
+      if (n == g.tokens.positions[c]) {
+        EXPECT_GT(v, 0.5f) << "concept " << c << " at its token " << n;
+      } else {
+        EXPECT_LT(v, 0.1f) << "concept " << c << " leaks to token " << n;
+      }
+    }
+  }
+  // Carried but not named: the request equals one without it.
+  GenerationRequest both = Request("a photo of a <candy>");
+  both.concepts = {{"checker", refs["checker"]}, {"candy", refs["candy"]}};
+  GenerationRequest only = Request("a photo of a <candy>");
+  only.concepts = {{"candy", refs["candy"]}};
+  EXPECT_TRUE(at::equal(pipe.Generate({both})[0].images[0], pipe.Generate({only})[0].images[0]));
+}
+
 TEST_F(PipelineTest, BatchOfDifferentConceptsEqualsRequestsRunOneByOne) {
   Pipeline pipe(model_);
-  auto second = std::make_shared<Concept>(*concept_);
-  second->name = "other";
-  second->v_targets = concept_->v_targets * 0.5;
+  // A second concept trained apart (not a scaled copy: its embedding, i* and superclass differ, so
+  // mixing up which concept's embedding or edit goes where changes the images).
+  auto second = CandyConcept("other");
   std::vector<GenerationRequest> reqs = {Request("a photo of a <checker>", 1), Request("a blue square", 2),
                                          Request("a <other> and a <checker>", 3)};
   reqs[0].concepts["checker"] = {concept_, {}, false};

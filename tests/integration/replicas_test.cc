@@ -61,6 +61,7 @@ using ReplicasTest = ClusterTest;
 
 TEST_F(ReplicasTest, TwoHundredJobsThroughTwoReplicasCompleteExactlyOnce) {
   auto db = server::testing::TestDatabase::Create();
+  if (!db.ok() && server::testing::PostgresRequired()) FAIL() << "PERFUSION_TEST_PG_URL is set but: " << db.status();
   if (!db.ok()) GTEST_SKIP() << "no PostgreSQL server: " << db.status();
   constexpr int kJobs = 200;
   const ServerFlags flags{/*lease_seconds=*/3, /*max_attempts=*/5,

@@ -138,4 +138,9 @@ TestDatabase::~TestDatabase() {
   (void)Admin(server_url_, absl::StrCat("DROP DATABASE IF EXISTS ", name_, " WITH (FORCE)"));
 }
 
+bool PostgresRequired() {
+  const char* env = std::getenv("PERFUSION_TEST_PG_URL");
+  return env != nullptr && *env != '\0';
+}
+
 }  // namespace perfusion::server::testing

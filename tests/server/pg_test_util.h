@@ -16,6 +16,10 @@ namespace perfusion::server::testing {
 // PostgreSQL is not available (tests then GTEST_SKIP with that reason).
 std::string TestPostgresServerUrl(std::string* why);
 
+// True when $PERFUSION_TEST_PG_URL names a server (scripts/test.sh, CI): PostgreSQL is then
+// promised, and a test that cannot use it must fail, not skip.
+bool PostgresRequired();
+
 // `url` with its database name replaced by `dbname`.
 std::string WithDatabase(const std::string& url, const std::string& dbname);
 

@@ -93,6 +93,7 @@ class StoreConformanceTest : public ::testing::TestWithParam<std::string> {
     } else {
 #ifdef PERFUSION_HAVE_POSTGRES
       auto db = testing::TestDatabase::Create();
+      if (!db.ok() && testing::PostgresRequired()) FAIL() << "PERFUSION_TEST_PG_URL is set but: " << db.status();
       if (!db.ok()) GTEST_SKIP() << "PostgreSQL unavailable: " << db.status().message();
       pg_ = *std::move(db);
       url_ = pg_->url();
