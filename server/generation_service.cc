@@ -53,8 +53,10 @@ GenerationCallbacks MakeCallbacks(
 // told apart by the clock, so the first is counted as outcome "deadline" (which alerts watch).
 std::function<void()> CancelHook(Scheduler* scheduler, std::string gen_id, absl::Time deadline) {
   return [scheduler, gen_id = std::move(gen_id), deadline] {
-    // gRPC's timer and absl::Now() may disagree by a little: a cancel that close is the deadline's.
-    const bool deadline_passed = absl::Now() + absl::Milliseconds(100) >= deadline;
+    // The client's own timer cancels the call at its deadline, which the server (which started its
+    // copy of the deadline when it read the headers, later) may see up to a network delay or a
+    // scheduling hiccup early: a cancel within a second of the deadline is the deadline's.
+    const bool deadline_passed = absl::Now() + absl::Seconds(1) >= deadline;
     scheduler->CancelGeneration(gen_id, deadline_passed);
   };
 }
