@@ -97,6 +97,7 @@ class Agent::LeaseKeeper {
   LeaseKeeper(Agent* agent, std::string lease_id, absl::Time deadline, int total_steps)
       : agent_(agent), lease_id_(std::move(lease_id)), deadline_(deadline), total_(total_steps) {
     last_sent_ = absl::Now();
+    last_step_at_ = last_sent_;
     next_due_ = last_sent_ + agent_->heartbeat_interval_;
     thread_ = std::thread([this] { Loop(); });
   }
@@ -106,7 +107,9 @@ class Agent::LeaseKeeper {
     absl::MutexLock lock(&mu_);
     // Never backwards: a batch split after an error runs each item again from step 0, and the
     // client's progress would drop from 80 % to 3 %. It waits at its high-water mark instead.
-    step_ = total == total_ ? std::max(step_, step) : step;
+    const int next = total == total_ ? std::max(step_, step) : step;
+    if (next != step_ || total != total_) last_step_at_ = absl::Now();
+    step_ = next;
     total_ = total;
     loss_ = loss;
     dirty_ = true;
@@ -145,6 +148,18 @@ class Agent::LeaseKeeper {
       if (absl::Now() < next_due_) {
         cv_.WaitWithDeadline(&mu_, next_due_);
         continue;
+      }
+      const absl::Duration stall = agent_->options_.stall_timeout;
+      if (stall > absl::ZeroDuration() && absl::Now() - last_step_at_ > stall) {
+        // No new step for the whole stall timeout: the work is hung. Renewing the lease would
+        // hold the job RUNNING forever; letting it expire re-queues it for another worker.
+        lost_ = true;
+        LogEvent("work_stalled", {{"lease", lease_id_},
+                                  {"step", std::to_string(step_)},
+                                  {"total", std::to_string(total_)},
+                                  {"seconds_without_progress", Secs(absl::Now() - last_step_at_)}});
+        if (agent_->options_.on_stall) agent_->options_.on_stall();
+        break;
       }
       v1::HeartbeatRequest req;
       req.set_lease_id(lease_id_);
@@ -206,6 +221,7 @@ class Agent::LeaseKeeper {
   absl::Time last_sent_ ABSL_GUARDED_BY(mu_);
   absl::Time next_due_ ABSL_GUARDED_BY(mu_);
   absl::Time retry_not_before_ ABSL_GUARDED_BY(mu_) = absl::InfinitePast();
+  absl::Time last_step_at_ ABSL_GUARDED_BY(mu_);  // when the step last changed (or the lease began)
   int step_ ABSL_GUARDED_BY(mu_) = 0;
   int total_ ABSL_GUARDED_BY(mu_) = 0;
   float loss_ ABSL_GUARDED_BY(mu_) = 0;

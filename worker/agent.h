@@ -30,6 +30,7 @@
 #include <atomic>
 #include <memory>
 #include <set>
+#include <functional>
 #include <optional>
 #include <string>
 #include <vector>
@@ -75,6 +76,12 @@ struct AgentOptions {
   // Every call to the server after Stop() ends by Stop() + stop_grace (a call already retrying
   // when Stop() came included), so shutdown fits a pod's termination grace period.
   absl::Duration stop_grace = absl::Seconds(10);
+  // A held item whose work reports no new step for this long is taken as hung (a stuck GPU
+  // kernel, a deadlock): its heartbeats stop, so the server re-queues it when the lease expires
+  // instead of renewing it forever, and on_stall runs (main turns /healthz to 503, so the
+  // orchestrator restarts the process: the engine thread cannot be got back). Zero: never.
+  absl::Duration stall_timeout = absl::Minutes(15);
+  std::function<void()> on_stall;
 };
 
 class Agent {

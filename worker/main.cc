@@ -65,6 +65,10 @@ ABSL_FLAG(int, progress_interval_ms, 1000,
           "Progress heartbeats are sent at most this often (and at least every heartbeat "
           "interval the server asks for)");
 ABSL_FLAG(int, max_message_bytes, 256 << 20, "Largest gRPC message received or sent");
+ABSL_FLAG(int, stall_seconds, 900,
+          "Work that reports no new step for this long is taken as hung: its lease is let go (the "
+          "server re-queues it) and /healthz answers 503 so the orchestrator restarts the worker; "
+          "0: never");
 ABSL_FLAG(bool, print_base_model_id, false,
           "Load the model, print its base model id (the server's --base_model_id) and exit");
 
@@ -168,9 +172,9 @@ int main(int argc, char** argv) {
     return 2;
   }
   if (absl::GetFlag(FLAGS_max_message_bytes) < (1 << 20) || absl::GetFlag(FLAGS_threads) < 0 ||
-      absl::GetFlag(FLAGS_concept_cache_bytes) < 0) {
+      absl::GetFlag(FLAGS_concept_cache_bytes) < 0 || absl::GetFlag(FLAGS_stall_seconds) < 0) {
     fprintf(stderr, "perfusion-worker: --max_message_bytes must be >= 1 MiB, --threads >= 0 (0: the library's "
-                    "default) and --concept_cache_bytes >= 0 (0: no cache)\n");
+                    "default), --concept_cache_bytes >= 0 (0: no cache) and --stall_seconds >= 0 (0: never)\n");
     return 2;
   }
 
@@ -255,6 +259,8 @@ int main(int argc, char** argv) {
   ao.max_batch = max_batch;
   ao.lease_wait = absl::Seconds(std::max(1, absl::GetFlag(FLAGS_lease_wait_seconds)));
   ao.progress_interval = absl::Milliseconds(std::max(50, absl::GetFlag(FLAGS_progress_interval_ms)));
+  ao.stall_timeout = absl::Seconds(absl::GetFlag(FLAGS_stall_seconds));
+  ao.on_stall = [&metrics_http] { metrics_http.SetDraining(true); };
   perfusion::worker::Agent agent(ao, *channel, engine->get(), &cache, &metrics);
   {
     std::lock_guard<std::mutex> lock(g_mu);

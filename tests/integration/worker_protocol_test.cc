@@ -173,6 +173,33 @@ TEST_F(WorkerProtocolTest, AResultTheServerRefusesFailsTheRequestAtOnce) {
       << "run once, not again after a lease expiry\n" << cluster_.worker(w).Log();
 }
 
+// Work that reports no new step for --stall_seconds is taken as hung: the worker stops renewing
+// its lease (the server re-queues it when it expires, rather than holding it RUNNING forever) and
+// its /healthz turns 503, so the orchestrator restarts it. A 448x448 image on the tiny model spends
+// far longer than 2 s in one step (its self-attention runs over 12,544 positions), which stands in
+// for a hung kernel here.
+TEST_F(WorkerProtocolTest, WorkWithoutProgressForTheStallTimeoutLetsItsLeaseGo) {
+  ASSERT_TRUE(cluster_.StartServer());
+  const int w = cluster_.StartWorker("w1", {"--stall_seconds=2"});
+  ASSERT_GE(w, 0);
+  EXPECT_EQ(HttpGet(cluster_.worker_metrics_port(w), "/healthz").substr(0, 2), "ok");
+  auto client = cluster_.Client();
+  std::thread call([&] {
+    v1::GenerateRequest req;
+    req.set_prompt("a photo of a red circle");
+    req.set_width(448);
+    req.set_height(448);
+    req.set_steps(3);
+    (void)client->GenerateUnary(req, absl::Seconds(12));
+  });
+  const bool stalled = Cluster::WaitFor(
+      [&] { return cluster_.worker(w).Log().find("event=work_stalled") != std::string::npos; }, absl::Seconds(25));
+  call.join();
+  ASSERT_TRUE(stalled) << cluster_.worker(w).Log();
+  EXPECT_EQ(HttpGet(cluster_.worker_metrics_port(w), "/healthz"), "draining\n") << "503, so the orchestrator restarts it";
+  EXPECT_EQ(cluster_.worker(w).Log().find("event=heartbeat_error"), std::string::npos) << "stopped, not failing";
+}
+
 TEST_F(WorkerProtocolTest, WorkerKeepsItsJobThroughAServerRestartAndRegistersAgain) {
   const std::string id = StartRunningJob(100);
   ASSERT_FALSE(id.empty());
