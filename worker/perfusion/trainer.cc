@@ -49,12 +49,33 @@ std::string MirrorWords(const std::string& text) {
   return out;
 }
 
+// Whether `text` holds `word` as a whole word (letters only, any case) outside its "{}".
+bool UsesWord(const std::string& text, const std::string& word) {
+  std::string rest;
+  for (char ch : text) rest += std::isalpha(static_cast<unsigned char>(ch)) ? static_cast<char>(std::tolower(ch)) : ' ';
+  std::string lower;
+  for (char ch : word) lower += static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+  return (" " + rest + " ").find(" " + lower + " ") != std::string::npos;
+}
+
 }  // namespace
 
 std::vector<std::string> TrainingPrompts(const TrainOptions& o, size_t index, bool flipped) {
   std::vector<std::string> out;
   if (o.captions.empty()) {
-    for (const auto& t : o.templates.empty() ? DefaultTemplates() : o.templates) out.push_back(Fill(t, o.superclass));
+    // The concept is found by its superclass token (its first occurrence), so a template that
+    // already holds the word ("a photo of a {}" for the superclass "photo") would train the
+    // template's word instead of the concept's place: such templates are left out.
+    const auto& templates = o.templates.empty() ? DefaultTemplates() : o.templates;
+    for (const auto& t : templates) {
+      const size_t mark = t.find("{}");
+      TORCH_CHECK_VALUE(mark == std::string::npos || t.find("{}", mark + 2) == std::string::npos,
+                        "prompt template '", t, "' has {} more than once");
+      if (!UsesWord(t, o.superclass)) out.push_back(Fill(t, o.superclass));
+    }
+    TORCH_CHECK_VALUE(!out.empty(), "superclass: every prompt template already uses the word '", o.superclass,
+                      "' besides {}, so the concept's place cannot be told apart; choose another superclass "
+                      "or give captions");
     return out;
   }
   TORCH_CHECK_VALUE(index < o.captions.size(), "captions: ", o.captions.size(), " caption(s) for training image ", index);
@@ -65,12 +86,8 @@ std::vector<std::string> TrainingPrompts(const TrainOptions& o, size_t index, bo
   TORCH_CHECK_VALUE(c.find("{}", mark + 2) == std::string::npos, "captions[", index, "]: '", c,
                     "' has {} more than once; it marks the concept's one place");
   // The concept is found by its superclass token, so the word must not occur anywhere else.
-  std::string rest;
-  for (char ch : c) rest += std::isalpha(static_cast<unsigned char>(ch)) ? static_cast<char>(std::tolower(ch)) : ' ';
-  std::string lower_super;
-  for (char ch : o.superclass) lower_super += static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
-  TORCH_CHECK_VALUE((" " + rest + " ").find(" " + lower_super + " ") == std::string::npos, "captions[", index, "]: '", c,
-                    "' uses the superclass word '", o.superclass, "' besides {}; it would train as the concept too");
+  TORCH_CHECK_VALUE(!UsesWord(c, o.superclass), "captions[", index, "]: '", c, "' uses the superclass word '",
+                    o.superclass, "' besides {}; it would train as the concept too");
   out.push_back(Fill(flipped ? MirrorWords(c) : c, o.superclass));
   return out;
 }
