@@ -19,7 +19,11 @@
 // its max and floored at `mask_min`. This fits object photos on plain or simple backgrounds (the
 // shapes world, product shots); on cluttered backgrounds it degrades towards a uniform weight.
 //
-// Deterministic for a seed on a given device (all randomness from one generator).
+// Deterministic for a seed on a given device, build and thread count (all randomness from one
+// generator): bit for bit on the CPU, where another thread count changes float sums (~4e-5 after 20
+// steps). On CUDA, convolution backward passes are not deterministic unless LibTorch is told so.
+// The concept's info["final_loss"] is the smoothed loss (TrainProgress::loss_ema, factor 0.95) at
+// the last step; on runs of a few dozen steps it still weighs the first steps.
 // Thread safety: reads the model only; several trainings may share a model.
 #pragma once
 
