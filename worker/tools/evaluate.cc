@@ -18,9 +18,11 @@
 //   nolock      Perfusion without key-locking: the K targets are learned like the V targets
 //   finetune    (--finetune) the embedding and every UNet weight train, as DreamBooth does without its
 //               prior-preservation loss: what this UNet can draw once any weight may change
-// The trainer has no switch for the last three, so this tool carries its own training loop for them
-// (TrainAblation, a copy of TrainConcept's recipe with the edits changed) and its own sampling loop
-// (the pipeline cannot apply learned K targets); see docs/quality.md.
+// This tool carries its own training loop for the last three (TrainAblation, a copy of TrainConcept's
+// recipe with what trains changed; TrainOptions::lock_keys alone would cover no-key-lock, not the
+// other two) and its own sampling loop on precomputed K/V (SampleWithKV, checked against
+// Pipeline::Generate at start), which takes plain projections for embedding-only and a fine-tuned
+// UNet for finetune as easily as learned K targets; see docs/quality.md.
 // Two concepts in one prompt are scored the same way, with the same two references (both concepts
 // rendered where the prompt puts them, and that render through the VAE).
 #include <ATen/Functions.h>
@@ -83,6 +85,7 @@ struct Args {
   double guidance = 7.5;
   double guidance_rescale = 0.0;
   bool edit_uncond = true;  // GenerationRequest::edit_unconditional for the Pipeline's methods
+  bool seen_contexts = false;  // training renders may show a held-out prompt's context (before session 13)
   std::string sampler = "ddim";
   uint64_t seed = 1;
   std::vector<uint64_t> more_seeds;  // --seeds beyond the first: repeat training and scoring
@@ -131,9 +134,13 @@ void Usage() {
       "                        (DreamBooth without prior preservation; --finetune-lr X, default 5e-5).\n"
       "                        It shows what this UNet can draw once any weight may change\n"
       "  --no-sweep            skip the beta/tau sweep\n"
-      "  --no-edit-uncond      Perfusion and the sweep leave the unconditional half of guidance to the\n"
-      "                        base model (the default edits it with the prompt's locally key-locked\n"
-      "                        concepts, GenerationRequest::edit_unconditional, spec 5.5)\n"
+      "  --no-edit-uncond      Perfusion, no-key-lock and the sweep leave the unconditional half of guidance\n"
+      "                        to the base model (the default edits it with the prompt's locally\n"
+      "                        key-locked concepts, GenerationRequest::edit_unconditional, spec 5.5)\n"
+      "  --seen-contexts       let training renders show a held-out prompt's context (every attribute it\n"
+      "                        states); by default such renders are redrawn, so held-out prompts are\n"
+      "                        new contexts. This gives the training renders of the figures published\n"
+      "                        before session 13\n"
       "  --threads N           LibTorch threads (default: all cores)\n"
       "  --device D            cpu (default), cuda or cuda:N: where the model and the classifier run. Noise\n"
       "                        and batches are drawn on the CPU, so a seed means the same draws anywhere\n");
@@ -202,8 +209,9 @@ struct EvalPrompt {
   std::optional<Size> size;
 };
 
-// Prompts that put the concept in a context. None of them is a training template (those have no
-// colour, size or position words).
+// Prompts that put the concept in a context. The training renders avoid them (TrainingRenders):
+// no training image shows every attribute a held-out prompt states. ("small" and "large" also occur
+// in two of the trainer's templates, paired with renders of either size.)
 std::vector<EvalPrompt> HeldOutPrompts(const ConceptSpec& c) {
   const auto bgs = ContrastingBackgrounds({c.color, c.color2});
   TORCH_CHECK(bgs.size() >= 3, "no three backgrounds contrast with concept ", c.name);
@@ -218,6 +226,37 @@ std::vector<EvalPrompt> HeldOutPrompts(const ConceptSpec& c) {
   };
 }
 
+// Whether `scene` (its first object and background) shows every attribute prompt `p` states.
+bool ShowsContext(const SceneSpec& scene, const EvalPrompt& p) {
+  const ObjectSpec& o = scene.objects.at(0);
+  return (!p.background || scene.background == *p.background) && (!p.position || o.position == *p.position) &&
+         (!p.size || o.size == *p.size);
+}
+
+// The concept's training renders, as RenderConcept draws them, except that a render showing a
+// held-out prompt's context is skipped for the next draw: held-out prompts then ask for contexts
+// the training images never had. (Before session 13 they could: 31 % of the renders of seeds 1-3
+// sat on a held-out background, and one was a held-out prompt exactly.) keep_out false: RenderConcept.
+std::vector<Sample> TrainingRenders(const ConceptSpec& c, int n, uint64_t seed, const std::vector<EvalPrompt>& held_out,
+                                    bool keep_out) {
+  if (!keep_out) return RenderConcept(c, n, seed, 32);
+  std::vector<Sample> out;
+  for (uint64_t i = 0; static_cast<int>(out.size()) < n; ++i) {
+    TORCH_CHECK(i < 100000, "no training render of ", c.name, " avoids the held-out contexts");
+    const uint64_t item_seed = DeriveSeed(seed, i);  // RenderConcept's draw i
+    Sample s;
+    s.scene = SampleConceptScene(c, item_seed);
+    if (std::any_of(held_out.begin(), held_out.end(), [&](const EvalPrompt& p) { return ShowsContext(s.scene, p); })) {
+      continue;
+    }
+    SplitMix64 rng(DeriveSeed(item_seed, 0xca97));
+    s.caption = Caption(s.scene, rng.UniformInt(NumCaptionTemplates(s.scene)));
+    s.image = Render(s.scene, 32);
+    out.push_back(std::move(s));
+  }
+  return out;
+}
+
 std::string ReplaceAll(std::string s, const std::string& from, const std::string& to) {
   for (size_t p = s.find(from); p != std::string::npos; p = s.find(from, p + to.size())) s.replace(p, from.size(), to);
   return s;
@@ -227,14 +266,16 @@ std::string ReplaceAll(std::string s, const std::string& from, const std::string
 
 struct Score {
   int n = 0, fidelity = 0, aligned = 0;
+  int both = 0;  // images that are faithful and aligned at once
   int bg_n = 0, bg_ok = 0, pos_n = 0, pos_ok = 0, size_n = 0, size_ok = 0;
   double similarity = 0;  // sum of feature cosine similarities
   void Add(const Score& o) {
-    n += o.n, fidelity += o.fidelity, aligned += o.aligned, bg_n += o.bg_n, bg_ok += o.bg_ok, pos_n += o.pos_n;
+    n += o.n, fidelity += o.fidelity, aligned += o.aligned, both += o.both, bg_n += o.bg_n, bg_ok += o.bg_ok, pos_n += o.pos_n;
     pos_ok += o.pos_ok, size_n += o.size_n, size_ok += o.size_ok, similarity += o.similarity;
   }
   double Fidelity() const { return n ? double(fidelity) / n : 0; }
   double Alignment() const { return n ? double(aligned) / n : 0; }
+  double Both() const { return n ? double(both) / n : 0; }
   double Similarity() const { return n ? similarity / n : 0; }
   static double Frac(int a, int b) { return b ? double(a) / b : std::nan(""); }
 };
@@ -244,7 +285,8 @@ Score ScoreImages(const std::vector<AttributePrediction>& preds, const EvalPromp
   Score s;
   for (const auto& x : preds) {
     ++s.n;
-    s.fidelity += ShowsConcept(x, concept_index);
+    const bool faithful = ShowsConcept(x, concept_index);
+    s.fidelity += faithful;
     s.similarity += FeatureSimilarity(x.features, reference);
     bool ok = true;
     if (p.background) {
@@ -260,6 +302,7 @@ Score ScoreImages(const std::vector<AttributePrediction>& preds, const EvalPromp
       ++s.size_n, s.size_ok += r, ok &= r;
     }
     s.aligned += ok;
+    s.both += faithful && ok;
   }
   return s;
 }
@@ -452,7 +495,7 @@ AblationConcept TrainAblation(StableDiffusion& model, const std::vector<at::Tens
 
 // Cross-attention K/V of one prompt for an ablation concept.
 std::vector<CrossAttnKV> AblationKV(const Pipeline& pipe, const std::string& prompt, const AblationConcept& ac,
-                                    Ablation which, const GateParams& gate) {
+                                    Ablation which, const GateParams& gate, bool edit_without_token = false) {
   c10::InferenceMode guard;
   StableDiffusion& m = pipe.model();
   std::map<std::string, ConceptRef> refs;
@@ -461,7 +504,10 @@ std::vector<CrossAttnKV> AblationKV(const Pipeline& pipe, const std::string& pro
   const at::Tensor ids = at::tensor(t.ids, at::TensorOptions().dtype(at::kLong)).reshape({1, -1}).to(m.device);
   const at::Tensor X = m.text_encoder->forward_embeds(
       EmbedWithConcepts(m.text_encoder->token_embedding_weight(), ids, ac.concept->embedding.unsqueeze(0)));
-  if (which != Ablation::kNoKeyLock || t.concepts.empty()) return m.unet->precompute_kv(X);
+  // edit_without_token: the unconditional half of guidance ("" has no concept token), which the
+  // pipeline edits with a prompt's locally key-locked concepts (spec 5.5); the gates stay near 0
+  // there but the erase term acts on every token.
+  if (which != Ablation::kNoKeyLock || (t.concepts.empty() && !edit_without_token)) return m.unet->precompute_kv(X);
   const auto layers = m.unet->cross_attention_layers();
   const at::Tensor I = ac.concept->i_star.unsqueeze(0);
   const ConceptGates g = ComputeConceptGates(X, I, m.c_inv, {gate});
@@ -478,11 +524,13 @@ std::vector<CrossAttnKV> AblationKV(const Pipeline& pipe, const std::string& pro
 std::vector<std::vector<at::Tensor>> SampleWithKV(const Pipeline& pipe, const std::vector<std::vector<CrossAttnKV>>& cond,
                                                   const std::vector<uint64_t>& seeds, int64_t n, int64_t steps,
                                                   double guidance, double guidance_rescale,
-                                                  const std::string& sampler_name) {
+                                                  const std::string& sampler_name,
+                                                  const std::vector<CrossAttnKV>* uncond_kv = nullptr) {
   c10::InferenceMode guard;
   StableDiffusion& m = pipe.model();
   const int64_t f = m.vae->downsample_factor(), H = m.image_size(), C = m.latent_channels();
-  const auto uncond = pipe.PromptKV("", {});
+  // The unconditional half: the base model's, or (uncond_kv) one given for every request.
+  const std::vector<CrossAttnKV> uncond = uncond_kv != nullptr ? *uncond_kv : pipe.PromptKV("", {});
   std::vector<at::Tensor> noise;
   for (uint64_t s : seeds) {
     for (int64_t k = 0; k < n; ++k) {  // image k of a request: seed + k, as Pipeline::Generate draws it
@@ -791,7 +839,7 @@ class Evaluation {
     Log("concept %zu/%zu %s (%s): rendering %d training images", i + 1, runs_.size(), r.spec.name.c_str(),
         r.spec.description.c_str(), a_.images);
     std::vector<at::Tensor> images;
-    for (const Sample& s : RenderConcept(r.spec, a_.images, DeriveSeed(a_.seed, 100 + i), 32)) {
+    for (const Sample& s : TrainingRenders(r.spec, a_.images, DeriveSeed(a_.seed, 100 + i), r.prompts, !a_.seen_contexts)) {
       r.train_images.push_back(s.image);
       images.push_back(ImageToTensor(s.image));
       // The caption naming size, position and background, with {} for the superclass word.
@@ -821,6 +869,40 @@ class Evaluation {
     r.nolock = TrainAblation(*model_, images, Options(r, i, "no key-lock"), Ablation::kNoKeyLock,
                              TrainOptions().lr_embedding);
     r.train_seconds["nolock"] = std::chrono::duration<double>(Clock::now() - t0).count();
+    if (i == 0) CheckNoKeyLockSampler(r);
+  }
+
+  // The no-key-lock method samples with learned K targets through SampleWithKV; a concept blob can
+  // carry the same targets, and Pipeline::Generate then applies them. Both must give the same
+  // images, the unconditional half's edits included, or the comparison with Perfusion is unfair.
+  void CheckNoKeyLockSampler(const ConceptRun& r) {
+    const AblationConcept& ac = *r.nolock;
+    auto as_blob = std::make_shared<Concept>(*ac.concept);
+    as_blob->k_targets = at::cat(ac.k_targets).to(at::kCPU, at::kFloat);
+    const std::string prompt = r.prompts[0].text;
+    GenerationRequest req;
+    req.prompt = prompt;
+    req.steps = 3;
+    req.guidance_scale = a_.guidance;
+    req.guidance_rescale = a_.guidance_rescale;
+    req.seed = 98;
+    req.num_images = 2;
+    req.sampler = a_.sampler;
+    req.edit_unconditional = a_.edit_uncond;
+    ConceptRef ref;
+    ref.concept = as_blob;
+    ref.gate.temperature = 0;  // the concept's default gate, as AblationKV uses
+    req.concepts[r.spec.name] = ref;
+    const auto expected = pipe_.Generate({req})[0].images;
+    std::optional<std::vector<CrossAttnKV>> uncond;
+    if (a_.edit_uncond) uncond = AblationKV(pipe_, "", ac, Ablation::kNoKeyLock, ac.concept->default_gate, true);
+    const auto mine = SampleWithKV(pipe_, {AblationKV(pipe_, prompt, ac, Ablation::kNoKeyLock, ac.concept->default_gate)},
+                                   {98}, 2, 3, a_.guidance, a_.guidance_rescale, a_.sampler, uncond ? &*uncond : nullptr)[0];
+    double diff = 0;
+    for (size_t k = 0; k < expected.size(); ++k) diff = std::max(diff, (expected[k] - mine[k]).abs().max().item<double>());
+    Log("no-key-lock check: its sampler matches Pipeline::Generate on the same concept to %.2e", diff);
+    const double tol = pipe_.model().device.is_cpu() ? 1e-4 : 1e-3;
+    TORCH_CHECK(diff < tol, "the no-key-lock sampling differs from Pipeline::Generate by ", diff);
   }
 
   // Generates and scores every prompt of `r` with one method.
@@ -882,7 +964,14 @@ class Evaluation {
         kv.push_back(AblationKV(pipe_, r.prompts[p].text, ac, which, ac.concept->default_gate));
         seeds.push_back(PromptSeed(p));
       }
-      per_prompt = SampleWithKV(pipe_, kv, seeds, a_.per_prompt, a_.gen_steps, a_.guidance, a_.guidance_rescale, a_.sampler);
+      // Without key-locking the concept is a local one: the unconditional half goes through its edits
+      // too, as the pipeline does for Perfusion's local locking (--no-edit-uncond: neither does).
+      std::optional<std::vector<CrossAttnKV>> uncond;
+      if (which == Ablation::kNoKeyLock && a_.edit_uncond) {
+        uncond = AblationKV(pipe_, "", ac, which, ac.concept->default_gate, /*edit_without_token=*/true);
+      }
+      per_prompt = SampleWithKV(pipe_, kv, seeds, a_.per_prompt, a_.gen_steps, a_.guidance, a_.guidance_rescale,
+                                a_.sampler, uncond ? &*uncond : nullptr);
     }
     std::vector<Score> scores;
     for (size_t p = 0; p < r.prompts.size(); ++p) {
@@ -1087,7 +1176,10 @@ void Evaluation::WriteReport(const std::string& command, const std::vector<SeedT
      << ", " << Fmt(Elapsed() / 60, 1) << " min on " << at::get_num_threads() << " thread(s).\n\n"
      << "Each concept: " << a_.images << " training renders, " << a_.steps << " steps of batch " << a_.batch
      << " per method" << (a_.captions ? ", trained with each render's full caption" : "")
-     << (a_.edit_uncond ? "" : ", the unconditional half of guidance left unedited") << "; " << a_.per_prompt << " images per held-out prompt, " << a_.gen_steps << " " << a_.sampler
+     << (a_.edit_uncond ? "" : ", the unconditional half of guidance left unedited")
+     << (a_.seen_contexts ? ", training renders allowed to show held-out contexts (--seen-contexts)"
+                          : ", no training render showing a held-out prompt's context")
+     << "; " << a_.per_prompt << " images per held-out prompt, " << a_.gen_steps << " " << a_.sampler
      << " steps, guidance " << a_.guidance << ". Fidelity: the classifier's presence head says the concept's "
      << "object is in the image. Alignment: every attribute the prompt asks for (background colour, position, size) "
      << "is what the classifier reads. Similarity: cosine of the classifier's features to the mean features of the "
@@ -1125,8 +1217,8 @@ void Evaluation::WriteReport(const std::string& command, const std::vector<SeedT
        << "then pooled. The rest of this report (pictures, sweep, two concepts) is seed " << seeds[0].seed
        << " alone.\n\n| method |";
     for (const auto& sd : seeds) md << " seed " << sd.seed << " |";
-    md << " pooled |\n|---|";
-    for (size_t i = 0; i <= seeds.size(); ++i) md << "---|";
+    md << " pooled | pooled, faithful and aligned at once |\n|---|";
+    for (size_t i = 0; i <= seeds.size() + 1; ++i) md << "---|";
     md << "\n";
     for (const auto& m : Methods()) {
       if (!seeds[0].totals.count(m.key)) continue;
@@ -1140,7 +1232,8 @@ void Evaluation::WriteReport(const std::string& command, const std::vector<SeedT
         pooled.Add(t);
         md << " " << Pct(t.Fidelity()) << " / " << Pct(t.Alignment()) << " |";
       }
-      md << " **" << Pct(pooled.Fidelity()) << " / " << Pct(pooled.Alignment()) << "** |\n";
+      md << " **" << Pct(pooled.Fidelity()) << " / " << Pct(pooled.Alignment()) << "** | " << Pct(pooled.Both())
+         << " |\n";
     }
     md << "\nBy concept, pooled over the seeds, with the lowest and highest seed's fidelity in brackets:\n\n"
        << "| concept |";
@@ -1443,6 +1536,7 @@ int main(int argc, char** argv) {
       else if (k == "--finetune-lr") a.finetune_lr = ParseDouble(v());
       else if (k == "--no-sweep") a.sweep = false;
       else if (k == "--no-edit-uncond") a.edit_uncond = false;
+      else if (k == "--seen-contexts") a.seen_contexts = true;
       else if (k == "--threads") a.threads = ParseInt(v());
       else if (k == "--device") a.device = ParseToolDevice(v());
       else return false;
