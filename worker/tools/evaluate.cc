@@ -676,27 +676,36 @@ class Evaluation {
     return pipe_.Generate({req})[0].images;
   }
 
-  // The ablations sample with SampleWithKV; it must agree with Pipeline::Generate on the same K/V,
-  // or the methods would not be compared on equal terms.
-  void CheckSampler() {
-    const std::string prompt = "a small star in the top left on a blue background";
+  // The self-checks' request: 2 images of 3 steps with the harness's guidance and sampler.
+  GenerationRequest CheckRequest(const std::string& prompt, uint64_t seed) const {
     GenerationRequest req;
     req.prompt = prompt;
     req.steps = 3;
     req.guidance_scale = a_.guidance;
     req.guidance_rescale = a_.guidance_rescale;
-    req.seed = 99;
+    req.seed = seed;
     req.num_images = 2;
     req.sampler = a_.sampler;
-    const auto ref = pipe_.Generate({req})[0].images;
-    const auto mine = SampleWithKV(pipe_, {pipe_.PromptKV(prompt, {})}, {99}, 2, 3, a_.guidance, a_.guidance_rescale, a_.sampler)[0];
+    return req;
+  }
+  // Fails unless SampleWithKV's images (`mine`) equal Pipeline::Generate's (`ref`). On a GPU the
+  // same ops may pick other kernels from call to call (TF32 convolutions, cuBLAS heuristics); a
+  // logic difference (noise, K/V, guidance) shows as 0.1 or more either way.
+  void ExpectSameImages(const std::vector<at::Tensor>& ref, const std::vector<at::Tensor>& mine, const char* what) {
     double diff = 0;
     for (size_t i = 0; i < ref.size(); ++i) diff = std::max(diff, (ref[i] - mine[i]).abs().max().item<double>());
-    Log("sampler check: the ablation sampler matches Pipeline::Generate to %.2e", diff);
-    // On a GPU the same ops may pick other kernels from call to call (TF32 convolutions, cuBLAS
-    // heuristics); a logic difference (noise, K/V, guidance) shows as 0.1 or more either way.
+    Log("%s check: the harness's sampling matches Pipeline::Generate to %.2e", what, diff);
     const double tol = pipe_.model().device.is_cpu() ? 1e-4 : 1e-3;
-    TORCH_CHECK(diff < tol, "the ablation sampling loop differs from Pipeline::Generate by ", diff);
+    TORCH_CHECK(diff < tol, what, ": the harness's sampling loop differs from Pipeline::Generate by ", diff);
+  }
+
+  // The ablations sample with SampleWithKV; it must agree with Pipeline::Generate on the same K/V,
+  // or the methods would not be compared on equal terms.
+  void CheckSampler() {
+    const std::string prompt = "a small star in the top left on a blue background";
+    const auto ref = pipe_.Generate({CheckRequest(prompt, 99)})[0].images;
+    const auto mine = SampleWithKV(pipe_, {pipe_.PromptKV(prompt, {})}, {99}, 2, 3, a_.guidance, a_.guidance_rescale, a_.sampler)[0];
+    ExpectSameImages(ref, mine, "sampler");
   }
 
   // How well the base model follows its own training language: one image for each of
@@ -880,14 +889,7 @@ class Evaluation {
     auto as_blob = std::make_shared<Concept>(*ac.concept);
     as_blob->k_targets = at::cat(ac.k_targets).to(at::kCPU, at::kFloat);
     const std::string prompt = r.prompts[0].text;
-    GenerationRequest req;
-    req.prompt = prompt;
-    req.steps = 3;
-    req.guidance_scale = a_.guidance;
-    req.guidance_rescale = a_.guidance_rescale;
-    req.seed = 98;
-    req.num_images = 2;
-    req.sampler = a_.sampler;
+    GenerationRequest req = CheckRequest(prompt, 98);
     req.edit_unconditional = a_.edit_uncond;
     ConceptRef ref;
     ref.concept = as_blob;
@@ -898,11 +900,7 @@ class Evaluation {
     if (a_.edit_uncond) uncond = AblationKV(pipe_, "", ac, Ablation::kNoKeyLock, ac.concept->default_gate, true);
     const auto mine = SampleWithKV(pipe_, {AblationKV(pipe_, prompt, ac, Ablation::kNoKeyLock, ac.concept->default_gate)},
                                    {98}, 2, 3, a_.guidance, a_.guidance_rescale, a_.sampler, uncond ? &*uncond : nullptr)[0];
-    double diff = 0;
-    for (size_t k = 0; k < expected.size(); ++k) diff = std::max(diff, (expected[k] - mine[k]).abs().max().item<double>());
-    Log("no-key-lock check: its sampler matches Pipeline::Generate on the same concept to %.2e", diff);
-    const double tol = pipe_.model().device.is_cpu() ? 1e-4 : 1e-3;
-    TORCH_CHECK(diff < tol, "the no-key-lock sampling differs from Pipeline::Generate by ", diff);
+    ExpectSameImages(expected, mine, "no-key-lock");
   }
 
   // Generates and scores every prompt of `r` with one method.
