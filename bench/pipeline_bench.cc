@@ -9,15 +9,14 @@
 //                  generation time (their K/V edits run once per prompt; global locking encodes the
 //                  prompt a second time for the keys). K = 0 has no edits, so it runs once (G = 0).
 //   BM_PromptKV/concepts:K/global:G: the per-prompt part alone (text encoder(s) + gates + every
-//                  attn2 K/V). 1 core: about 1.0 ms for K = 0, 2.1 ms for K = 4 local, 3.7 ms for
-//                  K = 4 global (4.2 ms before the two encodings of global locking shared one
-//                  batch): four concepts under the default (global) mode add about 2.8 ms, 1.3% of
-//                  BM_Generate's 208 ms at 20 steps and 0.9% at the API's default 30, below its
-//                  run-to-run noise (2-4%).
+//                  attn2 K/V). 1 core (session 13): about 0.9 ms for K = 0, 1.7 ms for K = 4 local,
+//                  3.0 ms for K = 4 global: four concepts under the default (global) mode add about
+//                  2.0 ms, 1.1% of BM_Generate's ~180 ms at 20 steps and 0.7% at the API's default
+//                  30, below its run-to-run noise (175-186 ms for one configuration).
 //   BM_GenerateRegions/R: as BM_Generate, with a 2-concept prompt (local key-locking) and R regional
 //                  prompts side by side (0, 2, 4): each region adds one UNet pass per image to the
 //                  guided pair, so at most (2 + R) / 2 times R = 0 (the larger batch runs more
-//                  efficiently; 1 core: about 204 / 330 / 447 ms, as docs/api.md quotes).
+//                  efficiently; 1 core: about 186 / 305 / 417 ms, as docs/api.md quotes).
 //   BM_TrainConcept: Perfusion training of one concept, 400 steps, batch 4, 8 images.
 // A benchmark whose model cannot be loaded skips itself with the reason (exit status 0).
 #include <ATen/Functions.h>
