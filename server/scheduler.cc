@@ -679,7 +679,7 @@ absl::StatusOr<std::string> Scheduler::RegisterWorker(const std::string& name,
 }
 
 std::optional<WorkItem> Scheduler::GrantLocked(const Worker& worker, Pending& out,
-                                               bool probe_store) {
+                                               bool probe_store, bool generation_only) {
   const absl::Time now = clock_->Now();
   // The oldest generation this worker can run: one with regions needs a worker that knows them.
   auto runnable = gen_queue_.end();
@@ -716,6 +716,7 @@ std::optional<WorkItem> Scheduler::GrantLocked(const Worker& worker, Pending& ou
     w.generation = GenerationWorkItem{g.id, g.tenant, g.spec, g.deadline};
     return w;
   }
+  if (generation_only) return std::nullopt;
   if (options_.shared_store) {
     if (worker.caps.training && !draining_ && (probe_store || !queue_.empty())) {
       return GrantSharedTrainingLocked(worker, out);
@@ -799,7 +800,7 @@ void Scheduler::DispatchLocked(Pending& out) {
       ++it;
       continue;
     }
-    std::optional<WorkItem> item = GrantLocked(w->second, out);
+    std::optional<WorkItem> item = GrantLocked(w->second, out, /*probe_store=*/false, it->second.generation_only);
     if (!item) {
       ++it;
       continue;
@@ -812,7 +813,7 @@ void Scheduler::DispatchLocked(Pending& out) {
 }
 
 absl::StatusOr<uint64_t> Scheduler::LeaseWork(const std::string& worker_id, absl::Duration wait,
-                                              LeaseCallback done) {
+                                              LeaseCallback done, bool generation_only) {
   Pending pending;
   uint64_t waiter_id = 0;
   {
@@ -826,7 +827,7 @@ absl::StatusOr<uint64_t> Scheduler::LeaseWork(const std::string& worker_id, absl
     const absl::Time now = clock_->Now();
     w->second.last_seen = now;
     std::optional<WorkItem> item;
-    if (!shut_down_) item = GrantLocked(w->second, pending, /*probe_store=*/true);
+    if (!shut_down_) item = GrantLocked(w->second, pending, /*probe_store=*/!generation_only, generation_only);
     if (item) {
       pending.push_back(DeliverLease(std::move(done), std::move(item)));
     } else if (draining_ || shut_down_) {
@@ -839,7 +840,7 @@ absl::StatusOr<uint64_t> Scheduler::LeaseWork(const std::string& worker_id, absl
       waiter_id = next_id_++;
       waiters_[waiter_id] =
           Waiter{waiter_id, worker_id, now + std::min(wait, options_.max_lease_wait),
-                 std::move(done)};
+                 std::move(done), generation_only};
       ++w->second.waiting;
     }
     UpdateGaugesLocked();

@@ -199,8 +199,9 @@ class Scheduler {
   // when `wait` (cut to max_lease_wait) passes. NOT_FOUND for an unknown worker. Returns a
   // waiter id for CancelLeaseWait.
   using LeaseCallback = std::function<void(std::optional<WorkItem>)>;
+  // generation_only: grant generation items only (a worker filling a batch).
   absl::StatusOr<uint64_t> LeaseWork(const std::string& worker_id, absl::Duration wait,
-                                     LeaseCallback done);
+                                     LeaseCallback done, bool generation_only = false);
   // The LeaseWork RPC ended (client gone): drops the waiter. True when it was still waiting
   // (then `done` is never called); false when `done` was or is being called.
   bool CancelLeaseWait(uint64_t waiter_id);
@@ -276,6 +277,7 @@ class Scheduler {
     std::string worker_id;
     absl::Time deadline;
     LeaseCallback done;
+    bool generation_only = false;
   };
   struct Watcher {
     std::string job_id;
@@ -316,7 +318,8 @@ class Scheduler {
   // Grants a lease on the next item `worker` may take; nullopt when there is none.
   // `probe_store`: in shared-store mode, ask the store even when the queue snapshot is empty (a
   // worker's own LeaseWork call; waking waiters relies on the snapshot).
-  std::optional<WorkItem> GrantLocked(const Worker& worker, Pending& out, bool probe_store = false)
+  std::optional<WorkItem> GrantLocked(const Worker& worker, Pending& out, bool probe_store = false,
+                                      bool generation_only = false)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Wraps `done(item)` for running after the lock: loads a training item's images first.
   std::function<void()> DeliverLease(LeaseCallback done, std::optional<WorkItem> item);

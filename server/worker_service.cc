@@ -71,7 +71,7 @@ class LeaseReactor final : public DeferredUnaryReactor<std::optional<WorkItem>> 
         }
       }
       Deliver(s, std::move(item));
-    });
+    }, req->generation_only());
     if (!id.ok()) {
       Fail(s, ToGrpcStatus(id.status()));
       Ready(nullptr);

@@ -107,9 +107,14 @@ class Agent::LeaseKeeper {
     absl::MutexLock lock(&mu_);
     // Never backwards: a batch split after an error runs each item again from step 0, and the
     // client's progress would drop from 80 % to 3 %. It waits at its high-water mark instead.
-    const int next = total == total_ ? std::max(step_, step) : step;
-    if (next != step_ || total != total_) last_step_at_ = absl::Now();
-    step_ = next;
+    // Liveness is any new step the engine reports, for this item or (agent-wide) another: an item
+    // rerun from step 0 after a split stays below its high-water mark for a while, and items
+    // waiting their turn in a split get no progress at all.
+    const absl::Time now = absl::Now();
+    if (step != raw_step_ || total != total_) last_step_at_ = now;
+    agent_->last_progress_ns_.store(absl::ToUnixNanos(now));
+    raw_step_ = step;
+    step_ = total == total_ ? std::max(step_, step) : step;
     total_ = total;
     loss_ = loss;
     dirty_ = true;
@@ -150,15 +155,20 @@ class Agent::LeaseKeeper {
         continue;
       }
       const absl::Duration stall = agent_->options_.stall_timeout;
-      if (stall > absl::ZeroDuration() && absl::Now() - last_step_at_ > stall) {
+      const absl::Time alive = std::max(last_step_at_, absl::FromUnixNanos(agent_->last_progress_ns_.load()));
+      if (stall > absl::ZeroDuration() && absl::Now() - alive > stall) {
         // No new step for the whole stall timeout: the work is hung. Renewing the lease would
         // hold the job RUNNING forever; letting it expire re-queues it for another worker.
         lost_ = true;
         LogEvent("work_stalled", {{"lease", lease_id_},
                                   {"step", std::to_string(step_)},
                                   {"total", std::to_string(total_)},
-                                  {"seconds_without_progress", Secs(absl::Now() - last_step_at_)}});
+                                  {"seconds_without_progress", Secs(absl::Now() - alive)}});
         if (agent_->options_.on_stall) agent_->options_.on_stall();
+        // No new work either: the engine runs on the Run() thread, so nothing else would run.
+        // Should the engine come back after all, Run() ends and the process exits, to be
+        // restarted like a failed liveness probe would.
+        agent_->Stop();
         break;
       }
       v1::HeartbeatRequest req;
@@ -222,6 +232,7 @@ class Agent::LeaseKeeper {
   absl::Time next_due_ ABSL_GUARDED_BY(mu_);
   absl::Time retry_not_before_ ABSL_GUARDED_BY(mu_) = absl::InfinitePast();
   absl::Time last_step_at_ ABSL_GUARDED_BY(mu_);  // when the step last changed (or the lease began)
+  int raw_step_ ABSL_GUARDED_BY(mu_) = 0;         // the step as last reported (step_ never goes back)
   int step_ ABSL_GUARDED_BY(mu_) = 0;
   int total_ ABSL_GUARDED_BY(mu_) = 0;
   float loss_ ABSL_GUARDED_BY(mu_) = 0;
@@ -350,10 +361,11 @@ absl::Status Agent::Register() {
   return absl::OkStatus();
 }
 
-std::optional<v1::LeaseWorkResponse> Agent::Lease(absl::Duration wait, absl::Status* error) {
+std::optional<v1::LeaseWorkResponse> Agent::Lease(absl::Duration wait, absl::Status* error, bool generation_only) {
   *error = absl::OkStatus();
   v1::LeaseWorkRequest req;
   req.set_worker_id(worker_id_);
+  req.set_generation_only(generation_only);
   *req.mutable_wait() = ToProto(wait);
   v1::LeaseWorkResponse resp;
   grpc::ClientContext ctx;
@@ -418,6 +430,10 @@ absl::Status Agent::Run() {
                              {"max_batch", std::to_string(options_.max_batch)}});
   absl::Duration backoff = options_.min_backoff;
   while (!stopping()) {
+    if (next_training_ != nullptr) {
+      RunTraining(std::move(next_training_));
+      continue;
+    }
     if (worker_id_.empty()) {
       absl::Status s = Register();
       if (!s.ok() && stopping()) break;
@@ -483,20 +499,22 @@ absl::Status Agent::Run() {
     std::vector<std::unique_ptr<HeldItem>> batch;
     batch.push_back(std::move(item));
     while (static_cast<int>(batch.size()) < options_.max_batch && !stopping()) {
-      std::optional<v1::LeaseWorkResponse> more = Lease(absl::ZeroDuration(), &err);
+      // Generation items only: a training job leased here would sit idle behind the batch
+      // (minutes on a CPU), RUNNING at step 0 while free workers find nothing.
+      std::optional<v1::LeaseWorkResponse> more = Lease(absl::ZeroDuration(), &err, /*generation_only=*/true);
       if (!more || more->lease_id().empty()) break;
       std::unique_ptr<HeldItem> h = Hold(*std::move(more));
       if (h->training()) {
-        // The generation queue is empty. Held until after the batch (minutes on a CPU), the job
-        // would show RUNNING at step 0 while idle workers find nothing, and an attempt would be
-        // spent if this worker died meanwhile: handed back, uncounted, for whoever is free first
-        // (this worker too, after the batch).
-        ReturnItem(h.get(), "worker busy with a generation batch");
+        next_training_ = std::move(h);  // an older server ignored generation_only: run it next
         break;
       }
       batch.push_back(std::move(h));
     }
     RunGenerations(std::move(batch));
+  }
+  if (next_training_ != nullptr) {
+    ReturnItem(next_training_.get(), "worker shutting down");
+    next_training_.reset();
   }
   if (metrics_ != nullptr) metrics_->registered->Set(0);
   LogEvent("agent_stopped", {{"worker", worker_id_}});

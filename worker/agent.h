@@ -78,8 +78,9 @@ struct AgentOptions {
   absl::Duration stop_grace = absl::Seconds(10);
   // A held item whose work reports no new step for this long is taken as hung (a stuck GPU
   // kernel, a deadlock): its heartbeats stop, so the server re-queues it when the lease expires
-  // instead of renewing it forever, and on_stall runs (main turns /healthz to 503, so the
-  // orchestrator restarts the process: the engine thread cannot be got back). Zero: never.
+  // instead of renewing it forever, on_stall runs (main turns /healthz to 503, so the
+  // orchestrator restarts the process: the engine thread cannot be got back) and the agent stops
+  // taking work. Progress of any item counts (items waiting their turn are not stalled). Zero: never.
   absl::Duration stall_timeout = absl::Minutes(15);
   std::function<void()> on_stall;
 };
@@ -108,7 +109,8 @@ class Agent {
 
   absl::Status Register();
   // Leases with the given long-poll wait. nullopt when nothing came (or on error; *error set).
-  std::optional<v1::LeaseWorkResponse> Lease(absl::Duration wait, absl::Status* error);
+  // generation_only: a generation item or nothing (filling a batch).
+  std::optional<v1::LeaseWorkResponse> Lease(absl::Duration wait, absl::Status* error, bool generation_only = false);
   std::unique_ptr<HeldItem> Hold(v1::LeaseWorkResponse resp);
   void RunTraining(std::unique_ptr<HeldItem> item);
   void RunGenerations(std::vector<std::unique_ptr<HeldItem>> items);
@@ -154,6 +156,11 @@ class Agent {
   std::string worker_id_;
   absl::Duration lease_duration_ = absl::Seconds(60);
   absl::Duration heartbeat_interval_ = absl::Seconds(20);
+  // A training item an older server granted while a generation batch was being filled (it
+  // ignores LeaseWorkRequest.generation_only); runs next.
+  std::unique_ptr<HeldItem> next_training_;
+  // When the engine last reported a step of any item (unix ns): the stall watchdog's liveness.
+  std::atomic<int64_t> last_progress_ns_{0};
 };
 
 }  // namespace perfusion::worker

@@ -198,6 +198,7 @@ TEST_F(WorkerProtocolTest, WorkWithoutProgressForTheStallTimeoutLetsItsLeaseGo) 
   ASSERT_TRUE(stalled) << cluster_.worker(w).Log();
   EXPECT_EQ(HttpGet(cluster_.worker_metrics_port(w), "/healthz"), "draining\n") << "503, so the orchestrator restarts it";
   EXPECT_EQ(cluster_.worker(w).Log().find("event=heartbeat_error"), std::string::npos) << "stopped, not failing";
+  EXPECT_NE(cluster_.worker(w).Log().find("event=stop_requested"), std::string::npos) << "and takes no more work";
 }
 
 TEST_F(WorkerProtocolTest, WorkerKeepsItsJobThroughAServerRestartAndRegistersAgain) {

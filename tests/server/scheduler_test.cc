@@ -62,13 +62,13 @@ class SchedulerTest : public ::testing::Test {
     return *id;
   }
   // A lease with no waiting; nullopt when there is no work.
-  std::optional<WorkItem> Lease(const std::string& worker) {
+  std::optional<WorkItem> Lease(const std::string& worker, bool generation_only = false) {
     std::optional<WorkItem> got;
     bool called = false;
     auto id = scheduler_->LeaseWork(worker, absl::ZeroDuration(), [&](std::optional<WorkItem> w) {
       called = true;
       got = std::move(w);
-    });
+    }, generation_only);
     EXPECT_THAT(id, IsOk());
     EXPECT_TRUE(called);
     return got;
@@ -241,6 +241,22 @@ TEST_F(SchedulerTest, WatchesPerTenantAreCappedAndFreedWhenClosed) {
   EXPECT_THAT(scheduler_->Watch("globex", other, noop), IsOk());  // another tenant's own quota
   scheduler_->Unwatch(*a);
   EXPECT_THAT(scheduler_->Watch("acme", id, noop), IsOk());
+}
+
+// A worker filling a generation batch asks for generation items only: a queued training job stays
+// queued for whichever worker is free first, rather than idling behind the batch.
+TEST_F(SchedulerTest, AGenerationOnlyLeaseLeavesTrainingQueued) {
+  const std::string id = Submit("teddy");
+  const std::string w = Worker();
+  EXPECT_FALSE(Lease(w, /*generation_only=*/true).has_value());
+  EXPECT_EQ(Get(id).job.state, JobState::kQueued);
+  ASSERT_THAT(scheduler_->SubmitGeneration("acme", Spec(), absl::InfiniteFuture(), {}), IsOk());
+  auto gen = Lease(w, /*generation_only=*/true);
+  ASSERT_TRUE(gen.has_value());
+  EXPECT_TRUE(gen->generation.has_value());
+  auto train = Lease(w);
+  ASSERT_TRUE(train.has_value());
+  EXPECT_TRUE(train->training.has_value()) << "a plain lease still takes the training job";
 }
 
 TEST_F(SchedulerTest, DuplicateRequestIdReturnsTheSameJob) {
