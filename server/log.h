@@ -1,6 +1,7 @@
 // Structured logs: one line per event on stderr, `key=value` pairs after a UTC timestamp and the
 // event name, values quoted when they contain spaces, quotes, '=' or control characters (written
-// as \n, \r, \t or \xNN: a value never breaks a line or sends a terminal escape).
+// as \n, \r, \t or \xNN, as are C1 controls and bytes that are not UTF-8: a value never breaks
+// a line or sends a terminal escape).
 //
 //   LogEvent("job_submitted", {{"job", id}, {"tenant", tenant}, {"priority", "5"}});
 //   -> ts=2024-05-01T12:00:00.123Z event=job_submitted job=job_1a2b tenant=acme priority=5

@@ -1,6 +1,7 @@
 // perfusion-server: the control plane. See docs/api.md; `perfusion-server --help` lists flags.
 #include <signal.h>
 
+#include <algorithm>
 #include <cstdio>
 
 #include "absl/flags/flag.h"
@@ -48,9 +49,10 @@ ABSL_FLAG(int, max_queue, 1000, "Queued training jobs, all tenants (RESOURCE_EXH
 ABSL_FLAG(int, tenant_max_jobs, 20, "Active (queued or running) training jobs per tenant");
 ABSL_FLAG(int, tenant_max_concepts, 1000, "Stored concepts per tenant");
 ABSL_FLAG(int, tenant_max_watches, 100, "Open WatchTrainingJob streams per tenant");
-ABSL_FLAG(int64_t, max_concept_bytes, 4 << 20,
+ABSL_FLAG(int64_t, max_concept_bytes, 0,
           "Largest concept blob ImportConcept accepts, bytes (an SD 1.5 concept is about 60 KB; "
-          "a tenant stores at most tenant_max_concepts times this)");
+          "a tenant stores at most tenant_max_concepts times this); 0: 4 MiB, or less where "
+          "--max_message_bytes needs it");
 ABSL_FLAG(int, max_generation_queue, 64, "Generation requests queued or running, all tenants");
 ABSL_FLAG(int, tenant_max_generations, 16, "Generation requests in flight per tenant");
 ABSL_FLAG(int, lease_seconds, 60,
@@ -121,6 +123,9 @@ int main(int argc, char** argv) {
   o.max_upload_bytes_in_flight = absl::GetFlag(FLAGS_max_upload_bytes_in_flight);
   o.tenant_max_upload_bytes_in_flight = absl::GetFlag(FLAGS_tenant_max_upload_bytes_in_flight);
   o.max_concept_bytes = absl::GetFlag(FLAGS_max_concept_bytes);
+  if (o.max_concept_bytes == 0) {  // the default follows a lowered --max_message_bytes
+    o.max_concept_bytes = std::min<int64_t>(4 << 20, std::max<int64_t>(1024, o.max_message_bytes - (16 << 10)));
+  }
   o.drain_timeout = absl::Seconds(absl::GetFlag(FLAGS_drain_seconds));
   o.scheduler.base_model_id = absl::GetFlag(FLAGS_base_model_id);
   o.scheduler.max_queue = absl::GetFlag(FLAGS_max_queue);
@@ -175,6 +180,12 @@ int main(int argc, char** argv) {
   }
   if (o.max_concept_bytes < 1024 || o.max_concept_bytes > o.max_message_bytes - (16 << 10)) {
     fprintf(stderr, "perfusion-server: --max_concept_bytes must be in [1024, --max_message_bytes - 16 KiB]\n");
+    return 2;
+  }
+  if (o.scheduler.tenant_max_watches < 1 || o.tenant_max_upload_bytes_in_flight < 1 ||
+      o.tenant_max_upload_bytes_in_flight > o.max_upload_bytes_in_flight) {
+    fprintf(stderr, "perfusion-server: --tenant_max_watches must be >= 1 and --tenant_max_upload_bytes_in_flight "
+                    "in [1, --max_upload_bytes_in_flight]\n");
     return 2;
   }
   if (o.scheduler.lease_duration <= absl::ZeroDuration() || o.scheduler.max_attempts < 1 ||

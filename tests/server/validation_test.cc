@@ -440,6 +440,11 @@ TEST(LogTest, ValuesAreQuotedAndControlCharactersEscaped) {
   EXPECT_EQ(LogValue("two\nlines\r\tx"), "\"two\\nlines\\r\\tx\"");
   EXPECT_EQ(LogValue("\x1b[31mred"), "\"\\x1b[31mred\"");
   EXPECT_EQ(LogValue(std::string("nul\0del\x7f", 8)), "\"nul\\x00del\\x7f\"");
+  // C1 controls and bytes that are not UTF-8: 0x9b alone is CSI to 8-bit terminals, U+009B too.
+  EXPECT_EQ(LogValue("a\x9b" "31m"), "\"a\\x9b31m\"");
+  EXPECT_EQ(LogValue("a\xc2\x9b" "31m"), "\"a\\xc2\\x9b31m\"");
+  EXPECT_EQ(LogValue("\xe2\x82\xac 5"), "\"\xe2\x82\xac 5\"");  // the euro sign stays
+  EXPECT_EQ(LogValue("cut\xe2\x82"), "\"cut\\xe2\\x82\"");
 }
 
 TEST(AuthTest, MalformedTokenFileNamesTheLine) {
