@@ -16,6 +16,7 @@
 #include "perfusion/image_io.h"
 #include "perfusion/model_dir.h"
 #include "perfusion/pipeline.h"
+#include "perfusion/rank1_edit.h"
 #include "perfusion/trainer.h"
 
 namespace perfusion::worker {
@@ -186,6 +187,10 @@ absl::StatusOr<std::vector<GenerateResult>> Engine::Generate(const std::vector<G
         ref.gate = GateParams{u.beta, u.temperature};
         if (u.temperature <= 0) ref.gate = ref.concept->default_gate;
         if (u.beta > 0 && u.temperature <= 0) ref.gate.beta = u.beta;
+        // A stored blob's own gate is checked only where it is used (blobs from before the ranges
+        // were enforced keep working with a request's beta and tau).
+        CheckGateRange(ref.gate, "concept <" + u.reference + ">: its default gate beta (set beta in the request)",
+                       "concept <" + u.reference + ">: its default gate temperature (set tau in the request)");
         ref.global_key_lock = u.global_key_lock.value_or(impl_->model->default_global_key_lock);
         q.concepts[u.reference] = ref;
       }

@@ -168,6 +168,22 @@ TEST(EngineGenerateTest, RequestOptionsMapToThePipelinesRequest) {
   q.concepts["rex"].gate = {0.6, 0.2};
   q.concepts["rex"].global_key_lock = false;
   EXPECT_NE(EncodePng(TensorToImage(pipe.Generate({q})[0].images[0])), expected);
+
+  // A blob from before the gate ranges were enforced: refused where its own gate would be used,
+  // usable with the request's beta and tau.
+  Concept old = trained;
+  old.default_gate = {5.0, 2.0};
+  spec.concepts[0].blob = EncodeConcept(old);
+  spec.concepts[0].digest = "";
+  spec.concepts[0].beta = 0;
+  auto refused = (*engine)->Generate({spec}, nullptr);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(std::string(refused.status().message()).find("concept <rex>: its default gate"), std::string::npos)
+      << refused.status();
+  spec.concepts[0].beta = 0.7;
+  spec.concepts[0].temperature = 0.15;
+  EXPECT_TRUE((*engine)->Generate({spec}, nullptr).ok());
 }
 
 }  // namespace

@@ -217,8 +217,7 @@ Concept DecodeConcept(const std::string& bytes, const std::string& expected_base
   for (const auto& l : c.layers) BLOB_CHECK(l.out_dim > 0, "layer '", l.name, "' has out_dim ", l.out_dim);
   BLOB_CHECK(c.v_targets.size(0) == c.total_out_dim(), "v_targets has ", c.v_targets.size(0),
              " values but the layers need ", c.total_out_dim());
-  // The ranges a user may set; perfusion-generate uses the concept's own gate unless told otherwise.
-  CheckGateRange(c.default_gate, "concept blob: default gate beta", "concept blob: default gate temperature");
+  BLOB_CHECK(c.default_gate.temperature > 0, "default gate temperature must be > 0");
   // A zero i* has no direction to gate on: every generation would fail on it later.
   BLOB_CHECK(c.i_star.abs().max().item<float>() > 0 && c.i_sup.abs().max().item<float>() > 0,
              "i_star or i_sup is all zeros");

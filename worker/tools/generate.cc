@@ -230,6 +230,10 @@ int main(int argc, char** argv) {
       ref.gate = c->default_gate;
       if (a.beta) ref.gate.beta = *a.beta;
       if (a.tau) ref.gate.temperature = *a.tau;
+      // A blob's own gate is checked where it is used: a blob from before the ranges were enforced
+      // still works with --beta/--tau.
+      CheckGateRange(ref.gate, path + ": the concept's default gate beta (give --beta)",
+                     path + ": the concept's default gate temperature (give --tau)");
       ref.global_key_lock = a.global_lock.value_or(model->default_global_key_lock);
       std::fprintf(stderr, "concept <%s> (superclass '%s', beta %.2f, tau %.2f, %s key-locking)\n", c->name.c_str(),
                    c->superclass.c_str(), ref.gate.beta, ref.gate.temperature, ref.global_key_lock ? "global" : "local");
