@@ -71,11 +71,8 @@ std::string DerivedModelId(const std::string& dir, const std::vector<std::string
     read_at(size - chunk, chunk);
     if (f.size() < 12 || f.compare(f.size() - 12, 12, ".safetensors") != 0) continue;
     const auto reader = SafetensorsReader::Open(f);  // validates the header
-    uint64_t header_len = 0;
-    in.seekg(0);
-    in.read(reinterpret_cast<char*>(&header_len), 8);  // little-endian, as every supported host
-    read_at(0, static_cast<std::streamoff>(8 + header_len));
-    const std::streamoff data_start = static_cast<std::streamoff>(8 + header_len);
+    const std::streamoff data_start = static_cast<std::streamoff>(reader->data_start());
+    read_at(0, data_start);
     for (const std::string& name : reader->names()) {
       if (name.find("attn2.to_k") == std::string::npos && name.find("attn2.to_v") == std::string::npos &&
           name.find("token_embedding") == std::string::npos) {

@@ -50,6 +50,8 @@ class SafetensorsReader {
   at::Tensor get(const std::string& name) const;
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
   uint64_t file_size() const { return size_; }
+  // Bytes before the tensor data: the 8-byte header length and the JSON header.
+  uint64_t data_start() const { return data_start_; }
 
  private:
   SafetensorsReader() = default;

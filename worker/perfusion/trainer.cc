@@ -289,12 +289,14 @@ Concept TrainConcept(StableDiffusion& model, const std::vector<at::Tensor>& imag
       optimizer.step();
     } else {
       (loss * scale).backward();
-      bool finite = true;
+      // One device sync per step for the overflow check, not one per parameter.
+      std::vector<at::Tensor> finite_parts;
       for (auto& param : all_params) {
         if (!param.grad().defined()) continue;
         param.mutable_grad().div_(scale);
-        finite = finite && param.grad().isfinite().all().item<bool>();
+        finite_parts.push_back(param.grad().isfinite().all());
       }
+      const bool finite = finite_parts.empty() || at::stack(finite_parts).all().item<bool>();
       if (finite) {
         optimizer.step();
         if (++good_steps % 200 == 0) scale *= 2;
